@@ -1,0 +1,9 @@
+"""The one base class every streamrecall exception derives from."""
+
+
+class StreamrecallError(Exception):
+    """Base of all errors raised by streamrecall."""
+
+
+class ConfigError(StreamrecallError):
+    """A setting has a wrong value; the message names the setting."""

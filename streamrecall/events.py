@@ -1,0 +1,118 @@
+"""The event contract: typed, validated decoding of topic values (see DESIGN.md).
+
+Unknown fields are ignored. Missing required fields, wrong types, non-finite
+numbers, oversized and undecodable values raise :class:`InvalidEvent`, whose
+``reason`` is a short fixed label (it becomes a metric label and a dead-letter
+header) and whose message says what was wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Generic, TypeVar
+
+import msgspec
+
+from streamrecall.errors import StreamrecallError
+
+#: Values larger than this are refused before decoding (the dead-letter reason is "oversized").
+DEFAULT_MAX_VALUE_BYTES = 1 << 20
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Millis = Annotated[int, msgspec.Meta(ge=0)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+Token = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class InvalidEvent(StreamrecallError):
+    """A value that breaks the event contract. ``reason`` is one of REASONS."""
+
+    REASONS = ("undecodable", "invalid", "oversized", "null")
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _require_finite(name: str, *values: float) -> None:
+    for v in values:
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v!r}")
+
+
+class Item(msgspec.Struct, frozen=True, kw_only=True):
+    """A catalog item. A later event for the same id updates it; ``deleted`` removes it."""
+
+    item_id: Id
+    created_at: Millis
+    title: Text | None = None
+    categories: Annotated[tuple[Token, ...], msgspec.Meta(max_length=64)] = ()
+    tags: Annotated[tuple[Token, ...], msgspec.Meta(max_length=256)] = ()
+    features: Annotated[dict[Token, float], msgspec.Meta(max_length=256)] = {}
+    deleted: bool = False
+
+    def __post_init__(self) -> None:
+        _require_finite("features", *self.features.values())
+
+
+class Click(msgspec.Struct, frozen=True, kw_only=True):
+    """A user clicked an item at ``ts`` (ms). ``weight`` scales its training signal."""
+
+    user_id: Id
+    item_id: Id
+    ts: Millis
+    weight: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 1.0
+
+    def __post_init__(self) -> None:
+        _require_finite("weight", self.weight)
+
+
+class UserVector(msgspec.Struct, frozen=True, kw_only=True):
+    """A user's refreshed embedding, published to the compacted user-vectors topic."""
+
+    user_id: Id
+    vector: Annotated[list[float], msgspec.Meta(min_length=1, max_length=4096)]
+    model_version: Annotated[int, msgspec.Meta(ge=0)]
+    event_ts: Millis
+    published_at: Millis
+    recent_items: Annotated[list[Id], msgspec.Meta(max_length=1024)] = []
+
+    def __post_init__(self) -> None:
+        _require_finite("vector", *self.vector)
+
+
+E = TypeVar("E", Item, Click, UserVector)
+
+
+class Decoder(Generic[E]):
+    """Decodes one event type from bytes, refusing anything off-contract."""
+
+    def __init__(self, event_type: type[E], max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+        self.event_type = event_type
+        self.max_value_bytes = max_value_bytes
+        self._decoder = msgspec.json.Decoder(event_type)
+
+    def decode(self, value: bytes | None) -> E:
+        if value is None:
+            raise InvalidEvent("null", "value is null (tombstone); expected a JSON object")
+        if len(value) > self.max_value_bytes:
+            raise InvalidEvent("oversized", f"value is {len(value)} bytes; the limit is {self.max_value_bytes}")
+        try:
+            return self._decoder.decode(value)
+        except msgspec.ValidationError as exc:
+            raise InvalidEvent("invalid", f"{self.event_type.__name__}: {exc}") from None
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise InvalidEvent("undecodable", f"not JSON: {exc}") from None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(event: Item | Click | UserVector) -> bytes:
+    """JSON-encode an event (omitting nothing; readers ignore unknown fields)."""
+    return _encoder.encode(event)
+
+
+def json_schema(event_type: type) -> dict:
+    """The JSON Schema of one event, as shipped in schemas/."""
+    return msgspec.json.schema(event_type)
