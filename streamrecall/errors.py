@@ -7,3 +7,7 @@ class StreamrecallError(Exception):
 
 class ConfigError(StreamrecallError):
     """A setting has a wrong value; the message names the setting."""
+
+
+class TransientError(StreamrecallError):
+    """A failure that may pass (broker unreachable, disk full): retry with backoff, never dead-letter."""

@@ -1,0 +1,233 @@
+"""`streamrecall bench index`: the updatable HNSW index against raw hnswlib and exact search.
+
+Item vectors imitate a trained item tower: L2-normalised random projections of
+low-dimensional latent factors plus a little noise (what towers produce: a few
+directions carry most of the variance). Queries are drawn from the same latent
+space, as user vectors are. Random unit vectors, the worst case, are measured
+separately on a smaller index.
+
+Figures (all in one run, same vectors, same thread count):
+
+* upsert throughput of ``ItemIndex.upsert`` vs raw ``hnswlib.Index.add_items``;
+* update throughput (replace existing ids) vs raw in-place ``add_items`` of existing labels;
+* recall@10 vs exact search and query latency p50/p99 at k=100, at the default ef,
+  on a fresh index and after churn (half of the items updated twice, a fifth
+  deleted and replaced by new ids);
+* full re-encode as rebuild-and-swap vs in-place updates (the latter extrapolated
+  from a sample);
+* memory per item.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import click
+import hnswlib
+import numpy as np
+
+from streamrecall.bench import Result, json_option, peak_rss_mb, report, result
+from streamrecall.index import EntryMeta, ItemIndex
+
+M = 16
+EF_CONSTRUCTION = 200
+LATENT_DIM = 12
+NOISE = 0.05
+UPSERT_BATCH = 1000  # ids per upsert() call, like an indexer poll batch
+
+
+@dataclass
+class Tower:
+    """A fake item tower: latent factors -> dim-d unit vectors."""
+
+    basis: np.ndarray  # (LATENT_DIM, dim)
+    rng: np.random.Generator
+
+    def latent(self, n: int) -> np.ndarray:
+        return self.rng.standard_normal((n, self.basis.shape[0])).astype(np.float32)
+
+    def encode(self, z: np.ndarray) -> np.ndarray:
+        x = z @ self.basis
+        x += NOISE * self.rng.standard_normal(x.shape).astype(np.float32)
+        return unit(x)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    import os
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    out = np.empty((len(queries), k), dtype=np.intp)
+    for s in range(0, len(queries), 128):
+        sims = queries[s:s + 128] @ vectors.T
+        out[s:s + 128] = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    return out
+
+
+def recall_at(index: ItemIndex, ids: list[str], vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """Mean |HNSW top-k ∩ exact top-k| / k over ``queries``; ``ids``/``vectors`` are the live items."""
+    exact = exact_top(vectors, queries, k)
+    got = index.query(queries, k)
+    hits = sum(len({h.item_id for h in g} & {ids[j] for j in e}) for g, e in zip(got, exact))
+    return hits / (k * len(queries))
+
+
+def latency_ms(index: ItemIndex, queries: np.ndarray, k: int) -> tuple[float, float]:
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        index.query(q, k)
+        times.append(time.perf_counter() - t)
+    ms = np.asarray(times) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def upsert_all(index: ItemIndex, ids: list[str], vectors: np.ndarray, meta: EntryMeta) -> None:
+    for s in range(0, len(ids), UPSERT_BATCH):
+        index.upsert(ids[s:s + UPSERT_BATCH], vectors[s:s + UPSERT_BATCH], meta)
+
+
+def bench_throughput(n: int, dim: int, vectors: np.ndarray, threads: int, ef: int,
+                     out: list[Result]) -> tuple[ItemIndex, hnswlib.Index]:
+    raw = hnswlib.Index(space="ip", dim=dim)
+    raw.init_index(max_elements=n, M=M, ef_construction=EF_CONSTRUCTION, random_seed=100, allow_replace_deleted=True)
+    raw_s = timed(lambda: raw.add_items(vectors, np.arange(n), num_threads=threads))
+    rss0 = current_rss_mb()
+    index = ItemIndex(dim, M=M, ef_construction=EF_CONSTRUCTION, ef=ef, num_threads=threads)
+    ids = [f"item-{j}" for j in range(n)]
+    wrap_s = timed(lambda: upsert_all(index, ids, vectors, EntryMeta(1, 0, 0, ("c",))))
+    rss1 = current_rss_mb()
+    out.append(result("index/raw_add_items", "items/s", n / raw_s, extra=f"hnswlib add_items, {threads} thread(s)"))
+    out.append(result("index/upsert", "items/s", n / wrap_s, ratio_to_raw=raw_s / wrap_s,
+                      extra=f"ItemIndex.upsert in calls of {UPSERT_BATCH}, from empty (grows from 1024 slots)"))
+    out.append(result("index/memory_per_item", "bytes", (rss1 - rss0) * 2**20 / n,
+                      extra=f"RSS growth while building the ItemIndex; hnswlib alone {raw.index_file_size() / n:.0f} B"))
+    return index, raw
+
+
+def bench_fresh_quality(index: ItemIndex, ids: list[str], vectors: np.ndarray, queries: np.ndarray,
+                        tag: str, out: list[Result]) -> None:
+    r = recall_at(index, ids, vectors, queries)
+    p50, p99 = latency_ms(index, queries, 100)
+    ef = index.ef
+    out.append(result(f"index/recall_at_10_{tag}", "ratio", r, extra=f"vs exact search, ef={ef}"))
+    out.append(result(f"index/query_p50_k100_{tag}", "ms", p50, extra=f"single query, k=100, ef={ef}"))
+    out.append(result(f"index/query_p99_k100_{tag}", "ms", p99, extra=f"single query, k=100, ef={ef}"))
+
+
+def bench_update_raw(raw: hnswlib.Index, new: np.ndarray, labels: np.ndarray, threads: int) -> float:
+    """Seconds per item of hnswlib's in-place update (add_items with existing labels)."""
+    return timed(lambda: raw.add_items(new, labels, num_threads=threads)) / len(labels)
+
+
+def bench_churn(index: ItemIndex, raw: hnswlib.Index, tower: Tower, latent: np.ndarray, ids: list[str],
+                queries: np.ndarray, threads: int, out: list[Result]) -> tuple[list[str], np.ndarray]:
+    n = len(ids)
+    rng = tower.rng
+    half = rng.choice(n, size=n // 2, replace=False)
+    sample = half[: max(1, n // 20)]
+    raw_update_s = bench_update_raw(raw, tower.encode(latent[sample] + 0.5 * tower.latent(len(sample))),
+                                    sample.astype(np.uint64), threads)
+    update_s = 0.0
+    for _round in (1, 2):
+        latent[half] += 0.5 * tower.latent(len(half))
+        new = tower.encode(latent[half])
+        update_s += timed(lambda: upsert_all(index, [ids[j] for j in half], new, EntryMeta(1, 1, 1)))
+    per_item = update_s / (2 * len(half))
+    out.append(result("index/update", "items/s", 1 / per_item, ratio_to_raw=raw_update_s / per_item,
+                      extra="replace existing ids (retire + reuse slot) vs hnswlib in-place add_items"))
+    fifth = rng.choice(n, size=n // 5, replace=False)
+    gone = [ids[j] for j in fifth]
+    fresh_ids = [f"new-{j}" for j in range(len(fifth))]
+    latent[fifth] = tower.latent(len(fifth))
+    new = tower.encode(latent[fifth])
+    replace_s = timed(lambda: (index.delete(gone), upsert_all(index, fresh_ids, new, EntryMeta(1, 2, 2))))
+    out.append(result("index/delete_and_insert", "items/s", len(fifth) / replace_s,
+                      extra="delete a fifth of the ids, insert as many new ones into the vacated slots"))
+    live_ids = list(ids)
+    for j, new_id in zip(fifth.tolist(), fresh_ids):
+        live_ids[j] = new_id
+    live_vectors = np.stack([index.get(i).vector for i in live_ids])
+    bench_fresh_quality(index, live_ids, live_vectors, queries, "after_churn", out)
+    st = index.stats()
+    out.append(result("index/deleted_share_after_churn", "ratio", st["deleted_share"],
+                      extra=f"slots {st['slots']:.0f} for {st['live']:.0f} live, capacity {st['capacity']:.0f}"))
+    return live_ids, live_vectors
+
+
+def bench_reencode(index: ItemIndex, tower: Tower, out: list[Result]) -> None:
+    n = len(index)
+    sample = max(1, n // 20)
+    encode = lambda item_ids: tower.encode(tower.latent(len(item_ids)))  # noqa: E731  a changed tower
+    inplace_s = timed(lambda: index.reencode(encode, 2, 1024, max_items=sample))
+    inplace_total = inplace_s / sample * n
+    rebuild_s = timed(lambda: index.reencode(encode, 3, 4096, rebuild_threshold=0.5))
+    out.append(result("index/reencode_rebuild_swap", "s", rebuild_s,
+                      extra=f"re-encode all {n} items into a fresh graph, swap"))
+    out.append(result("index/reencode_in_place", "s", inplace_total, ratio_to_raw=rebuild_s / inplace_total,
+                      extra=f"extrapolated from {sample} in-place updates; ratio = rebuild / in-place"))
+
+
+def bench_random(n: int, dim: int, n_queries: int, threads: int, ef: int, rng: np.random.Generator,
+                 out: list[Result]) -> None:
+    vectors = unit(rng.standard_normal((n, dim)).astype(np.float32))
+    queries = unit(rng.standard_normal((n_queries, dim)).astype(np.float32))
+    ids = [f"r-{j}" for j in range(n)]
+    index = ItemIndex(dim, M=M, ef_construction=EF_CONSTRUCTION, ef=ef, num_threads=threads, initial_capacity=n)
+    upsert_all(index, ids, vectors, EntryMeta(1, 0, 0))
+    for e in (ef, 4 * ef, 16 * ef):
+        index.ef = e
+        out.append(result(f"index/random_recall_at_10_ef{e}", "ratio", recall_at(index, ids, vectors, queries),
+                          extra=f"worst case: uniform random unit vectors, {n} items"))
+
+
+@click.command("index")
+@click.option("--items", type=int, default=200_000, show_default=True, envvar="STREAMRECALL_BENCH_ITEMS",
+              help="Item vectors to index [env STREAMRECALL_BENCH_ITEMS].")
+@click.option("--dim", type=int, default=64, show_default=True, envvar="STREAMRECALL_BENCH_DIM",
+              help="Vector dimension [env STREAMRECALL_BENCH_DIM].")
+@click.option("--queries", type=int, default=1000, show_default=True, envvar="STREAMRECALL_BENCH_QUERIES",
+              help="Query vectors for recall and latency [env STREAMRECALL_BENCH_QUERIES].")
+@click.option("--seed", type=int, default=0, show_default=True, envvar="STREAMRECALL_BENCH_SEED",
+              help="Random seed [env STREAMRECALL_BENCH_SEED].")
+@click.option("--threads", type=int, default=1, show_default=True, envvar="STREAMRECALL_BENCH_THREADS",
+              help="hnswlib threads, the same for raw and wrapper [env STREAMRECALL_BENCH_THREADS].")
+@click.option("--random-items", type=int, default=50_000, show_default=True,
+              envvar="STREAMRECALL_BENCH_RANDOM_ITEMS",
+              help="Items for the random-vector worst case (capped at --items) [env STREAMRECALL_BENCH_RANDOM_ITEMS].")
+@json_option
+def command(items: int, dim: int, queries: int, seed: int, threads: int, random_items: int, as_json: bool) -> None:
+    """Measure the updatable HNSW index: throughput, recall, latency, re-encode cost, memory."""
+    if items < 200 or dim < 2 or queries < 1:
+        raise click.BadParameter("need --items >= 200, --dim >= 2, --queries >= 1")
+    rng = np.random.default_rng(seed)
+    tower = Tower(basis=(rng.standard_normal((LATENT_DIM, dim)) / np.sqrt(LATENT_DIM)).astype(np.float32), rng=rng)
+    latent = tower.latent(items)
+    vectors = tower.encode(latent)
+    user_queries = tower.encode(tower.latent(queries))
+    ef = ItemIndex(dim).ef
+    out: list[Result] = []
+    index, raw = bench_throughput(items, dim, vectors, threads, ef, out)
+    ids = [f"item-{j}" for j in range(items)]
+    bench_fresh_quality(index, ids, vectors, user_queries, "fresh", out)
+    bench_churn(index, raw, tower, latent, ids, user_queries, threads, out)
+    del raw
+    bench_reencode(index, tower, out)
+    del index
+    bench_random(min(items, random_items), dim, min(queries, 500), threads, ef, rng, out)
+    out.append(result("index/peak_rss", "MiB", peak_rss_mb(), extra=f"{items} items, dim {dim}"))
+    report(out, as_json)
