@@ -54,7 +54,8 @@ class DeadLetterSink:
         self.role = role
         self.metrics = metrics
 
-    def send(self, letter: DeadLetter) -> None:
+    def send(self, letter: DeadLetter, logical_topic: str | None = None) -> None:
+        """Queue a dead letter; ``logical_topic`` ("clicks", ...) labels the metric."""
         log.warning("dead-lettered %s (%s): %s", letter.where, letter.reason, letter.error[:500])
         headers = [
             (HEADER_REASON, letter.reason.encode()),
@@ -69,10 +70,13 @@ class DeadLetterSink:
             headers.append((HEADER_ORIGINAL_SIZE, str(len(value)).encode()))
             value = value[:MAX_DEAD_LETTER_VALUE]
         self.producer.send(self.topic, key=letter.key, value=value, headers=headers)
-        self.metrics.deadlettered.labels(self.role, letter.topic, letter.reason).inc()
+        self.metrics.deadlettered.labels(self.role, logical_topic or letter.topic, letter.reason).inc()
 
     def flush(self, timeout_s: float) -> None:
         self.producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.producer.close(timeout=timeout_s)
 
 
 def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:

@@ -321,15 +321,13 @@ class Runtime:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def _deadletter_record(self, record: Record, exc: BaseException) -> None:
-        self._deadletter_raw(self._physical(record.topic), record.partition, record.offset, record.key, record.raw,
-                             "handler-error", f"{type(exc).__name__}: {exc}")
+        letter = DeadLetter(self._physical(record.topic), record.partition, record.offset, record.key, record.raw,
+                            "handler-error", f"{type(exc).__name__}: {exc}")
+        self.deadletters.send(letter, record.topic)
 
     def _deadletter(self, tp: TopicPartition, m: Any, reason: str, error: str) -> None:
-        self._deadletter_raw(tp.topic, tp.partition, m.offset, m.key, m.value, reason, error)
-
-    def _deadletter_raw(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-                        reason: str, error: str) -> None:
-        self.deadletters.send(DeadLetter(topic, partition, offset, key, value, reason, error))
+        letter = DeadLetter(tp.topic, tp.partition, m.offset, m.key, m.value, reason, error)
+        self.deadletters.send(letter, self.topics[tp.topic][0])
 
     def _physical(self, logical: str) -> str:
         return next(t for t, (name, _) in self.topics.items() if name == logical)

@@ -161,6 +161,16 @@ class Settings:
     def log_effective(self, role: str) -> None:
         log.info("%s starting with settings %s", role, self.masked())
 
+    def to_env(self) -> dict[str, str]:
+        """``STREAMRECALL_*`` variables that reproduce these settings in a child process."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "extra":
+                continue
+            env["STREAMRECALL_" + f.name.upper()] = value.reveal() if isinstance(value, Secret) else str(value)
+        return env
+
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 

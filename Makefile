@@ -1,0 +1,36 @@
+# The two commands (see README.md):
+#   make run    set everything up, then run the whole system with an embedded broker (streamrecall up)
+#   make test   set everything up (Python env, Prometheus), then run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup test-fast faults bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU wheel; a looser spec would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/streamrecall up
+
+test: setup
+	bash scripts/ensure-prometheus.sh
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
+
+bench: setup
+	$(VENV)/bin/streamrecall bench all
+
+clean:
+	rm -rf $(VENV) state *.egg-info

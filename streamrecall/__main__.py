@@ -1,0 +1,3 @@
+from streamrecall.cli import main
+
+main()

@@ -1,0 +1,256 @@
+"""The `streamrecall` command line. Every flag falls back to a ``STREAMRECALL_*`` variable (shown in --help)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from click.core import ParameterSource
+
+from streamrecall.errors import StreamrecallError
+from streamrecall.settings import ROLES, Settings
+
+log = logging.getLogger("streamrecall")
+
+ENV = "STREAMRECALL_"
+
+#: (flag, setting name, click type, help). One list: flags, env names and settings stay in step.
+SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--bootstrap-servers", "bootstrap_servers", str, "Kafka bootstrap servers, host:port[,host:port]."),
+    ("--topic-prefix", "topic_prefix", str, "Prefix for every topic name."),
+    ("--partitions", "partitions", int, "Partitions per topic when creating topics."),
+    ("--group-prefix", "group_prefix", str, "Consumer group ids are PREFIX-ROLE."),
+    ("--state-dir", "state_dir", click.Path(path_type=Path), "Where roles keep snapshots and checkpoints."),
+    ("--http-host", "http_host", str, "Bind address for HTTP (loopback unless told otherwise)."),
+    ("--http-port", "http_port", int, "HTTP port (the indexer's API; /metrics elsewhere)."),
+    ("--log-level", "log_level", click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), "Log level."),
+    ("--max-value-bytes", "max_value_bytes", int, "Larger values are dead-lettered as oversized."),
+    ("--flush-interval-ms", "flush_interval_ms", int, "Flush side effects and commit at least this often."),
+    ("--security-protocol", "security_protocol",
+     click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]), "Kafka security protocol."),
+    ("--sasl-mechanism", "sasl_mechanism", str, "SASL mechanism (PLAIN, SCRAM-SHA-256, ...)."),
+    ("--sasl-username", "sasl_plain_username", str, "SASL username."),
+    ("--sasl-password", "sasl_plain_password", str, "SASL password (never logged)."),
+    ("--ssl-cafile", "ssl_cafile", click.Path(path_type=Path), "CA bundle for SSL."),
+    ("--ssl-certfile", "ssl_certfile", click.Path(path_type=Path), "Client certificate for SSL."),
+    ("--ssl-keyfile", "ssl_keyfile", click.Path(path_type=Path), "Client key for SSL."),
+    ("--ssl-password", "ssl_password", str, "Password of the SSL key (never logged)."),
+]
+
+
+def env_name(setting: str) -> str:
+    return ENV + setting.upper()
+
+
+def settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add every setting as a flag with its environment variable, plus --config."""
+    for flag, name, type_, help_ in reversed(SETTING_OPTIONS):
+        fn = click.option(flag, name, type=type_, default=None, envvar=env_name(name), show_envvar=True,
+                          help=help_)(fn)
+    fn = click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                      envvar=ENV + "CONFIG", show_envvar=True, help="TOML settings file (flags and env win).")(fn)
+    return fn
+
+
+def build_settings(ctx: click.Context, params: dict[str, Any]) -> Settings:
+    """Flags and env (click) over the TOML file over defaults; refuse wrong values with the setting's name."""
+    overrides = {}
+    for _, name, _, _ in SETTING_OPTIONS:
+        value = params.pop(name, None)
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            overrides[name] = value
+    settings = Settings.from_sources(overrides, params.pop("config_file", None))
+    logging.getLogger().setLevel(settings.log_level)
+    return settings
+
+
+def with_settings(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: the command receives ``settings`` built from the setting flags."""
+
+    @settings_options
+    @click.pass_context
+    @functools.wraps(fn)
+    def wrapper(ctx: click.Context, **params: Any) -> Any:
+        settings = build_settings(ctx, params)
+        return fn(settings=settings, **params)
+
+    return wrapper
+
+
+class _Group(click.Group):
+    """Turns streamrecall's own errors into one clear line and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StreamrecallError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main() -> None:
+    """streamrecall: a streaming real-time recall updater (Kafka in, fresh item index and user vectors out)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def require_bootstrap(settings: Settings) -> Settings:
+    if settings.bootstrap_servers is None:
+        raise click.UsageError(f"no broker: pass --bootstrap-servers or set {env_name('bootstrap_servers')} "
+                               "(or use `streamrecall up`, which starts an embedded one)")
+    return settings
+
+
+# --- broker and topics -----------------------------------------------------------
+@main.command()
+@click.option("--host", default="127.0.0.1", envvar=ENV + "BROKER_HOST", show_envvar=True, help="Listen address.")
+@click.option("--port", default=9092, envvar=ENV + "BROKER_PORT", show_envvar=True, help="Port; 0 picks a free one.")
+def broker(host: str, port: int) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu, memory only) until interrupted."""
+    import signal
+    import threading
+
+    from streamrecall.broker import EmbeddedBroker
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(host, port) as b:
+        click.echo(f"broker listening on {b.bootstrap_servers} (memory only: stopping it empties every topic)")
+        while not stop.wait(0.5):
+            if b.process is not None and b.process.poll() is not None:
+                raise StreamrecallError(f"broker exited with status {b.process.returncode}")
+
+
+@main.group()
+def topics() -> None:
+    """Manage topics."""
+
+
+@topics.command("create")
+@with_settings
+def topics_create(settings: Settings) -> None:
+    """Create the topics (user-vectors compacted, model-updates single-partition)."""
+    from streamrecall.topics import create_topics
+
+    for name, state in sorted(create_topics(require_bootstrap(settings)).items()):
+        click.echo(f"{name}: {state}")
+
+
+# --- data in ------------------------------------------------------------------------
+@main.command()
+@click.argument("topic", type=click.Choice(["items", "clicks", "user-vectors", "model-updates", "deadletter"]))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--rate", type=float, default=None, help="Records per second (default: as fast as possible).")
+@with_settings
+def produce(settings: Settings, topic: str, file: Path, rate: float | None) -> None:
+    """Load a JSONL file of events into TOPIC (keyed by item_id or user_id)."""
+    from streamrecall.consumers.clients import make_producer
+    from streamrecall.produce import KEY_FIELD, produce_values, read_jsonl
+
+    require_bootstrap(settings)
+    physical = settings.topics.all()[topic.replace("-", "_")]
+    producer = make_producer(settings)
+    n = produce_values(producer, physical, read_jsonl(file), KEY_FIELD.get(topic),
+                       progress=lambda n: click.echo(f"\r{physical}: {n:,} records", nl=False, err=True),
+                       rate_per_s=rate)
+    producer.close()
+    click.echo(f"\nproduced {n:,} records to {physical}", err=True)
+
+
+@main.command()
+@click.option("--items", "n_items", default=2_000, show_default=True, help="Catalog size at the start.")
+@click.option("--users", "n_users", default=1_000, show_default=True, help="Number of users.")
+@click.option("--clicks", "n_clicks", default=50_000, show_default=True, help="Number of clicks.")
+@click.option("--seed", default=7, show_default=True, help="Random seed (the stream is deterministic).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write items.jsonl and clicks.jsonl here.")
+@click.option("--produce/--no-produce", "to_kafka", default=False, help="Produce to the topics instead.")
+@click.option("--rate", type=float, default=None, help="With --produce: clicks per second of wall time.")
+@with_settings
+def generate(settings: Settings, n_items: int, n_users: int, n_clicks: int, seed: int, out: Path | None,
+             to_kafka: bool, rate: float | None) -> None:
+    """Generate a seeded synthetic stream of items and clicks (files, or straight to Kafka)."""
+    from streamrecall.synthetic import SyntheticConfig, generate as gen
+    from streamrecall.livestream import write_jsonl, produce_stream
+
+    config = SyntheticConfig(n_items=n_items, n_users=n_users, n_clicks=n_clicks, seed=seed)
+    if out is None and not to_kafka:
+        raise click.UsageError("say where the stream goes: --out DIR or --produce")
+    if out is not None:
+        counts = write_jsonl(gen(config), out)
+        click.echo(f"wrote {counts} to {out}")
+    if to_kafka:
+        counts = produce_stream(require_bootstrap(settings), gen(config), rate_per_s=rate)
+        click.echo(f"produced {counts}")
+
+
+# --- roles ---------------------------------------------------------------------------
+@main.command()
+@click.argument("role", type=click.Choice(list(ROLES)))
+@click.option("--from", "start", default="committed", envvar=ENV + "FROM", show_envvar=True,
+              help="Start position: committed | earliest | latest | timestamp:ISO | offsets:TOPIC:P=O,...")
+@with_settings
+def run(settings: Settings, role: str, start: str) -> None:
+    """Run one role as a long-running consumer process."""
+    from streamrecall.consumers.roles import run_role
+    from streamrecall.consumers.start import parse_start
+
+    run_role(role, require_bootstrap(settings), parse_start(start))
+
+
+@main.command()
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--rate", type=float, default=200.0, help="Synthetic clicks per second (0: no generator).")
+@click.option("--roles", default=",".join(ROLES), help="Comma-separated roles to run.")
+@click.option("--broker-port", default=0, help="Embedded broker port (0: a free one).")
+@with_settings
+def up(settings: Settings, duration: float | None, rate: float, roles: str, broker_port: int) -> None:
+    """Everything on one machine: broker (embedded unless --bootstrap-servers), topics, roles, live stream."""
+    from streamrecall.up import run_up
+
+    wanted = [r for r in roles.split(",") if r]
+    unknown = set(wanted) - set(ROLES)
+    if unknown:
+        raise click.UsageError(f"--roles: unknown {sorted(unknown)}; choose from {', '.join(ROLES)}")
+    run_up(settings, roles=wanted, rate=rate, duration=duration, broker_port=broker_port)
+
+
+@main.command()
+@click.option("--wait", is_flag=True, help="Block until every group's lag is zero.")
+@click.option("--timeout", type=float, default=300.0, help="With --wait: give up after this many seconds.")
+@with_settings
+def status(settings: Settings, wait: bool, timeout: float) -> None:
+    """Committed offset and lag per partition for every role's consumer group."""
+    from streamrecall.status import print_status
+
+    ok = print_status(require_bootstrap(settings), wait=wait, timeout_s=timeout)
+    sys.exit(0 if ok else 1)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks; each prints ratios against the raw library measured in the same run."""
+
+
+def _add_benches() -> None:
+    import importlib
+
+    for name in ("train", "index", "model_eval"):
+        try:
+            module = importlib.import_module(f"streamrecall.bench.{name}")
+        except ImportError as exc:  # a benchmark whose module is not there yet is simply absent
+            log.debug("bench %s unavailable: %s", name, exc)
+            continue
+        bench.add_command(module.command)
+
+
+_add_benches()
+
+if __name__ == "__main__":
+    main()

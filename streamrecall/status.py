@@ -1,0 +1,89 @@
+"""`streamrecall status`: committed offset and lag per partition for every role's group.
+
+Lag uses the fetch high watermark (``KafkaConsumer.highwater``), not ListOffsets,
+because some brokers (Tansu) under-count "latest" by up to one record batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import click
+from kafka import TopicPartition
+
+from streamrecall.consumers.clients import make_consumer
+from streamrecall.settings import Settings
+
+#: The topics each role's group consumes (logical names).
+ROLE_TOPICS: dict[str, tuple[str, ...]] = {
+    "trainer": ("clicks", "items"),
+    "indexer": ("items", "model_updates", "user_vectors"),
+    "publisher": ("clicks", "model_updates"),
+}
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    group: str
+    topic: str
+    partition: int
+    committed: int | None
+    high: int
+
+    @property
+    def lag(self) -> int:
+        return self.high - (self.committed or 0)
+
+
+def high_watermarks(settings: Settings, topics: list[str], timeout_s: float = 15.0) -> dict[TopicPartition, int]:
+    """High watermark per partition, learnt from a fetch at the end of each partition."""
+    c = make_consumer(settings, None)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
+        c.assign(tps)
+        # Start one record before the (possibly under-counted) end so every fetch returns a watermark.
+        ends = c.end_offsets(tps)
+        for tp in tps:
+            c.seek(tp, max(0, ends.get(tp, 0) - 1))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(c.highwater(tp) is None for tp in tps):
+            c.poll(timeout_ms=100, max_records=1)
+        return {tp: (c.highwater(tp) or 0) for tp in tps}
+    finally:
+        c.close()
+
+
+def group_lags(settings: Settings) -> list[PartitionLag]:
+    all_topics = settings.topics.all()
+    physical = sorted({all_topics[t] for ts in ROLE_TOPICS.values() for t in ts})
+    highs = high_watermarks(settings, physical)
+    rows = []
+    for role, logical in ROLE_TOPICS.items():
+        group = settings.group_id(role)
+        c = make_consumer(settings, group)
+        try:
+            for topic in (all_topics[t] for t in logical):
+                for tp in sorted((tp for tp in highs if tp.topic == topic), key=lambda tp: tp.partition):
+                    rows.append(PartitionLag(group, topic, tp.partition, c.committed(tp), highs[tp]))
+        finally:
+            c.close()
+    return rows
+
+
+def print_status(settings: Settings, wait: bool = False, timeout_s: float = 300.0) -> bool:
+    """Print lag per group and partition; with ``wait`` poll until all lags are zero. True when caught up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = group_lags(settings)
+        total = sum(r.lag for r in rows)
+        if not wait or total == 0 or time.monotonic() > deadline:
+            break
+        click.echo(f"waiting: total lag {total:,}", err=True)
+        time.sleep(1.0)
+    click.echo(f"{'group':<32} {'topic':<28} {'part':>4} {'committed':>10} {'high':>10} {'lag':>8}")
+    for r in rows:
+        committed = "-" if r.committed is None else str(r.committed)
+        click.echo(f"{r.group:<32} {r.topic:<28} {r.partition:>4} {committed:>10} {r.high:>10} {r.lag:>8}")
+    click.echo(f"total lag: {total:,}")
+    return total == 0

@@ -1,0 +1,111 @@
+"""Dead-lettering a corpus of malformed records interleaved with valid ones, on the real broker."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import msgspec
+import pytest
+from kafka import TopicPartition
+
+from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.deadletter import HEADER_OFFSET, HEADER_ORIGINAL_SIZE, HEADER_REASON, DeadLetterSink, headers_dict
+from streamrecall.consumers.runtime import HandlerBase, Record, Runtime
+from streamrecall.events import Click, Decoder
+from streamrecall.metrics import RuntimeMetrics
+from prometheus_client import CollectorRegistry
+
+pytestmark = pytest.mark.integration
+
+
+def malformed_corpus(rng: random.Random, n: int) -> list[tuple[str, bytes | None]]:
+    """(kind, value) pairs that each break the clicks contract in one way."""
+    good = b'{"user_id":"u1","item_id":"i1","ts":1700000000000}'
+    makers = [
+        ("truncated", lambda i: good[: rng.randrange(1, len(good) - 1)]),
+        ("wrong-type", lambda i: msgspec.json.encode({"user_id": i, "item_id": "x", "ts": 1})),
+        ("wrong-type-ts", lambda i: msgspec.json.encode({"user_id": "u", "item_id": "x", "ts": "yesterday"})),
+        ("missing", lambda i: msgspec.json.encode({"user_id": f"u{i}", "ts": 1})),
+        ("nan", lambda i: b'{"user_id":"u","item_id":"x","ts":1,"weight":NaN}'),
+        ("inf", lambda i: b'{"user_id":"u","item_id":"x","ts":1,"weight":1e999}'),
+        ("negative", lambda i: b'{"user_id":"u","item_id":"x","ts":-5}'),
+        ("garbage", lambda i: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))),
+        ("null-json", lambda i: b"null"),
+        ("array", lambda i: b"[1,2,3]"),
+        ("empty-id", lambda i: b'{"user_id":"","item_id":"x","ts":1}'),
+        ("tombstone", lambda i: None),
+    ]
+    out = [makers[i % len(makers)][0:1] + (makers[i % len(makers)][1](i),) for i in range(n)]
+    out += [("oversized", b'{"user_id":"u","item_id":"x","ts":1,"pad":"' + b"x" * (10 << 20) + b'"}')
+            for _ in range(3)]
+    return out
+
+
+class Collect(HandlerBase):
+    def __init__(self) -> None:
+        self.users: list[str] = []
+
+    def handle(self, records: list[Record]) -> None:
+        self.users.extend(r.value.user_id for r in records)
+
+
+def test_malformed_records_are_deadlettered_and_valid_ones_all_handled(settings_factory):
+    s = settings_factory()
+    rng = random.Random(3)
+    bad = malformed_corpus(rng, 600)
+    producer = make_producer(s, max_request_size=16 << 20)
+    valid = 0
+    sent_bad = 0
+    for i, (kind, value) in enumerate(bad):
+        producer.send(s.topics.clicks, key=f"bad{i}".encode(), value=value)
+        sent_bad += 1
+        for _ in range(2):
+            producer.send(s.topics.clicks, key=f"v{valid}".encode(),
+                          value=msgspec.json.encode({"user_id": f"v{valid}", "item_id": "i", "ts": 1}))
+            valid += 1
+    producer.flush()
+
+    metrics = RuntimeMetrics(CollectorRegistry())
+    handler = Collect()
+    rt = Runtime(role="test", consumer=make_consumer(s, s.group_id("dl")),
+                 deadletters=DeadLetterSink(make_producer(s), s.topics.deadletter, "test", metrics), handler=handler,
+                 topics={s.topics.clicks: ("clicks", Decoder(Click, max_value_bytes=s.max_value_bytes).decode)},
+                 metrics=metrics)
+    rt.run(max_seconds=90, until=rt.caught_up)
+
+    assert sorted(handler.users) == sorted(f"v{i}" for i in range(valid))
+    letters = read_all(s, s.topics.deadletter, expected=sent_bad)
+    assert len(letters) == sent_bad
+    keys = {m.key.decode() for m in letters}
+    assert keys == {f"bad{i}" for i in range(sent_bad)}
+    reasons = {}
+    for m in letters:
+        h = headers_dict(m.headers)
+        assert h[HEADER_REASON] in ("undecodable", "invalid", "oversized", "null")
+        assert int(h[HEADER_OFFSET]) >= 0
+        reasons[m.key.decode()] = h[HEADER_REASON]
+        if h[HEADER_REASON] == "oversized":
+            assert int(h[HEADER_ORIGINAL_SIZE]) > 10 << 20
+    by_kind = {kind: reasons[f"bad{i}"] for i, (kind, _) in enumerate(bad)}
+    assert by_kind["oversized"] == "oversized"
+    assert by_kind["tombstone"] == "null"
+    assert by_kind["truncated"] == "undecodable"
+    assert by_kind["missing"] == "invalid"
+    counted = sum(metrics.deadlettered.labels("test", "clicks", r)._value.get()
+                  for r in ("undecodable", "invalid", "oversized", "null"))
+    assert counted == sent_bad
+
+
+def read_all(s, topic: str, expected: int, timeout_s: float = 30.0) -> list:
+    c = make_consumer(s, None)
+    tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
+    c.assign(tps)
+    c.seek_to_beginning(*tps)
+    out = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < expected and time.monotonic() < deadline:
+        for msgs in c.poll(timeout_ms=200).values():
+            out.extend(msgs)
+    c.close()
+    return out
