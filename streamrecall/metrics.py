@@ -1,7 +1,7 @@
-"""Prometheus metrics shared by every role, defined once.
+"""Prometheus metrics, defined once (docs/operations.md has the table).
 
-Each metric family lives on a :class:`RuntimeMetrics` built against a registry;
-the module-level :data:`RUNTIME` uses the default registry, tests build their own.
+Each group of families is a class built against a registry; a role builds its
+group once at start-up on the default registry, tests build their own.
 Label values are bounded: topic names, partition numbers and the fixed reasons in
 :data:`streamrecall.events.InvalidEvent.REASONS` plus "handler-error".
 """
@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 #: Buckets for latencies that should stay well under a second.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Buckets for event-time-to-effect delays; the SLO is 1 s.
+FRESHNESS_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 class RuntimeMetrics:
@@ -49,7 +51,82 @@ class RuntimeMetrics:
             ["role"], registry=registry)
 
 
+class ModelVersionMetrics:
+    """Which model version each role publishes or uses."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.version = Gauge("streamrecall_model_version", "Model version published (trainer) or in use.",
+                             ["role"], registry=registry)
+
+
+class TrainerMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.loss = Gauge("streamrecall_trainer_loss", "Loss of the latest training step.", registry=registry)
+        self.steps = Counter("streamrecall_trainer_steps_total", "Training steps taken.", registry=registry)
+        self.examples = Counter("streamrecall_trainer_examples_total", "Clicks trained on.", registry=registry)
+        self.unknown_items = Counter("streamrecall_trainer_unknown_item_clicks_total",
+                                     "Clicks on items not (yet) seen on the items topic; trained on the id only.",
+                                     registry=registry)
+        self.step_seconds = Histogram("streamrecall_trainer_step_seconds", "Time of one training step.",
+                                      buckets=LATENCY_BUCKETS, registry=registry)
+        self.estimator_top_p = Gauge("streamrecall_trainer_estimator_top_probability",
+                                     "Largest estimated item sampling probability (1/B).", registry=registry)
+        self.estimator_median_p = Gauge("streamrecall_trainer_estimator_median_probability",
+                                        "Median estimated probability over items seen in recent batches.",
+                                        registry=registry)
+        self.updates_published = Counter("streamrecall_trainer_updates_published_total",
+                                         "Model updates published, by kind.", ["kind"], registry=registry)
+        self.update_bytes = Histogram("streamrecall_trainer_update_bytes", "Size of published model updates.",
+                                      buckets=(1e4, 1e5, 1e6, 4e6, 16e6, 64e6), registry=registry)
+        self.checkpoint_time = Gauge("streamrecall_trainer_checkpoint_timestamp_seconds",
+                                     "Unix time of the last durable checkpoint.", registry=registry)
+
+
+class IndexerMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.items = Gauge("streamrecall_index_items", "Live items in the index.", registry=registry)
+        self.deleted_share = Gauge("streamrecall_index_deleted_slots_ratio",
+                                   "Share of index slots marked deleted (awaiting reuse).", registry=registry)
+        self.upserts = Counter("streamrecall_index_upserts_total", "Item vectors upserted, by cause.",
+                               ["cause"], registry=registry)
+        self.deletes = Counter("streamrecall_index_deletes_total", "Items deleted.", registry=registry)
+        self.encode_seconds = Histogram("streamrecall_index_encode_seconds", "Item tower time per micro-batch.",
+                                        buckets=LATENCY_BUCKETS, registry=registry)
+        self.upsert_seconds = Histogram("streamrecall_index_upsert_seconds", "HNSW upsert time per micro-batch.",
+                                        buckets=LATENCY_BUCKETS, registry=registry)
+        self.freshness = Histogram("streamrecall_index_freshness_seconds",
+                                   "Item event time (created_at) to searchable in the index.",
+                                   buckets=FRESHNESS_BUCKETS, registry=registry)
+        self.stale_share = Gauge("streamrecall_index_stale_ratio",
+                                 "Share of indexed items encoded by an older model version.", registry=registry)
+        self.recall_at_10 = Gauge("streamrecall_index_recall_at_10",
+                                  "ANN recall@10 against exact search over the same live vectors (sampled).",
+                                  registry=registry)
+        self.queries = Counter("streamrecall_queries_total", "Recall queries, by route and status.",
+                               ["route", "status"], registry=registry)
+        self.query_seconds = Histogram("streamrecall_query_seconds", "Recall query latency, by route.",
+                                       ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.user_vectors = Gauge("streamrecall_index_user_vectors", "User vectors held for /recall.",
+                                  registry=registry)
+        self.snapshot_time = Gauge("streamrecall_index_snapshot_timestamp_seconds",
+                                   "Unix time of the last durable index snapshot.", registry=registry)
+
+
+class PublisherMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.published = Counter("streamrecall_publisher_vectors_published_total",
+                                 "User vectors published, by cause (click or model update).", ["cause"],
+                                 registry=registry)
+        self.click_to_vector = Histogram("streamrecall_publisher_click_to_vector_seconds",
+                                         "Click event time (ts) to its user's vector published.",
+                                         buckets=FRESHNESS_BUCKETS, registry=registry)
+        self.users = Gauge("streamrecall_publisher_users", "Users with recent history held.", registry=registry)
+        self.pending_refresh = Gauge("streamrecall_publisher_pending_refresh_users",
+                                     "Users still to re-publish after a model update.", registry=registry)
+
+
 RUNTIME = RuntimeMetrics()
+MODEL_VERSION = ModelVersionMetrics()
 
 
 def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> WSGIServer:
