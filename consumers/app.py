@@ -1,0 +1,58 @@
+"""Wiring shared by every role: clients, dead letters, the runtime, metrics over HTTP, signals.
+
+A role module builds its handler and calls :func:`run_handler`; everything a role opens
+enters one ExitStack, so it is closed in reverse order however the loop ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import Any, Callable, Mapping
+
+from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.deadletter import DeadLetterSink
+from streamrecall.consumers.runtime import Decode, Handler, Runtime
+from streamrecall.consumers.start import StartPosition
+from streamrecall.metrics import RUNTIME, serve_metrics
+from streamrecall.model.config import ModelConfig
+from streamrecall.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def model_config(settings: Settings) -> ModelConfig:
+    """The model's settings: the ``[model]`` table of the TOML settings file over the defaults.
+    Every role must use the same structural fields (updates carry them and are refused otherwise)."""
+    return ModelConfig(**dict(settings.extra.get("model", {})))
+
+
+def run_handler(role: str, settings: Settings, start: StartPosition, handler: Handler,
+                topics: Mapping[str, tuple[str, Decode]], *, assign_all: bool = False,
+                serve_http: Callable[[ExitStack], Any] | None = None,
+                stack: ExitStack | None = None, **runtime_options: Any) -> Runtime:
+    """Run ``handler`` over ``topics`` (physical name → (logical name, decode)) until SIGTERM/SIGINT.
+
+    ``serve_http`` starts the role's own HTTP server (the indexer's API, which includes /metrics);
+    by default /metrics is served on the role's port. Pass ``stack`` to tie the role's own
+    resources (producers, threads) to the same shutdown.
+    """
+    with ExitStack() as own:
+        stack = stack if stack is not None else own
+        consumer = make_consumer(settings, settings.group_id(role))
+        dl_producer = make_producer(settings)
+        stack.callback(dl_producer.close, 10)
+        deadletters = DeadLetterSink(dl_producer, settings.topics.deadletter, role, RUNTIME)
+        if serve_http is not None:
+            serve_http(stack)
+        else:
+            server = serve_metrics(settings.http_host, settings.port_for(role))
+            stack.callback(server.shutdown)
+        runtime = Runtime(role=role, consumer=consumer, deadletters=deadletters, handler=handler, topics=topics,
+                          start=start, assign_all=assign_all, flush_interval_ms=settings.flush_interval_ms,
+                          max_poll_records=settings.max_poll_records, **runtime_options)
+        runtime.install_signal_handlers()
+        log.info("%s running (start: %s)", role, start)
+        runtime.run()
+        log.info("%s stopped", role)
+        return runtime
