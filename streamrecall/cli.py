@@ -233,24 +233,33 @@ def status(settings: Settings, wait: bool, timeout: float) -> None:
     sys.exit(0 if ok else 1)
 
 
-@main.group()
+class _LazyGroup(click.Group):
+    """Subcommands imported only when called, so `streamrecall --help` does not import torch."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            import importlib
+
+            return importlib.import_module(self.lazy[name]).command
+        return super().get_command(ctx, name)
+
+
+@main.group(cls=_LazyGroup, lazy={
+    "ingest": "streamrecall.bench.ingest",
+    "index": "streamrecall.bench.index",
+    "train": "streamrecall.bench.train",
+    "model-eval": "streamrecall.bench.model_eval",
+})
 def bench() -> None:
     """Benchmarks; each prints ratios against the raw library measured in the same run."""
 
-
-def _add_benches() -> None:
-    import importlib
-
-    for name in ("train", "index", "model_eval"):
-        try:
-            module = importlib.import_module(f"streamrecall.bench.{name}")
-        except ImportError as exc:  # a benchmark whose module is not there yet is simply absent
-            log.debug("bench %s unavailable: %s", name, exc)
-            continue
-        bench.add_command(module.command)
-
-
-_add_benches()
 
 if __name__ == "__main__":
     main()

@@ -55,7 +55,13 @@ def report(results: Iterable[Result], as_json: bool) -> None:
     click.echo(f"{'name':<{width}}  {'value':>14}  {'unit':<12} {'ratio':>7}  extra")
     for r in rows:
         ratio = f"{r['ratio_to_raw']:.3f}" if "ratio_to_raw" in r else ""
-        click.echo(f"{r['name']:<{width}}  {r['value']:>14.4g}  {r['unit']:<12} {ratio:>7}  {r.get('extra', '')}")
+        click.echo(f"{r['name']:<{width}}  {_fmt(r['value']):>14}  {r['unit']:<12} {ratio:>7}  {r.get('extra', '')}")
+
+
+def _fmt(value: float) -> str:
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
