@@ -233,6 +233,47 @@ def status(settings: Settings, wait: bool, timeout: float) -> None:
     sys.exit(0 if ok else 1)
 
 
+@main.command()
+@click.option("--items", "items_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSONL items stream (with --clicks); default: the synthetic stream.")
+@click.option("--clicks", "clicks_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSONL clicks stream (with --items).")
+@click.option("-k", "k", default=50, show_default=True, help="Top K asked for each user.")
+@click.option("--warmup", default=0.5, show_default=True, help="Share of the stream replayed before scoring.")
+@click.option("--chunks", "n_chunks", default=10, show_default=True, help="Scored chunks after the warm-up.")
+@click.option("--synthetic-items", default=2_000, show_default=True)
+@click.option("--synthetic-users", default=1_000, show_default=True)
+@click.option("--synthetic-clicks", default=40_000, show_default=True)
+@click.option("--seed", default=7, show_default=True)
+@click.option("--id-buckets", default=1 << 16, show_default=True, help="Model id-table rows for this run.")
+@click.option("--no-peers", is_flag=True, help="Skip the peers (most-popular, no-logQ).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="State and logs of the run (default: a temporary directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(items_file: Path | None, clicks_file: Path | None, k: int, warmup: float, n_chunks: int,
+             synthetic_items: int, synthetic_users: int, synthetic_clicks: int, seed: int, id_buckets: int,
+             no_peers: bool, work_dir: Path | None, as_json: bool) -> None:
+    """Prequential (test-then-train) HR@K / Recall@K of the live system against peers, same chunks."""
+    import json
+    import tempfile
+
+    from streamrecall import evaluate as ev
+
+    if (items_file is None) != (clicks_file is None):
+        raise click.UsageError("give both --items and --clicks, or neither (the synthetic stream)")
+    if not 0 <= warmup < 1 or n_chunks < 1 or not 1 <= k <= ev.MAX_FETCH:
+        raise click.UsageError(f"need 0 <= --warmup < 1, --chunks >= 1 and 1 <= -k <= {ev.MAX_FETCH}")
+    if items_file is not None and clicks_file is not None:
+        events = ev.load_jsonl(items_file, clicks_file)
+    else:
+        events = list(ev.synthetic_events(synthetic_items, synthetic_users, synthetic_clicks, seed))
+    model = {"id_buckets": id_buckets, "estimator_buckets": id_buckets}
+    with tempfile.TemporaryDirectory(prefix="streamrecall-eval-") as tmp:
+        result = ev.evaluate(events, k=k, warmup_share=warmup, n_chunks=n_chunks, state_dir=work_dir or Path(tmp),
+                             model=model, peers=not no_peers)
+    click.echo(json.dumps(result, indent=2) if as_json else ev.format_table(result))
+
+
 class _LazyGroup(click.Group):
     """Subcommands imported only when called, so `streamrecall --help` does not import torch."""
 

@@ -91,6 +91,7 @@ class Settings:
     ssl_keyfile: Path | None = None
     ssl_password: Secret | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # role-specific keys from the TOML file
+    config_file: Path | None = None  # the TOML file these settings were read from (children re-read it)
 
     def __post_init__(self) -> None:
         _check_literal("security_protocol", self.security_protocol, SecurityProtocol)
@@ -168,7 +169,8 @@ class Settings:
             value = getattr(self, f.name)
             if value is None or f.name == "extra":
                 continue
-            env["STREAMRECALL_" + f.name.upper()] = value.reveal() if isinstance(value, Secret) else str(value)
+            name = "CONFIG" if f.name == "config_file" else f.name.upper()
+            env["STREAMRECALL_" + name] = value.reveal() if isinstance(value, Secret) else str(value)
         return env
 
     def replace(self, **changes: Any) -> "Settings":
@@ -184,8 +186,9 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name: f for f in dataclasses.fields(cls)}
         extra = {k: v for k, v in values.items() if k not in known}
-        kwargs = {k: _coerce(k, v, known[k].type) for k, v in values.items() if k in known and k != "extra"}
-        return cls(**kwargs, extra={**values.get("extra", {}), **extra})
+        kwargs = {k: _coerce(k, v, known[k].type) for k, v in values.items()
+                  if k in known and k not in ("extra", "config_file")}
+        return cls(**kwargs, extra={**values.get("extra", {}), **extra}, config_file=config_file)
 
 
 def load_toml(path: Path) -> dict[str, Any]:

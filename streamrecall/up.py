@@ -8,72 +8,23 @@ synthetic stream → a status line every few seconds. Ctrl-C stops it all cleanl
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import click
 
 from streamrecall.broker import EmbeddedBroker
 from streamrecall.consumers.roles import available_roles
+from streamrecall.supervisor import RoleProcess
 from streamrecall.settings import ROLES, Settings
 from streamrecall.topics import create_topics
 
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 5.0
-RESTART_BACKOFF_S = 2.0
-
-
-@dataclass
-class RoleProcess:
-    """A role's child process, restarted with a backoff if it exits while we run."""
-
-    role: str
-    settings: Settings
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    last_start: float = field(default=0.0)
-
-    def start(self) -> None:
-        env = {**os.environ, **self.settings.to_env()}
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "streamrecall", "run", self.role],
-                                            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.last_start = time.monotonic()
-        log.info("started %s (pid %d), log %s", self.role, self.process.pid, self.log_path)
-
-    def check(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            if time.monotonic() - self.last_start < RESTART_BACKOFF_S:
-                return
-            log.warning("%s exited with status %s; restarting (see %s)", self.role, self.process.returncode,
-                        self.log_path)
-            self.restarts += 1
-            self.start()
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)  # the role flushes, snapshots and commits
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0fs; killing it", self.role, timeout_s)
-            self.process.kill()
-            self.process.wait(timeout=5)
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
 
 def run_up(settings: Settings, roles: list[str], rate: float, duration: float | None, broker_port: int = 0) -> None:

@@ -1,0 +1,179 @@
+"""A whole streamrecall system on this machine, driven from outside its processes.
+
+Used by `streamrecall evaluate`, the freshness benchmarks and the fault-injection suite:
+an embedded broker (unless one is given), topics under a fresh prefix, each role as its
+own child process, and the indexer's public HTTP API. Everything it starts stops with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterable
+
+import msgspec
+
+from streamrecall.broker import EmbeddedBroker, free_port
+from streamrecall.consumers.clients import make_producer
+from streamrecall.settings import ROLES, Settings
+from streamrecall.status import group_lags
+from streamrecall.supervisor import RoleProcess
+from streamrecall.topics import create_topics
+
+log = logging.getLogger(__name__)
+_encode = msgspec.json.Encoder().encode
+
+
+def write_model_toml(path: Path, model: dict[str, Any]) -> Path:
+    """A settings file holding only a ``[model]`` table (numbers and booleans)."""
+    lines = ["[model]"]
+    for k, v in model.items():
+        lines.append(f"{k} = {str(v).lower() if isinstance(v, bool) else v!r}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class LocalSystem:
+    """Broker + topics + role processes. Use as a context manager."""
+
+    def __init__(self, state_dir: Path, *, bootstrap_servers: str | None = None, roles: Iterable[str] = ROLES,
+                 model: dict[str, Any] | None = None, partitions: int = 4, name: str = "sys",
+                 flush_interval_ms: int = 100) -> None:
+        self.state_dir = state_dir
+        self.bootstrap_servers = bootstrap_servers
+        self.roles = list(roles)
+        self.model = model or {}
+        self.partitions = partitions
+        self.name = name
+        self.flush_interval_ms = flush_interval_ms
+        self.processes: dict[str, RoleProcess] = {}
+        self.settings: Settings | None = None
+        self._stack = ExitStack()
+        self._producer: Any = None
+
+    # --- lifecycle -------------------------------------------------------------
+    def __enter__(self) -> "LocalSystem":
+        try:
+            self.start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stack.close()
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+        if self.bootstrap_servers is None:
+            broker = self._stack.enter_context(EmbeddedBroker(log_path=self.state_dir / "logs" / "broker.log"))
+            self.bootstrap_servers = broker.bootstrap_servers
+        tag = f"{self.name}-{uuid.uuid4().hex[:6]}"
+        config = write_model_toml(self.state_dir / "streamrecall.toml", self.model) if self.model else None
+        base = Settings(bootstrap_servers=self.bootstrap_servers, topic_prefix=f"{tag}.", group_prefix=tag,
+                        state_dir=self.state_dir, partitions=self.partitions,
+                        flush_interval_ms=self.flush_interval_ms)
+        self.settings = Settings.from_sources(
+            {k: v for k, v in base.__dict__.items() if k not in ("extra", "config_file")}, config)
+        create_topics(self.settings)
+        self._producer = make_producer(self.settings)
+        self._stack.callback(self._producer.close, 10)
+        for role in self.roles:
+            self.add_role(role)
+
+    def add_role(self, role: str, name: str | None = None, args: tuple[str, ...] = ()) -> RoleProcess:
+        """Start (another) process of ``role``; each gets its own HTTP port."""
+        assert self.settings is not None
+        name = name or role
+        proc = RoleProcess(role, self.settings.replace(http_port=free_port()),
+                           self.state_dir / "logs" / f"{name}.log", args=args)
+        proc.start()
+        self._stack.callback(proc.stop)
+        self.processes[name] = proc
+        return proc
+
+    def stop_role(self, name: str) -> None:
+        self.processes.pop(name).stop()
+
+    # --- data in -------------------------------------------------------------
+    def produce(self, events: Iterable[tuple[str, str, dict[str, Any]]]) -> int:
+        """Produce (topic, key, value) events ("items"/"clicks") and flush; returns the count."""
+        assert self.settings is not None
+        physical = {"items": self.settings.topics.items, "clicks": self.settings.topics.clicks}
+        n = 0
+        for topic, key, value in events:
+            self._producer.send(physical[topic], key=key.encode(), value=_encode(value))
+            n += 1
+        self._producer.flush(timeout=60)
+        return n
+
+    def produce_raw(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        self._producer.send(topic, key=key, value=value)
+
+    def flush(self) -> None:
+        self._producer.flush(timeout=60)
+
+    # --- observing ---------------------------------------------------------------
+    def total_lag(self) -> int:
+        assert self.settings is not None
+        groups = {self.settings.group_id(r) for r in {p.role for p in self.processes.values()}}
+        return sum(r.lag for r in group_lags(self.settings) if r.group in groups)
+
+    def wait_caught_up(self, timeout_s: float = 120.0, settle_s: float = 0.5) -> bool:
+        """Wait until every running role's group has zero lag twice in a row (effects ripple:
+        clicks → model updates → vectors), or the timeout passes."""
+        deadline = time.monotonic() + timeout_s
+        zero_in_a_row = 0
+        while time.monotonic() < deadline:
+            if self.total_lag() == 0:
+                zero_in_a_row += 1
+                if zero_in_a_row >= 2:
+                    return True
+            else:
+                zero_in_a_row = 0
+            time.sleep(settle_s)
+        return False
+
+    def api(self, name: str = "indexer") -> str:
+        proc = self.processes[name]
+        return f"http://{proc.settings.http_host}:{proc.settings.port_for(proc.role)}"
+
+    def get(self, path: str, name: str = "indexer", timeout_s: float = 5.0) -> tuple[int, Any]:
+        """GET the role's HTTP API; returns (status, decoded JSON or text)."""
+        try:
+            with urllib.request.urlopen(self.api(name) + path, timeout=timeout_s) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            try:
+                return e.code, json.loads(body)
+            except ValueError:
+                return e.code, body.decode("utf-8", "replace")
+
+    def recall(self, user_id: str, k: int, exclude_seen: bool = True) -> tuple[list[str], dict[str, Any]]:
+        query = urllib.parse.urlencode({"user_id": user_id, "k": k, "exclude_seen": int(exclude_seen)})
+        status, body = self.get(f"/recall?{query}")
+        if status != 200:
+            raise RuntimeError(f"/recall answered {status}: {body}")
+        return [r["item_id"] for r in body["results"]], body
+
+    def wait_healthy(self, timeout_s: float = 120.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.get("/healthz")[0] == 200:
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.5)
+        return False
