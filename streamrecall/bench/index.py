@@ -20,8 +20,12 @@ Figures (all in one run, same vectors, same thread count):
 
 from __future__ import annotations
 
+import os
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 import hnswlib
@@ -60,7 +64,6 @@ def unit(x: np.ndarray) -> np.ndarray:
 def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
-    import os
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -103,19 +106,30 @@ def upsert_all(index: ItemIndex, ids: list[str], vectors: np.ndarray, meta: Entr
 
 def bench_throughput(n: int, dim: int, vectors: np.ndarray, threads: int, ef: int,
                      out: list[Result]) -> tuple[ItemIndex, hnswlib.Index]:
+    """Build a raw hnswlib index and an ItemIndex from the same vectors, alternating batch by batch.
+
+    Alternating puts both under the same machine load at every moment, so the
+    ratio holds on a shared machine even when absolute rates drift.
+    """
+    rss0 = current_rss_mb()
     raw = hnswlib.Index(space="ip", dim=dim)
     raw.init_index(max_elements=n, M=M, ef_construction=EF_CONSTRUCTION, random_seed=100, allow_replace_deleted=True)
-    raw_s = timed(lambda: raw.add_items(vectors, np.arange(n), num_threads=threads))
-    rss0 = current_rss_mb()
     index = ItemIndex(dim, M=M, ef_construction=EF_CONSTRUCTION, ef=ef, num_threads=threads)
     ids = [f"item-{j}" for j in range(n)]
-    wrap_s = timed(lambda: upsert_all(index, ids, vectors, EntryMeta(1, 0, 0, ("c",))))
-    rss1 = current_rss_mb()
+    labels = np.arange(n)
+    meta = EntryMeta(1, 0, 0, ("c",))
+    raw_s = wrap_s = 0.0
+    for s in range(0, n, UPSERT_BATCH):
+        e = s + UPSERT_BATCH
+        raw_s += timed(lambda: raw.add_items(vectors[s:e], labels[s:e], num_threads=threads))
+        wrap_s += timed(lambda: index.upsert(ids[s:e], vectors[s:e], meta))
+    wrapper_mb = current_rss_mb() - rss0 - raw.index_file_size() / 2**20
     out.append(result("index/raw_add_items", "items/s", n / raw_s, extra=f"hnswlib add_items, {threads} thread(s)"))
     out.append(result("index/upsert", "items/s", n / wrap_s, ratio_to_raw=raw_s / wrap_s,
-                      extra=f"ItemIndex.upsert in calls of {UPSERT_BATCH}, from empty (grows from 1024 slots)"))
-    out.append(result("index/memory_per_item", "bytes", (rss1 - rss0) * 2**20 / n,
-                      extra=f"RSS growth while building the ItemIndex; hnswlib alone {raw.index_file_size() / n:.0f} B"))
+                      extra=f"ItemIndex.upsert, calls of {UPSERT_BATCH} alternating with raw, growing from 1024 slots"))
+    out.append(result("index/memory_per_item", "bytes", wrapper_mb * 2**20 / n,
+                      extra=f"ItemIndex RSS incl. ids, tables, {index.capacity} slots allocated; "
+                            f"hnswlib data alone {raw.index_file_size() / n:.0f} B/item"))
     return index, raw
 
 
@@ -129,44 +143,44 @@ def bench_fresh_quality(index: ItemIndex, ids: list[str], vectors: np.ndarray, q
     out.append(result(f"index/query_p99_k100_{tag}", "ms", p99, extra=f"single query, k=100, ef={ef}"))
 
 
-def bench_update_raw(raw: hnswlib.Index, new: np.ndarray, labels: np.ndarray, threads: int) -> float:
-    """Seconds per item of hnswlib's in-place update (add_items with existing labels)."""
-    return timed(lambda: raw.add_items(new, labels, num_threads=threads)) / len(labels)
-
-
-def bench_churn(index: ItemIndex, raw: hnswlib.Index, tower: Tower, latent: np.ndarray, ids: list[str],
-                queries: np.ndarray, threads: int, out: list[Result]) -> tuple[list[str], np.ndarray]:
+def bench_churn(index: ItemIndex, raw: hnswlib.Index, tower: Tower, latent: np.ndarray, vectors: np.ndarray,
+                ids: list[str], queries: np.ndarray, threads: int, out: list[Result]) -> None:
+    """Half of the items updated twice, then a fifth deleted and replaced; ``latent``/``vectors`` are updated."""
     n = len(ids)
     rng = tower.rng
     half = rng.choice(n, size=n // 2, replace=False)
-    sample = half[: max(1, n // 20)]
-    raw_update_s = bench_update_raw(raw, tower.encode(latent[sample] + 0.5 * tower.latent(len(sample))),
-                                    sample.astype(np.uint64), threads)
-    update_s = 0.0
+    raw_s = wrap_s = 0.0
+    raw_n = 0
     for _round in (1, 2):
         latent[half] += 0.5 * tower.latent(len(half))
         new = tower.encode(latent[half])
-        update_s += timed(lambda: upsert_all(index, [ids[j] for j in half], new, EntryMeta(1, 1, 1)))
-    per_item = update_s / (2 * len(half))
-    out.append(result("index/update", "items/s", 1 / per_item, ratio_to_raw=raw_update_s / per_item,
-                      extra="replace existing ids (retire + reuse slot) vs hnswlib in-place add_items"))
+        vectors[half] = new
+        for b, s in enumerate(range(0, len(half), UPSERT_BATCH)):
+            rows = half[s:s + UPSERT_BATCH]
+            wrap_s += timed(lambda: index.upsert([ids[j] for j in rows], new[s:s + UPSERT_BATCH], EntryMeta(1, 1, 1)))
+            if b % 10 == 0:  # raw in-place update of a tenth, alternating, on the same new vectors
+                raw_s += timed(lambda: raw.add_items(new[s:s + UPSERT_BATCH], rows, num_threads=threads))
+                raw_n += len(rows)
+    per_item = wrap_s / (2 * len(half))
+    out.append(result("index/update", "items/s", 1 / per_item, ratio_to_raw=(raw_s / raw_n) / per_item,
+                      extra="replace existing ids (retire + reuse a slot) vs hnswlib in-place add_items"))
     fifth = rng.choice(n, size=n // 5, replace=False)
     gone = [ids[j] for j in fifth]
     fresh_ids = [f"new-{j}" for j in range(len(fifth))]
     latent[fifth] = tower.latent(len(fifth))
     new = tower.encode(latent[fifth])
+    vectors[fifth] = new
     replace_s = timed(lambda: (index.delete(gone), upsert_all(index, fresh_ids, new, EntryMeta(1, 2, 2))))
     out.append(result("index/delete_and_insert", "items/s", len(fifth) / replace_s,
                       extra="delete a fifth of the ids, insert as many new ones into the vacated slots"))
     live_ids = list(ids)
     for j, new_id in zip(fifth.tolist(), fresh_ids):
         live_ids[j] = new_id
-    live_vectors = np.stack([index.get(i).vector for i in live_ids])
-    bench_fresh_quality(index, live_ids, live_vectors, queries, "after_churn", out)
+    bench_fresh_quality(index, live_ids, vectors, queries, "after_churn", out)
+    bench_query_during_writes(index, live_ids, vectors, queries, out)
     st = index.stats()
     out.append(result("index/deleted_share_after_churn", "ratio", st["deleted_share"],
                       extra=f"slots {st['slots']:.0f} for {st['live']:.0f} live, capacity {st['capacity']:.0f}"))
-    return live_ids, live_vectors
 
 
 def bench_reencode(index: ItemIndex, tower: Tower, out: list[Result]) -> None:
@@ -180,6 +194,43 @@ def bench_reencode(index: ItemIndex, tower: Tower, out: list[Result]) -> None:
                       extra=f"re-encode all {n} items into a fresh graph, swap"))
     out.append(result("index/reencode_in_place", "s", inplace_total, ratio_to_raw=rebuild_s / inplace_total,
                       extra=f"extrapolated from {sample} in-place updates; ratio = rebuild / in-place"))
+
+
+def bench_query_during_writes(index: ItemIndex, ids: list[str], vectors: np.ndarray, queries: np.ndarray,
+                              out: list[Result]) -> None:
+    """Query latency while another thread keeps updating items (the writer holds the graph one chunk at a time)."""
+    stop = threading.Event()
+    written = [0]
+
+    def writer() -> None:
+        s = 0
+        while not stop.is_set():
+            index.upsert(ids[s:s + 200], vectors[s:s + 200], EntryMeta(1, 3, 3))
+            written[0] += 200
+            s = (s + 200) % (len(ids) - 200)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        p50, p99 = latency_ms(index, queries, 100)
+    finally:
+        stop.set()
+        t.join()
+    extra = f"k=100 while a thread updates ({written[0]} items written), write_batch={index.write_batch}"
+    out.append(result("index/query_p50_k100_during_updates", "ms", p50, extra=extra))
+    out.append(result("index/query_p99_k100_during_updates", "ms", p99, extra=extra))
+
+
+def bench_snapshot(index: ItemIndex, out: list[Result]) -> None:
+    """The pause writers see (the in-memory copy), the whole snapshot, and a load."""
+    copy_s = timed(lambda: index._s.copy())
+    with tempfile.TemporaryDirectory(prefix="bench-snap-") as tmp:
+        snap_s = timed(lambda: index.snapshot(Path(tmp), {"items": {"0": len(index)}}))
+        load_s = timed(lambda: ItemIndex.load(Path(tmp)))
+    out.append(result("index/snapshot_copy", "ms", copy_s * 1000,
+                      extra="in-memory copy under the shared lock: writers wait this long, queries never"))
+    out.append(result("index/snapshot_total", "s", snap_s, extra="copy + write + fsync + atomic publish"))
+    out.append(result("index/snapshot_load", "s", load_s, extra="verify digests + hnswlib load + tables"))
 
 
 def bench_random(n: int, dim: int, n_queries: int, threads: int, ef: int, rng: np.random.Generator,
@@ -224,8 +275,9 @@ def command(items: int, dim: int, queries: int, seed: int, threads: int, random_
     index, raw = bench_throughput(items, dim, vectors, threads, ef, out)
     ids = [f"item-{j}" for j in range(items)]
     bench_fresh_quality(index, ids, vectors, user_queries, "fresh", out)
-    bench_churn(index, raw, tower, latent, ids, user_queries, threads, out)
+    bench_churn(index, raw, tower, latent, vectors, ids, user_queries, threads, out)
     del raw
+    bench_snapshot(index, out)
     bench_reencode(index, tower, out)
     del index
     bench_random(min(items, random_items), dim, min(queries, 500), threads, ef, rng, out)

@@ -1,0 +1,318 @@
+"""The single-threaded core of the item index: one hnswlib graph and its id tables.
+
+Nothing here locks; :class:`streamrecall.index.hnsw.ItemIndex` wraps a ``_Store``
+with the locking, the rebuild journal and the snapshots.
+
+Ids and labels
+--------------
+Every item id owns a *row* in a set of column arrays (id, generation, metadata).
+Rows of deleted ids go onto a free list and are reused. The hnswlib label of an
+item is ``generation << 32 | row``; the generation is bumped every time the row
+gets a new vector, so a label is never handed to hnswlib twice. That matters:
+
+* ``add_items(..., replace_deleted=True)`` with a label hnswlib already knows
+  leaves two live nodes with that label (hnswlib 0.8.0), so slots are reused only
+  for fresh labels;
+* an update is ``mark_deleted(old label)`` + insert of a fresh label into a vacant
+  slot, which costs about what hnswlib's in-place update costs (~6-8x an insert,
+  measured) and keeps the graph from growing;
+* a label coming back from a search is checked against the row's current
+  generation, so a stale node can never be reported as a live item.
+
+Every hnswlib slot is either live with the label its row names, or marked
+deleted, hence ``deleted slots = element_count - live``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Collection, Sequence
+
+import hnswlib
+import numpy as np
+
+from .errors import IndexStoreError, InvalidInputError
+from .types import Entry, EntryMeta, Hit
+
+ROW_BITS = 32
+ROW_MASK = (1 << ROW_BITS) - 1
+MAX_GENERATION = (1 << 32) - 1
+SPACES = ("ip", "cosine", "l2")
+
+
+@dataclass(frozen=True)
+class Params:
+    dim: int
+    space: str
+    M: int
+    ef_construction: int
+    ef: int
+    seed: int
+
+
+def as_matrix(vectors: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
+    """Validate and return ``vectors`` as a C-contiguous float32 array of shape (n, dim)."""
+    arr = np.asarray(vectors)
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise InvalidInputError(f"{what} must have shape (n, {dim}) or ({dim},), got {np.shape(vectors)}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise InvalidInputError(f"{what} must be numeric, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(f"{what} contain NaN or infinite values")
+    return arr
+
+
+def labels_of(rows: np.ndarray, gens: np.ndarray) -> np.ndarray:
+    return (gens.astype(np.uint64) << np.uint64(ROW_BITS)) | rows.astype(np.uint64)
+
+
+class Store:
+    """hnswlib graph + row tables. Not thread-safe: callers lock."""
+
+    def __init__(self, params: Params, capacity: int, num_threads: int,
+                 hnsw: hnswlib.Index | None = None) -> None:
+        self.params = params
+        self.num_threads = num_threads
+        if hnsw is None:
+            hnsw = hnswlib.Index(space=params.space, dim=params.dim)
+            hnsw.init_index(max_elements=max(1, capacity), M=params.M, ef_construction=params.ef_construction,
+                            random_seed=params.seed, allow_replace_deleted=True)
+        hnsw.set_ef(params.ef)
+        hnsw.set_num_threads(num_threads)
+        self.hnsw = hnsw
+        self.row_of: dict[str, int] = {}
+        self.free: list[int] = []
+        self.nrows = 0
+        self._categories: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._alloc_rows(max(16, capacity))
+
+    # ----------------------------------------------------------------- tables
+    def _alloc_rows(self, n: int) -> None:
+        self.ids = np.empty(n, dtype=object)
+        self.gen = np.zeros(n, dtype=np.uint32)
+        self.live = np.zeros(n, dtype=bool)
+        self.model_version = np.zeros(n, dtype=np.int64)
+        self.encoded_at_ms = np.zeros(n, dtype=np.int64)
+        self.event_ts_ms = np.zeros(n, dtype=np.int64)
+        self.categories = np.empty(n, dtype=object)
+
+    def _grow_rows(self, need: int) -> None:
+        cap = len(self.gen)
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        for name in ("ids", "gen", "live", "model_version", "encoded_at_ms", "event_ts_ms", "categories"):
+            old = getattr(self, name)
+            arr = np.zeros(new, dtype=old.dtype) if old.dtype != object else np.empty(new, dtype=object)
+            arr[:cap] = old
+            setattr(self, name, arr)
+
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.live[: self.nrows])
+
+    def label(self, row: int) -> int:
+        return (int(self.gen[row]) << ROW_BITS) | row
+
+    @property
+    def size(self) -> int:
+        return len(self.row_of)
+
+    @property
+    def deleted_slots(self) -> int:
+        return self.hnsw.element_count - len(self.row_of)
+
+    @property
+    def capacity(self) -> int:
+        return self.hnsw.max_elements
+
+    # ----------------------------------------------------------------- writes
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, metas: Sequence[EntryMeta]) -> None:
+        """Insert or replace ``ids`` (unique within the call) with ``vectors`` (n, dim) float32."""
+        n = len(ids)
+        if n == 0:
+            return
+        hnsw = self.hnsw
+        existing = [self.row_of.get(i) for i in ids]
+        for row in existing:  # updates: retire the old node; its slot becomes vacant
+            if row is not None:
+                hnsw.mark_deleted(self.label(row))
+        # Live rows of the updated ids still count in row_of, so the slots just retired
+        # are not in deleted_slots yet: add them back.
+        vacant = self.deleted_slots + sum(1 for r in existing if r is not None)
+        need = hnsw.element_count + max(0, n - vacant)
+        if need > hnsw.max_elements:
+            hnsw.resize_index(max(need, 2 * hnsw.max_elements))
+        rows = np.empty(n, dtype=np.int64)
+        for j, (item_id, row) in enumerate(zip(ids, existing)):
+            if row is None:
+                if self.free:
+                    row = self.free.pop()
+                else:
+                    self._grow_rows(self.nrows + 1)
+                    row = self.nrows
+                    self.nrows += 1
+                self.row_of[item_id] = row
+                self.ids[row] = item_id
+            rows[j] = row
+        if int(self.gen[rows].max()) >= MAX_GENERATION:
+            raise IndexStoreError("a row ran out of label generations (2**32 updates of one id)")
+        self.gen[rows] += 1
+        self.live[rows] = False  # not visible until the insert below succeeded
+        labels = labels_of(rows, self.gen[rows])
+        try:
+            hnsw.add_items(vectors, labels, num_threads=self.num_threads, replace_deleted=True)
+        except BaseException:
+            self._roll_back(ids, rows, labels)
+            raise
+        self.live[rows] = True
+        self.model_version[rows] = [m.model_version for m in metas]
+        self.encoded_at_ms[rows] = [m.encoded_at_ms for m in metas]
+        self.event_ts_ms[rows] = [m.event_ts_ms for m in metas]
+        cats, interned = self.categories, self._categories
+        for row, m in zip(rows.tolist(), metas):
+            c = m.categories if type(m.categories) is tuple else tuple(m.categories)
+            cats[row] = interned.setdefault(c, c)  # one tuple object per distinct category set
+
+    def _roll_back(self, ids: Sequence[str], rows: np.ndarray, labels: np.ndarray) -> None:
+        """After a failed insert: drop the whole chunk, so no half-written id stays visible."""
+        for label in labels.tolist():
+            try:
+                self.hnsw.mark_deleted(label)
+            except RuntimeError:
+                pass  # this label never made it into the graph: nothing to retire
+        for item_id, row in zip(ids, rows.tolist()):
+            if self.row_of.pop(item_id, None) is not None:
+                self._free_row(row)
+
+    def _free_row(self, row: int) -> None:
+        self.live[row] = False
+        self.ids[row] = None
+        self.categories[row] = None
+        self.free.append(row)
+
+    def delete(self, ids: Collection[str]) -> int:
+        removed = 0
+        for item_id in ids:
+            row = self.row_of.pop(item_id, None)
+            if row is None:
+                continue
+            self.hnsw.mark_deleted(self.label(row))
+            self._free_row(row)
+            removed += 1
+        return removed
+
+    # ------------------------------------------------------------------ reads
+    def meta(self, row: int) -> EntryMeta:
+        return EntryMeta(model_version=int(self.model_version[row]), encoded_at_ms=int(self.encoded_at_ms[row]),
+                         event_ts_ms=int(self.event_ts_ms[row]), categories=self.categories[row])
+
+    def get(self, item_id: str) -> Entry | None:
+        row = self.row_of.get(item_id)
+        if row is None:
+            return None
+        vec = np.asarray(self.hnsw.get_items([self.label(row)]), dtype=np.float32)[0]
+        return Entry(item_id, vec, self.meta(row))
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored vectors of live ``rows``, shape (len(rows), dim)."""
+        if len(rows) == 0:
+            return np.empty((0, self.params.dim), dtype=np.float32)
+        return np.asarray(self.hnsw.get_items(labels_of(rows, self.gen[rows])), dtype=np.float32)
+
+    def knn(self, vectors: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Raw hnswlib search, one (labels, distances) pair per query; never raises for "too few results".
+
+        hnswlib raises when it finds fewer than k live nodes (possible after many
+        deletions even when k <= live); then each query is retried alone with a
+        halved k until it succeeds, and may return fewer than k.
+        """
+        threads = 1 if len(vectors) == 1 else self.num_threads
+        try:
+            labels, dists = self.hnsw.knn_query(vectors, k=k, num_threads=threads)
+            return list(zip(labels, dists))
+        except RuntimeError:
+            pass
+        out = []
+        for v in vectors:  # binary search for the largest k hnswlib can fill for this query
+            best = (np.empty(0, np.uint64), np.empty(0, np.float32))
+            lo, hi = 0, k + 1 if len(vectors) > 1 else k  # lo succeeds (trivially), hi fails
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                try:
+                    labels, dists = self.hnsw.knn_query(v, k=mid, num_threads=1)
+                    best, lo = (labels[0], dists[0]), mid
+                except RuntimeError:
+                    hi = mid
+            out.append(best)
+        return out
+
+    def scores_of(self, dists: np.ndarray) -> np.ndarray:
+        return -dists if self.params.space == "l2" else 1.0 - dists
+
+    def query(self, vectors: np.ndarray, k: int, exclude: Collection[str] | None,
+              filter: Callable[[Hit], bool] | None) -> list[list[Hit]]:
+        live = self.size
+        if live == 0 or k <= 0:
+            return [[] for _ in range(len(vectors))]
+        excl_rows: set[int] = set()
+        if exclude:
+            row_of = self.row_of
+            excl_rows = {r for r in (row_of.get(i) for i in exclude) if r is not None}
+        fetch = min(live, k + len(excl_rows) if filter is None else 2 * k + len(excl_rows))
+        results: list[list[Hit]] = [[] for _ in range(len(vectors))]
+        pending = np.arange(len(vectors))
+        while True:
+            raw = self.knn(vectors[pending], fetch)
+            again = []
+            for qi, (labels, dists) in zip(pending.tolist(), raw):
+                hits = self._hits(labels, dists, k, excl_rows, filter)
+                results[qi] = hits
+                if len(hits) < k and len(labels) >= fetch and fetch < live:
+                    again.append(qi)  # the filter ate too much: search wider
+            if not again:
+                return results
+            pending = np.asarray(again)
+            fetch = min(live, fetch * 4)
+
+    def _hits(self, labels: np.ndarray, dists: np.ndarray, k: int, excl_rows: set[int],
+              filter: Callable[[Hit], bool] | None) -> list[Hit]:
+        labels = labels.astype(np.uint64, copy=False)
+        rows = (labels & np.uint64(ROW_MASK)).astype(np.intp)
+        gens = (labels >> np.uint64(ROW_BITS)).astype(np.uint32)
+        in_range = rows < self.nrows
+        rows = np.where(in_range, rows, 0)
+        ok = in_range & self.live[rows] & (self.gen[rows] == gens)
+        scores = self.scores_of(dists.astype(np.float64)).tolist()
+        ids = self.ids[rows].tolist()
+        versions = self.model_version[rows].tolist()
+        cats = self.categories[rows].tolist()
+        out: list[Hit] = []
+        for j, (good, row) in enumerate(zip(ok.tolist(), rows.tolist())):
+            if not good or row in excl_rows:
+                continue
+            hit = Hit(ids[j], scores[j], versions[j], cats[j])
+            if filter is not None and not filter(hit):
+                continue
+            out.append(hit)
+            if len(out) == k:
+                break
+        return out
+
+    # --------------------------------------------------------------- copying
+    def copy(self) -> "Store":
+        """A deep copy (graph and tables) for snapshots; costs about one memcpy of the index."""
+        dup = Store.__new__(Store)
+        dup.params = self.params
+        dup.num_threads = self.num_threads
+        dup.hnsw = hnswlib.Index(self.hnsw)
+        dup.row_of = dict(self.row_of)
+        dup.free = list(self.free)
+        dup._categories = dict(self._categories)
+        dup.nrows = self.nrows
+        n = self.nrows
+        for name in ("ids", "gen", "live", "model_version", "encoded_at_ms", "event_ts_ms", "categories"):
+            setattr(dup, name, getattr(self, name)[:n].copy())
+        return dup

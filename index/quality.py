@@ -1,0 +1,115 @@
+"""Quality monitor: recall@k of the HNSW search against exact search over the same live vectors.
+
+The approximate and the exact results are computed from one consistent view:
+the live vectors are copied and the sample searched under the index's shared
+lock (queries go on; writers wait for about one copy of the vectors), and the
+exact search (a numpy matmul) runs afterwards, outside the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+import numpy as np
+
+from ._store import as_matrix, labels_of
+from .hnsw import ItemIndex
+
+
+class QualityReport(msgspec.Struct, frozen=True):
+    """Plain numbers for the metrics layer."""
+
+    recall_at_10: float  # mean over sampled queries of |HNSW top-k ∩ exact top-k| / k (k=10 by default)
+    deleted_share: float  # deleted hnswlib slots / used slots
+    live: int
+    sampled: int
+    k: int = 10
+    ef: int = 0
+
+
+def measure_quality(index: ItemIndex, sample_size: int = 256, k: int = 10, seed: int = 0,
+                    queries: np.ndarray | None = None) -> QualityReport:
+    """Recall@k of ``index`` on ``queries`` (shape (q, dim)) or, by default, on ``sample_size`` live item vectors.
+
+    Item vectors as queries find themselves first, which flatters recall a little;
+    pass real query vectors (e.g. recent user vectors) when you have them.
+    """
+    rng = np.random.default_rng(seed)
+    with index._reading() as s:
+        rows = s.live_rows()
+        slots = s.hnsw.element_count
+        deleted = (slots - len(rows)) / slots if slots else 0.0
+        ef = s.params.ef
+        if len(rows) == 0:
+            return QualityReport(0.0, deleted, 0, 0, k, ef)
+        labels = labels_of(rows, s.gen[rows])
+        vectors = s.vectors(rows)
+        if queries is None:
+            pick = rng.choice(len(rows), size=min(sample_size, len(rows)), replace=False)
+            q = vectors[pick]
+        else:
+            q = as_matrix(queries, s.params.dim, "queries")[:sample_size]
+        kk = min(k, len(rows))
+        approx = s.knn(q, kk)
+        space = s.params.space
+    exact = _exact_top(vectors, q, kk, space)
+    hits = 0
+    for (got, _), want in zip(approx, exact):
+        hits += len(np.intersect1d(got.astype(np.uint64), labels[want]))
+    recall = hits / (kk * len(q)) if len(q) else 0.0
+    return QualityReport(recall, deleted, len(rows), len(q), k, ef)
+
+
+def _exact_top(vectors: np.ndarray, queries: np.ndarray, k: int, space: str) -> np.ndarray:
+    """Row indices of the exact top-k per query, shape (q, k)."""
+    out = np.empty((len(queries), k), dtype=np.intp)
+    base_sq = (vectors * vectors).sum(axis=1) if space == "l2" else None
+    if space == "cosine":
+        norms = np.linalg.norm(vectors, axis=1)
+        vectors = vectors / np.where(norms > 0, norms, 1)[:, None]
+    for start in range(0, len(queries), 64):
+        qb = queries[start:start + 64]
+        sims = qb @ vectors.T
+        if space == "l2":
+            sims = 2 * sims - base_sq[None, :]
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        out[start:start + 64] = part
+    return out
+
+
+class QualityMonitor:
+    """Keeps a reservoir of recent query vectors and measures recall on them.
+
+    ``observe`` is cheap and thread-safe; call it from the query path. ``measure``
+    uses the reservoir when it holds queries, else live item vectors.
+    """
+
+    def __init__(self, index: ItemIndex, sample_size: int = 256, k: int = 10, seed: int = 0) -> None:
+        self.index = index
+        self.sample_size = sample_size
+        self.k = k
+        self._rng = np.random.default_rng(seed)
+        self._seed = seed
+        self._seen = 0
+        self._reservoir: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self.last: QualityReport | None = None
+
+    def observe(self, vectors: np.ndarray) -> None:
+        vecs = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        with self._lock:
+            for v in vecs:
+                self._seen += 1
+                if len(self._reservoir) < self.sample_size:
+                    self._reservoir.append(v.copy())
+                else:
+                    j = int(self._rng.integers(self._seen))
+                    if j < self.sample_size:
+                        self._reservoir[j] = v.copy()
+
+    def measure(self) -> QualityReport:
+        with self._lock:
+            queries = np.stack(self._reservoir) if self._reservoir else None
+        self.last = measure_quality(self.index, self.sample_size, self.k, self._seed, queries)
+        return self.last

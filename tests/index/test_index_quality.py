@@ -1,0 +1,47 @@
+"""The quality monitor: recall@10 against exact search over the same live vectors, deleted share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamrecall.index import ItemIndex, QualityMonitor, measure_quality
+
+from .conftest import meta
+
+
+def test_good_index_has_full_recall(make_index):
+    index = make_index(500)
+    index.delete([f"i{j}" for j in range(100)])
+    rep = measure_quality(index, sample_size=50)
+    assert rep.recall_at_10 >= 0.98
+    assert rep.deleted_share == pytest.approx(100 / 500)
+    assert rep.live == 400 and rep.sampled == 50 and rep.k == 10
+
+
+def test_poor_index_is_detected():
+    rng = np.random.default_rng(0)
+    dim = 32
+    index = ItemIndex(dim, M=2, ef_construction=4, ef=1, num_threads=1)
+    v = rng.standard_normal((1500, dim)).astype(np.float32)
+    index.upsert([str(j) for j in range(1500)], v / np.linalg.norm(v, axis=1, keepdims=True), meta())
+    q = rng.standard_normal((40, dim)).astype(np.float32)
+    low = measure_quality(index, queries=q / np.linalg.norm(q, axis=1, keepdims=True)).recall_at_10
+    assert low < 0.9
+    index.ef = 1500  # exhaustive: approximate == exact
+    assert measure_quality(index, queries=q / np.linalg.norm(q, axis=1, keepdims=True)).recall_at_10 > low
+
+
+def test_empty_and_tiny_index(make_index):
+    assert measure_quality(make_index()).live == 0
+    rep = measure_quality(make_index(3))
+    assert rep.recall_at_10 == 1.0 and rep.sampled == 3
+
+
+def test_monitor_uses_observed_queries(make_index, make_vectors):
+    index = make_index(300)
+    mon = QualityMonitor(index, sample_size=20)
+    for v in make_vectors(100):
+        mon.observe(v)
+    rep = mon.measure()
+    assert rep.sampled == 20 and rep.recall_at_10 >= 0.95 and mon.last is rep
