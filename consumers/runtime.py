@@ -147,7 +147,10 @@ class Runtime:
         return self._stop.is_set()
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT only set the stop flag; the loop exits at its next step."""
+        """SIGTERM/SIGINT only set the stop flag; the loop exits at its next step.
+        Signals reach only the main thread: elsewhere (tests, embedding) call ``stop()``."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
 

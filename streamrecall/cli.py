@@ -23,6 +23,7 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--bootstrap-servers", "bootstrap_servers", str, "Kafka bootstrap servers, host:port[,host:port]."),
     ("--topic-prefix", "topic_prefix", str, "Prefix for every topic name."),
     ("--partitions", "partitions", int, "Partitions per topic when creating topics."),
+    ("--replication-factor", "replication_factor", int, "Replicas per topic when creating topics."),
     ("--group-prefix", "group_prefix", str, "Consumer group ids are PREFIX-ROLE."),
     ("--state-dir", "state_dir", click.Path(path_type=Path), "Where roles keep snapshots and checkpoints."),
     ("--http-host", "http_host", str, "Bind address for HTTP (loopback unless told otherwise)."),
@@ -294,6 +295,8 @@ class _LazyGroup(click.Group):
 
 @main.group(cls=_LazyGroup, lazy={
     "ingest": "streamrecall.bench.ingest",
+    "freshness": "streamrecall.bench.freshness",
+    "query": "streamrecall.bench.query",
     "index": "streamrecall.bench.index",
     "train": "streamrecall.bench.train",
     "model-eval": "streamrecall.bench.model_eval",
@@ -301,6 +304,14 @@ class _LazyGroup(click.Group):
 def bench() -> None:
     """Benchmarks; each prints ratios against the raw library measured in the same run."""
 
+
+def _add_query() -> None:
+    from streamrecall.query import command as query_command  # urllib and click only: cheap to import
+
+    main.add_command(query_command, "query")
+
+
+_add_query()
 
 if __name__ == "__main__":
     main()

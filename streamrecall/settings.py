@@ -72,6 +72,7 @@ class Settings:
     bootstrap_servers: str | None = None  # None: start the embedded broker (`up` only)
     topic_prefix: str = ""
     partitions: int = 4
+    replication_factor: int = 1  # for `topics create`; use 3 on a real cluster
     group_prefix: str = "streamrecall"
     state_dir: Path = Path("state")
     http_host: str = "127.0.0.1"
@@ -109,6 +110,7 @@ class Settings:
         if not _TOPIC_RE.match(self.group_prefix) or not self.group_prefix:
             raise ConfigError(f"group_prefix: {self.group_prefix!r} must be non-empty letters, digits, '.', '_', '-'")
         _check_range("partitions", self.partitions, 1, 10_000)
+        _check_range("replication_factor", self.replication_factor, 1, 32)
         _check_range("max_value_bytes", self.max_value_bytes, 1024, 64 << 20)
         _check_range("max_poll_records", self.max_poll_records, 1, 100_000)
         _check_range("flush_interval_ms", self.flush_interval_ms, 1, 60_000)

@@ -44,7 +44,8 @@ def create_topics(settings: Settings) -> dict[str, str]:
         result = {s.name: "exists" for s in topic_specs(settings) if s.name in existing}
         if wanted:
             try:
-                admin.create_topics([NewTopic(s.name, s.partitions, 1, topic_configs=s.config) for s in wanted])
+                admin.create_topics([NewTopic(s.name, s.partitions, settings.replication_factor, topic_configs=s.config)
+                                     for s in wanted])
             except TopicAlreadyExistsError:
                 pass  # raced with another creator
             result.update({s.name: "created" for s in wanted})

@@ -67,7 +67,7 @@ def run_up(settings: Settings, roles: list[str], rate: float, duration: float | 
                 child.check()
             if time.monotonic() >= next_status:
                 next_status += STATUS_EVERY_S
-                click.echo(_status_line(settings, children, counts, time.monotonic() - started))
+                click.echo(_status_line(children, counts, time.monotonic() - started))
             if duration is not None and time.monotonic() - started >= duration:
                 break
         stop.set()
@@ -75,30 +75,37 @@ def run_up(settings: Settings, roles: list[str], rate: float, duration: float | 
 
 
 def _live_stream(settings: Settings, rate: float, stop: threading.Event, counts: Counter[str]) -> None:
+    """Endless synthetic stream: ten-minute epochs of stream time, each with new items appearing
+    as it goes; later epochs (new seeds) re-create the same ids, i.e. item updates."""
     from streamrecall.livestream import produce_stream
     from streamrecall.synthetic import SyntheticConfig, generate
 
-    config = SyntheticConfig(n_items=2_000, n_users=1_000, n_clicks=10**9, seed=7)
+    epoch = 0
     try:
-        produce_stream(settings, generate(config), rate_per_s=rate, stop=stop, counts=counts, restamp=True)
+        while not stop.is_set():
+            config = SyntheticConfig(n_items=2_000, n_users=1_000, n_clicks=max(1000, int(rate * 600)),
+                                     seed=7 + epoch, clicks_per_second=max(rate, 1.0))
+            produce_stream(settings, generate(config), rate_per_s=rate, stop=stop, counts=counts, restamp=True)
+            epoch += 1
     except Exception:  # the status line shows the generator stopped; the roles keep running
         log.exception("live generator failed")
 
 
-def _status_line(settings: Settings, children: list[RoleProcess], counts: Counter[str], elapsed: float) -> str:
+def _status_line(children: list[RoleProcess], counts: Counter[str], elapsed: float) -> str:
     roles = " ".join(f"{c.role}:{'up' if c.alive else 'DOWN'}{f'(restarts {c.restarts})' if c.restarts else ''}"
                      for c in children)
     return (f"[{elapsed:6.0f}s] produced items={counts['items']:,} clicks={counts['clicks']:,} | {roles}"
-            + _indexer_summary(settings, children))
+            + _indexer_summary(children))
 
 
-def _indexer_summary(settings: Settings, children: list[RoleProcess]) -> str:
-    if not any(c.role == "indexer" for c in children):
+def _indexer_summary(children: list[RoleProcess]) -> str:
+    indexer = next((c for c in children if c.role == "indexer"), None)
+    if indexer is None:
         return ""
     import json
     import urllib.request
 
-    url = f"http://{settings.http_host}:{settings.port_for('indexer')}/healthz"
+    url = f"http://{indexer.settings.http_host}:{indexer.settings.port_for('indexer')}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=1) as r:
             h = json.loads(r.read())

@@ -1,0 +1,181 @@
+"""What one indexer replica holds in memory, and the rules that change it.
+
+The indexer keeps, side by side:
+
+* ``catalog`` — the latest content of every live item (the ``Item`` events), so items can
+  be re-encoded when the item tower changes and the index can be rebuilt from scratch;
+* ``replica`` — the towers at the latest model version read from ``model-updates``;
+* ``index`` — the HNSW :class:`~streamrecall.index.ItemIndex` of item vectors;
+* ``users`` — the latest vector of every user read from the compacted ``user-vectors`` topic.
+
+**Locking.** ``lock`` serialises every change of the replica, the catalog and the index made
+by this role: the poll loop holds it for one micro-batch of items (encode + upsert) or one
+model update, the background re-encoder for one bounded batch. So an item is never
+re-encoded from content the poll loop has just replaced, nor written with a tower halfway
+through an update. Queries never take it: the index is safe to query while it is written
+(see docs/index.md), and the user table is replaced entry by entry.
+
+**Model versions.** An update after which every vector changes (a full update, or a delta
+with new dense layers) starts a new *epoch*. Vectors of one epoch share one space (the dense
+layers): a delta changes only the items whose sparse rows moved, and only those are
+re-encoded, so an untouched item may keep an older ``model_version`` tag while its vector
+is exactly what the current tower computes. ``served_epoch`` is the epoch whose re-encode
+into the index is complete; a user vector is *compatible* with the index when it was
+computed in that epoch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import logging
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from streamrecall.errors import ConfigError
+from streamrecall.events import Item, UserVector
+from streamrecall.index import EntryMeta, ItemIndex
+from streamrecall.metrics import IndexerMetrics
+from streamrecall.model.config import ModelConfig
+from streamrecall.model.replica import TowerReplica
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    """The indexer's own knobs: the ``[indexer]`` table of the TOML settings file."""
+
+    snapshot_interval_s: float = 30.0   # a snapshot at most this often (and one at shutdown)
+    encode_batch: int = 512             # items encoded and upserted per locked step of the poll loop
+    reencode_batch: int = 256           # items re-encoded per locked step of the background re-encoder
+    quality_interval_s: float = 30.0    # recall@10 measured this often (background thread)
+    ready_max_lag: int = 1000           # /healthz is ready when total lag is at most this many records
+    max_k: int = 1000                   # largest k a query may ask for
+    max_body_bytes: int = 1 << 20       # POST bodies above this answer 413
+    replay_timeout_s: float = 120.0     # bound on re-reading model updates at start-up
+    ef: int = 64                        # HNSW search breadth
+    M: int = 16                         # HNSW graph degree
+    ef_construction: int = 200
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"indexer.{f.name}: must be a positive number, got {value!r}")
+            if f.type == "int" and not isinstance(value, int):
+                raise ConfigError(f"indexer.{f.name}: must be an integer, got {value!r}")
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any]) -> "IndexerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"indexer.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
+        return cls(**raw)
+
+
+@dataclass(frozen=True, slots=True)
+class UserEntry:
+    """A user's latest vector, as read from ``user-vectors``."""
+
+    vector: np.ndarray  # float32 (dim,)
+    model_version: int
+    event_ts: int
+    recent_items: tuple[str, ...]
+
+    @classmethod
+    def of(cls, uv: UserVector) -> "UserEntry":
+        return cls(np.asarray(uv.vector, dtype=np.float32), uv.model_version, uv.event_ts, tuple(uv.recent_items))
+
+
+def batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
+
+
+class IndexerState:
+    """Catalog, replica, index and users of one indexer, with the writes the role makes to them."""
+
+    def __init__(self, config: IndexerConfig, model: ModelConfig, metrics: IndexerMetrics,
+                 index: ItemIndex | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.replica = TowerReplica(model)
+        self.index = index if index is not None else ItemIndex(
+            model.dim, space="ip", M=config.M, ef_construction=config.ef_construction, ef=config.ef)
+        self.catalog: dict[str, Item] = {}
+        self.users: dict[str, UserEntry] = {}
+        self.lock = threading.RLock()
+        self.epochs: list[int] = [0]    # versions that started an epoch (0: the seeded weights)
+        self.served_epoch = 0           # the epoch whose re-encode into the index is complete
+        self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied
+
+    # ------------------------------------------------------------------ items
+    def upsert_items(self, items: Sequence[Item]) -> None:
+        """Encode ``items`` with the current item tower and upsert them, in micro-batches."""
+        m = self.metrics
+        for chunk in batches(items, self.config.encode_batch):
+            with self.lock:
+                started = time.perf_counter()
+                vectors = self.replica.encode_items(chunk)
+                encoded = time.perf_counter()
+                version, at = self.replica.version, now_ms()
+                metas = [EntryMeta(version, at, it.created_at, tuple(it.categories)) for it in chunk]
+                self.index.upsert([it.item_id for it in chunk], vectors, metas)
+                for it in chunk:
+                    self.catalog[it.item_id] = it
+            done = time.perf_counter()
+            m.encode_seconds.observe(encoded - started)
+            m.upsert_seconds.observe(done - encoded)
+            m.upserts.labels("item").inc(len(chunk))
+            searchable_ms = now_ms()
+            for it in chunk:
+                m.freshness.observe(max(0.0, (searchable_ms - it.created_at) / 1000.0))
+
+    def delete_items(self, item_ids: Sequence[str]) -> int:
+        with self.lock:
+            for item_id in item_ids:
+                self.catalog.pop(item_id, None)
+            removed = self.index.delete(item_ids)
+        self.metrics.deletes.inc(removed)
+        return removed
+
+    def recent_items(self, n: int) -> list[Item]:
+        """The ``n`` most recently created live items, newest first (O(catalog); the fallback route)."""
+        with self.lock:
+            return heapq.nlargest(n, self.catalog.values(), key=lambda it: (it.created_at, it.item_id))
+
+    # ----------------------------------------------------------------- epochs
+    def start_epoch(self, version: int) -> None:
+        if version > self.epochs[-1]:
+            self.epochs.append(version)
+
+    @property
+    def current_epoch(self) -> int:
+        return self.epochs[-1]
+
+    def epoch_of(self, version: int) -> int | None:
+        """The epoch a vector of ``version`` belongs to, or None when older than every epoch known."""
+        i = bisect.bisect_right(self.epochs, version) - 1
+        return self.epochs[i] if i >= 0 else None
+
+    def compatible(self, user_version: int) -> bool:
+        """Whether a user vector of ``user_version`` lives in the space the index serves."""
+        return self.epoch_of(user_version) == self.served_epoch
+
+    # ---------------------------------------------------------------- gauges
+    def update_gauges(self) -> None:
+        m = self.metrics
+        m.items.set(len(self.index))
+        m.deleted_share.set(self.index.deleted_share())
+        m.stale_share.set(self.index.stale_share(self.current_epoch))
+        m.user_vectors.set(len(self.users))

@@ -1,0 +1,391 @@
+"""The publisher role: clicks and model updates in, fresh user vectors out (docs/roles.md).
+
+- ``clicks`` (group subscription, split by user): each user's recent items are kept per
+  clicks partition; users with new clicks are encoded in micro-batches (published at the
+  end of each polled batch by default, at most ``flush_ms`` later, or as soon as
+  ``flush_users`` are pending) and sent to the compacted ``user-vectors`` topic.
+- ``model-updates`` (a side reader: every publisher applies every update, from the last
+  full one): on a new version, recently active users are re-published in the background,
+  ``refresh_per_tick`` at a time (only those the update touches, for a sparse delta).
+- State moves with a partition: a newly assigned clicks partition is rebuilt from the
+  same-numbered partition of ``user-vectors`` (its ``recent_items`` are the history), and
+  replayed clicks at or before a user's ``event_ts`` there are skipped.
+- ``flush`` publishes what is pending and flushes the producer before the runtime commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
+from typing import Callable, Iterable, Protocol
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from streamrecall.consumers.app import model_config, run_handler
+from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.deadletter import DeadLetterSink
+from streamrecall.consumers.runtime import HandlerBase, Record
+from streamrecall.consumers.start import StartPosition
+from streamrecall.consumers.table import TopicReader
+from streamrecall.consumers.updates import MAX_UPDATE_BYTES, ModelUpdateFeed
+from streamrecall.errors import ConfigError, TransientError
+from streamrecall.events import Click, Decoder, UserVector, encode
+from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, PublisherMetrics
+from streamrecall.model import Applied, ModelUpdate, RecentHistory, TowerReplica
+from streamrecall.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROLE = "publisher"
+#: Freshness bound: pending users are never held longer than this (ms).
+MAX_FLUSH_MS = 200
+
+
+@dataclass(frozen=True)
+class PublisherOptions:
+    """The ``[publisher]`` table of the settings file."""
+
+    flush_ms: int = 0                  # 0: publish at the end of every polled batch; else at most this late
+    flush_users: int = 1024            # publish as soon as this many users are pending
+    history_users: int = 200_000       # users kept per clicks partition (least recently active forgotten)
+    refresh_active_s: float = 3600.0   # after a model update, re-publish users active this recently
+    refresh_per_tick: int = 256        # users checked and re-published per loop iteration
+    startup_timeout_s: float = 120.0   # bound on catching up with model-updates at start
+    rebuild_timeout_s: float = 120.0   # bound on rebuilding one partition from user-vectors
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PublisherOptions":
+        raw = dict(settings.extra.get("publisher", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"publisher.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
+        try:
+            options = cls(**{k: type(getattr(cls, k))(v) for k, v in raw.items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"publisher: {exc}") from None
+        if not 0 <= options.flush_ms <= MAX_FLUSH_MS:
+            raise ConfigError(f"publisher.flush_ms: must be from 0 to {MAX_FLUSH_MS}, got {options.flush_ms}")
+        for f in fields(cls):
+            if f.name != "flush_ms" and getattr(options, f.name) <= 0:
+                raise ConfigError(f"publisher.{f.name}: must be > 0, got {getattr(options, f.name)!r}")
+        return options
+
+
+class VectorSink(Protocol):
+    def send(self, vector: UserVector, partition: int) -> None: ...
+
+    def flush(self) -> list[tuple[int, str]]:
+        """Wait until everything sent is durable; returns the (partition, user_id) sends that failed."""
+
+
+class KafkaVectorSink:
+    """Sends vectors to ``user-vectors`` keyed by user id, into the clicks partition's number."""
+
+    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self._sent: list[tuple[object, int, str]] = []
+
+    def send(self, vector: UserVector, partition: int) -> None:
+        future = self.producer.send(self.topic, key=vector.user_id.encode(), value=encode(vector),
+                                    partition=partition)
+        self._sent.append((future, partition, vector.user_id))
+
+    def flush(self) -> list[tuple[int, str]]:
+        self.producer.flush(timeout=30)
+        sent, self._sent = self._sent, []
+        failed = [(p, u) for f, p, u in sent if not f.is_done or f.failed()]  # type: ignore[attr-defined]
+        if failed:
+            log.error("%d user vectors were not published; they will be sent again", len(failed))
+        return failed
+
+
+class PartitionState:
+    """One clicks partition's users: recent items, newest click ts, last activity (LRU order)."""
+
+    def __init__(self, history_len: int, max_users: int) -> None:
+        self.max_users = max_users
+        self.history = RecentHistory(history_len, max_users)
+        self.users: OrderedDict[str, list[float]] = OrderedDict()  # user → [event_ts ms, last active (clock s)]
+        self.replay_floor: dict[str, int] = {}  # user → event_ts of the vector the state was rebuilt from
+
+    def click(self, click: Click, now: float) -> bool:
+        """Record a click; False when it is a replay of one the rebuilt vector already covers."""
+        floor = self.replay_floor.get(click.user_id)
+        if floor is not None:
+            if click.ts <= floor:
+                return False
+            del self.replay_floor[click.user_id]  # replay of this user is over
+        self.history.add(click.user_id, click.item_id)  # evicts the same LRU user as below
+        entry = self.users.get(click.user_id)
+        if entry is None:
+            self.users[click.user_id] = [click.ts, now]
+            if len(self.users) > self.max_users:
+                self.users.popitem(last=False)
+        else:
+            entry[0] = max(entry[0], click.ts)
+            entry[1] = now
+            self.users.move_to_end(click.user_id)
+        return True
+
+    def load(self, vectors: Iterable[UserVector], now: float, now_ms: int) -> None:
+        """Rebuild from the latest vector per user (oldest first, so LRU order follows event time)."""
+        for v in sorted(vectors, key=lambda v: v.event_ts):
+            for item in v.recent_items[-self.history.max_len:]:
+                self.history.add(v.user_id, item)
+            # Activity is unknown after a move; event time stands in for it.
+            self.users[v.user_id] = [v.event_ts, now - max(0.0, (now_ms - v.event_ts) / 1000)]
+            self.users.move_to_end(v.user_id)
+            if len(self.users) > self.max_users:
+                self.users.popitem(last=False)
+            self.replay_floor[v.user_id] = v.event_ts
+
+    def active_since(self, since: float) -> list[str]:
+        """Users active at or after ``since``, most recent first."""
+        out = []
+        for user_id in reversed(self.users):
+            if self.users[user_id][1] < since:
+                break
+            out.append(user_id)
+        return out
+
+
+class PublisherHandler(HandlerBase):
+    """Keeps user histories, publishes user vectors. Kafka-free: the role wires the edges.
+
+    ``load_partition(p)`` returns the latest vector per user in ``user-vectors`` partition p.
+    """
+
+    def __init__(self, replica: TowerReplica, sink: VectorSink,
+                 load_partition: Callable[[int], Iterable[UserVector]], clicks_topic: str,
+                 options: PublisherOptions = PublisherOptions(), metrics: PublisherMetrics | None = None,
+                 version_metrics: ModelVersionMetrics = MODEL_VERSION,
+                 poll_updates: Callable[[], object] = lambda: None, side_flush: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
+        self.replica = replica
+        self.sink = sink
+        self.load_partition = load_partition
+        self.clicks_topic = clicks_topic
+        self.options = options
+        self.metrics = metrics or publisher_metrics()
+        self.version_metrics = version_metrics
+        self.poll_updates = poll_updates
+        self.side_flush = side_flush
+        self.clock = clock
+        self.wall_ms = wall_ms
+        self.states: dict[int, PartitionState] = {}
+        self.loading: set[int] = set()
+        self._dirty: dict[tuple[int, str], None] = {}      # users with clicks not yet published (ordered)
+        self._dirty_since = 0.0
+        self._refresh: dict[tuple[int, str], None] = {}    # users to re-publish at the current version
+        self._scans: deque[tuple[ModelUpdate, deque[tuple[int, str]]]] = deque()  # deltas to check users against
+
+    # --- partitions -------------------------------------------------------------------------
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        """Runs on the client's IO thread: only note the partitions; they are rebuilt in the main loop."""
+        self.loading |= {tp.partition for tp in partitions if tp.topic == self.clicks_topic} - set(self.states)
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        gone = {tp.partition for tp in partitions if tp.topic == self.clicks_topic}
+        for p in gone:
+            self.states.pop(p, None)
+        self.loading -= gone
+        self._dirty = {k: None for k in self._dirty if k[0] not in gone}
+        self._refresh = {k: None for k in self._refresh if k[0] not in gone}
+        self._gauges()
+
+    def _load_pending(self) -> None:
+        for p in sorted(self.loading):
+            state = PartitionState(self.replica.config.history_len, self.options.history_users)
+            vectors = list(self.load_partition(p))
+            state.load(vectors, self.clock(), self.wall_ms())
+            self.states[p] = state
+            self.loading.discard(p)
+            log.info("clicks[%d]: rebuilt %d users from user-vectors[%d]", p, len(state.users), p)
+        self._gauges()
+
+    # --- the runtime's calls ------------------------------------------------------------------
+    def handle(self, records: list[Record]) -> None:
+        if self.loading:
+            self._load_pending()
+        now = self.clock()
+        for r in records:
+            state = self.states.get(r.partition)
+            if state is None:  # records without an assignment callback (assign_all): start empty
+                state = self.states[r.partition] = PartitionState(self.replica.config.history_len,
+                                                                  self.options.history_users)
+            if state.click(r.value, now):
+                if not self._dirty:
+                    self._dirty_since = now
+                self._dirty[(r.partition, r.value.user_id)] = None
+        if self._dirty and (self.options.flush_ms == 0 or len(self._dirty) >= self.options.flush_users
+                            or now - self._dirty_since >= self.options.flush_ms / 1000):
+            self._publish_dirty()
+
+    def tick(self) -> None:
+        self.poll_updates()
+        if self.loading:
+            self._load_pending()
+        if self._dirty and self.clock() - self._dirty_since >= self.options.flush_ms / 1000:
+            self._publish_dirty()
+        self._refresh_some()
+
+    def flush(self, offsets: object) -> None:
+        """Publish what is pending and wait until it is durable; a failed send blocks the commit."""
+        self._publish_dirty()
+        self.side_flush()
+        failed = self.sink.flush()
+        if failed:
+            for key in failed:
+                if key[0] in self.states:
+                    self._dirty[key] = None
+            raise TransientError(f"{len(failed)} user vectors could not be published")
+
+    # --- model updates ----------------------------------------------------------------------
+    def on_model_update(self, update: ModelUpdate, applied: Applied) -> None:
+        """Queue the re-publishing of recently active users at the new version."""
+        self.version_metrics.version.labels(ROLE).set(self.replica.version)
+        since = self.clock() - self.options.refresh_active_s
+        active = [(p, u) for p, st in self.states.items() for u in st.active_since(since)]
+        if applied.reencode_all:
+            self._scans.clear()
+            self._refresh.update(dict.fromkeys(active))
+        elif active:
+            self._scans.append((update, deque(active)))
+        self._gauges()
+
+    def _refresh_some(self) -> None:
+        budget = self.options.refresh_per_tick
+        while self._scans and budget > 0:
+            update, candidates = self._scans[0]
+            chunk = [candidates.popleft() for _ in range(min(budget, len(candidates)))]
+            chunk = [(p, u) for p, u in chunk if p in self.states and u in self.states[p].users]
+            histories = [self.states[p].history.get(u) for p, u in chunk]
+            touched = set(self.replica.users_touched(update, [u for _, u in chunk], histories))
+            self._refresh.update(dict.fromkeys((p, u) for p, u in chunk if u in touched))
+            budget -= max(1, len(chunk))
+            if not candidates:
+                self._scans.popleft()
+        if self._refresh:
+            keys = list(self._refresh)[: self.options.refresh_per_tick]
+            for k in keys:
+                del self._refresh[k]
+            self._publish(keys, "model_update")
+        if self._scans or self._refresh:
+            self._gauges()
+
+    # --- publishing -------------------------------------------------------------------------
+    def _publish_dirty(self) -> None:
+        if not self._dirty:
+            return
+        keys, self._dirty = list(self._dirty), {}
+        for k in keys:
+            self._refresh.pop(k, None)  # published at the current version now
+        size = self.options.flush_users
+        for i in range(0, len(keys), size):
+            self._publish(keys[i:i + size], "click")
+        self._gauges()
+
+    def _publish(self, keys: list[tuple[int, str]], cause: str) -> None:
+        keys = [(p, u) for p, u in keys if p in self.states and u in self.states[p].users]
+        if not keys:
+            return
+        histories = [self.states[p].history.get(u) for p, u in keys]
+        vectors = self.replica.encode_users([u for _, u in keys], histories)
+        published_at = self.wall_ms()
+        version = self.replica.version
+        for (p, user_id), history, vector in zip(keys, histories, vectors):
+            event_ts = int(self.states[p].users[user_id][0])
+            self.sink.send(UserVector(user_id=user_id, vector=vector.tolist(), model_version=version,
+                                      event_ts=event_ts, published_at=published_at, recent_items=history), p)
+            if cause == "click":
+                self.metrics.click_to_vector.observe(max(0, published_at - event_ts) / 1000)
+        self.metrics.published.labels(cause).inc(len(keys))
+
+    def _gauges(self) -> None:
+        self.metrics.users.set(sum(len(st.users) for st in self.states.values()))
+        self.metrics.pending_refresh.set(len(self._refresh) + sum(len(c) for _, c in self._scans))
+
+
+class VectorTable:
+    """Reads one partition of the compacted user-vectors topic: the latest vector per user."""
+
+    def __init__(self, consumer: KafkaConsumer, topic: str, deadletters: DeadLetterSink, max_value_bytes: int,
+                 timeout_s: float) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.deadletters = deadletters
+        self.decoder = Decoder(UserVector, max_value_bytes)
+        self.timeout_s = timeout_s
+
+    def load(self, partition: int) -> list[UserVector]:
+        latest: dict[str, UserVector] = {}
+
+        def decode(value: bytes | None) -> UserVector | None:
+            return None if value is None else self.decoder.decode(value)  # None: a tombstone deletes the user
+
+        def on_record(r: Record) -> None:
+            if r.value is not None:
+                latest[r.value.user_id] = r.value
+            elif r.key is not None:
+                latest.pop(r.key.decode("utf-8", "replace"), None)
+
+        reader = TopicReader(self.consumer, self.topic, "user-vectors", decode, on_record, self.deadletters,
+                             partitions=[partition])
+        reader.start()
+        if not reader.catch_up(self.timeout_s):
+            raise TransientError(f"could not read {self.topic}[{partition}] to its end in {self.timeout_s:.0f}s")
+        return list(latest.values())
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+_METRICS: PublisherMetrics | None = None
+
+
+def publisher_metrics() -> PublisherMetrics:
+    """The role's metric families, built once per process on the default registry."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = PublisherMetrics()
+    return _METRICS
+
+
+def run(settings: Settings, start: StartPosition) -> None:
+    """Run the publisher until SIGTERM/SIGINT."""
+    options = PublisherOptions.from_settings(settings)
+    topics = settings.topics
+    replica = TowerReplica(model_config(settings))
+    with ExitStack() as stack:
+        side_producer = make_producer(settings)
+        stack.callback(side_producer.close, 10)
+        side_deadletters = DeadLetterSink(side_producer, topics.deadletter, ROLE)
+        vector_producer = make_producer(settings)
+        stack.callback(vector_producer.close, 30)
+
+        vectors = VectorTable(make_consumer(settings, None), topics.user_vectors, side_deadletters,
+                              settings.max_value_bytes, options.rebuild_timeout_s)
+        stack.callback(vectors.close)
+        n_clicks = len(vectors.consumer.partitions_for_topic(topics.clicks) or ())
+        n_vectors = len(vectors.consumer.partitions_for_topic(topics.user_vectors) or ())
+        if n_clicks == 0 or n_clicks != n_vectors:
+            raise ConfigError(f"{topics.clicks} has {n_clicks} partitions and {topics.user_vectors} {n_vectors}: "
+                              "they must exist and match (a clicks partition's state lives in the same-numbered "
+                              "user-vectors partition)")
+
+        handler = PublisherHandler(replica, KafkaVectorSink(vector_producer, topics.user_vectors), vectors.load,
+                                   topics.clicks, options, side_flush=lambda: side_deadletters.flush(30))
+        feed = ModelUpdateFeed(make_consumer(settings, None, max_partition_fetch_bytes=MAX_UPDATE_BYTES),
+                               topics.model_updates, replica, side_deadletters, on_applied=handler.on_model_update)
+        stack.callback(feed.close)
+        handler.poll_updates = feed.poll
+        feed.start(options.startup_timeout_s)
+        handler.version_metrics.version.labels(ROLE).set(replica.version)
+        log.info("publisher at model v%d", replica.version)
+        run_handler(ROLE, settings, start, handler,
+                    {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)}, stack=stack)

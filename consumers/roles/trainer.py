@@ -1,0 +1,337 @@
+"""The trainer role: clicks in, model updates out, checkpoints on disk (docs/roles.md).
+
+- ``clicks`` (group subscription) are trained on in micro-batches of up to ``batch_size``;
+  a partial batch is trained once its oldest click waited ``max_batch_wait_ms``.
+- ``items`` is read whole by every trainer as a table (a side reader, from the beginning at
+  start, then non-blocking polls in ``tick``); clicks on items not in it train on the id.
+- A model update goes to ``model-updates`` every ``publish_every_steps`` steps or
+  ``publish_every_s`` seconds, whichever comes first; every ``full_every``-th is full, and
+  so is the first one of each process (at start when a checkpoint was restored).
+- Model, estimator, optimiser state, trending, histories and the next click offsets to read
+  are one checkpoint file, written atomically every ``checkpoint_every_s`` (from the
+  runtime's ``flush``) and at shutdown. A restart resumes clicks from the checkpoint's
+  offsets, not from the group's committed offsets (which may run ahead of it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from kafka import KafkaProducer, TopicPartition
+
+from streamrecall.consumers.app import model_config, run_handler
+from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.deadletter import DeadLetterSink
+from streamrecall.consumers.runtime import HandlerBase, Record
+from streamrecall.consumers.start import StartPosition
+from streamrecall.consumers.table import ItemTable, TopicReader
+from streamrecall.consumers.updates import MAX_UPDATE_BYTES, last_version, update_headers
+from streamrecall.errors import ConfigError
+from streamrecall.events import Click, Decoder, Item
+from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, TrainerMetrics
+from streamrecall.model import ItemLike, OnlineTrainer, RecentHistory
+from streamrecall.model.safeio import read_layout
+from streamrecall.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROLE = "trainer"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+#: Layout version of the checkpoint's ``extra`` (offsets, histories, counters).
+EXTRA_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    """The ``[trainer]`` table of the settings file."""
+
+    batch_size: int = 1024             # clicks per training step, at most
+    max_batch_wait_ms: int = 200       # a partial batch is trained after its oldest click waited this long
+    publish_every_steps: int = 20      # publish a model update after this many steps...
+    publish_every_s: float = 5.0       # ...or this many seconds (with at least one step), whichever first
+    full_every: int = 12               # every Nth update is full (dense layers + every trained row)
+    checkpoint_every_s: float = 30.0   # checkpoint at the first flush this long after the last one
+    history_users: int = 500_000       # users whose recent clicks are kept (LRU beyond)
+    startup_timeout_s: float = 120.0   # bound on reading the items table at start
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "TrainerOptions":
+        raw = dict(settings.extra.get("trainer", {}))
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(f"trainer.{unknown[0]}: unknown setting (known: {', '.join(known)})")
+        try:
+            options = cls(**{k: type(getattr(cls, k))(v) for k, v in raw.items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"trainer: {exc}") from None
+        for f in fields(cls):
+            if getattr(options, f.name) <= 0:
+                raise ConfigError(f"trainer.{f.name}: must be > 0, got {getattr(options, f.name)!r}")
+        return options
+
+
+class UpdateSink(Protocol):
+    """Where model updates go (Kafka in the role, a list in unit tests)."""
+
+    def send(self, data: bytes, kind: str, version: int) -> None: ...
+
+    def failed(self) -> bool:
+        """True once if a send failed since the last call (the next update must then be full)."""
+
+    def flush(self) -> None: ...
+
+
+class KafkaUpdateSink:
+    """Sends updates to the one-partition model-updates topic, with kind/version headers."""
+
+    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self._futures: list[Any] = []
+
+    def send(self, data: bytes, kind: str, version: int) -> None:
+        self._futures.append(self.producer.send(self.topic, value=data, partition=0,
+                                                headers=update_headers(kind, version)))
+
+    def failed(self) -> bool:
+        done = [f for f in self._futures if f.is_done]
+        self._futures = [f for f in self._futures if not f.is_done]
+        bad = [f for f in done if f.failed()]
+        for f in bad:
+            log.error("publishing a model update failed: %s; the next update will be full", f.exception)
+        return bool(bad)
+
+    def flush(self) -> None:
+        self.producer.flush(timeout=60)
+
+
+class TrainerHandler(HandlerBase):
+    """Trains on clicks, publishes updates, checkpoints. Kafka-free: the role wires the edges."""
+
+    def __init__(self, trainer: OnlineTrainer, items: Mapping[str, ItemLike], sink: UpdateSink,
+                 checkpoint_path: Path, clicks_topic: str, partitions: Sequence[int],
+                 options: TrainerOptions = TrainerOptions(), metrics: TrainerMetrics | None = None,
+                 version_metrics: ModelVersionMetrics = MODEL_VERSION,
+                 poll_items: Callable[[], Any] = lambda: None, side_flush: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.trainer = trainer
+        self.items = items
+        self.sink = sink
+        self.checkpoint_path = Path(checkpoint_path)
+        self.clicks_topic = clicks_topic
+        self.partitions = list(partitions)
+        self.options = options
+        self.metrics = metrics or trainer_metrics()
+        self.version_metrics = version_metrics
+        self.poll_items = poll_items
+        self.side_flush = side_flush
+        self.clock = clock
+        self.history = RecentHistory(trainer.config.history_len, options.history_users)
+        self.offsets: dict[int, int] = {}   # next click offset to read, per partition, as of the last flush
+        self.clicks_trained = 0             # clicks that went through a training step, over all restarts
+        self.restored = False
+        self._buffer: list[Click] = []
+        self._buffer_since = 0.0
+        self._steps_since_publish = 0
+        self._updates_since_full = 0
+        self._force_full = False
+        self._checkpointed: tuple[int, dict[int, int]] | None = None  # (clicks trained, offsets) last stored
+        now = clock()
+        self._last_publish = now
+        self._last_checkpoint = now
+
+    # --- state ------------------------------------------------------------------------
+    def restore(self) -> bool:
+        """Load the checkpoint if there is one (CheckpointError if it is unreadable or incompatible:
+        move it aside to start from scratch). Returns whether one was loaded."""
+        if not self.checkpoint_path.exists():
+            log.info("no checkpoint at %s: training from the seeded model, clicks from the beginning",
+                     self.checkpoint_path)
+            return False
+        extra = self.trainer.restore(self.checkpoint_path)
+        self.history = RecentHistory.from_json(extra["history"])
+        if extra.get("clicks_topic") == self.clicks_topic:
+            self.offsets = {int(p): int(o) for p, o in extra.get("offsets", {}).items()}
+        else:
+            log.warning("checkpoint was taken on topic %r, not %r: its offsets are ignored",
+                        extra.get("clicks_topic"), self.clicks_topic)
+        self.clicks_trained = int(extra.get("clicks_trained", 0))
+        self.restored = True
+        self._checkpointed = (self.clicks_trained, dict(self.offsets))
+        log.info("restored %s: version %d, %d steps, %d clicks trained, next offsets %s", self.checkpoint_path,
+                 self.trainer.version, self.trainer.steps, self.clicks_trained, self.offsets)
+        return True
+
+    def start_offsets(self) -> Mapping[TopicPartition, int]:
+        """The checkpoint's next offsets; without a checkpoint every partition from the beginning
+        (a fresh model learns from the whole retained stream)."""
+        return {TopicPartition(self.clicks_topic, p): self.offsets.get(p, 0) for p in self.partitions}
+
+    # --- the runtime's calls -------------------------------------------------------------
+    def handle(self, records: list[Record]) -> None:
+        for r in records:
+            if not self._buffer:
+                self._buffer_since = self.clock()
+            self._buffer.append(r.value)
+        size = self.options.batch_size
+        while len(self._buffer) >= size:
+            batch, self._buffer = self._buffer[:size], self._buffer[size:]
+            self._train(batch)
+            self._buffer_since = self.clock()
+            self._maybe_publish()
+
+    def tick(self) -> None:
+        self.poll_items()
+        if self._buffer and self.clock() - self._buffer_since >= self.options.max_batch_wait_ms / 1000:
+            self._train_buffer()
+        self._maybe_publish()
+
+    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Cheap unless a checkpoint is due: then train what is buffered and checkpoint, so the
+        offsets stored are exactly those of the clicks the stored model was trained on."""
+        self.offsets.update({tp.partition: o for tp, o in offsets.items() if tp.topic == self.clicks_topic})
+        self.side_flush()
+        if self.clock() - self._last_checkpoint >= self.options.checkpoint_every_s:
+            if self._buffer or self._checkpointed != (self.clicks_trained, self.offsets):
+                self.checkpoint()
+            else:  # nothing new: the last checkpoint still holds
+                self._last_checkpoint = self.clock()
+
+    def shutdown(self) -> None:
+        """At exit: train the rest, publish what is unpublished, checkpoint."""
+        self._train_buffer()
+        if self._steps_since_publish:
+            self.publish()
+        self.sink.flush()
+        self.checkpoint()
+
+    # --- work -------------------------------------------------------------------------------
+    def _train_buffer(self) -> None:
+        size = self.options.batch_size
+        while self._buffer:
+            batch, self._buffer = self._buffer[:size], self._buffer[size:]
+            self._train(batch)
+
+    def _train(self, clicks: list[Click]) -> None:
+        started = time.perf_counter()
+        histories = self.history.before_each(clicks)
+        batch = self.trainer.make_batch(clicks, self.items, histories)
+        result = self.trainer.step(batch)
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.clicks_trained += len(clicks)
+        self._steps_since_publish += 1
+        m = self.metrics
+        m.steps.inc()
+        m.examples.inc(result["examples"])
+        m.unknown_items.inc(result["unknown_items"])
+        m.loss.set(result["loss"])
+        p = self.trainer.estimator.probability(batch.items.keys)
+        m.estimator_top_p.set(float(p.max()))
+        m.estimator_median_p.set(float(p.median()))
+
+    def _maybe_publish(self) -> None:
+        if self.sink.failed():
+            self._force_full = True
+        if not self._steps_since_publish:
+            return
+        due_steps = self._steps_since_publish >= self.options.publish_every_steps
+        due_time = self.clock() - self._last_publish >= self.options.publish_every_s
+        if due_steps or due_time:
+            self.publish()
+
+    def publish(self) -> int:
+        """Export and send the next model update; returns its version."""
+        full = self._force_full or self._updates_since_full + 1 >= self.options.full_every
+        data = self.trainer.export_update(full=full)
+        kind = _kind_of(data)  # the trainer may decide full itself (first export after start/restore)
+        self.sink.send(data, kind, self.trainer.version)
+        self._updates_since_full = 0 if kind == "full" else self._updates_since_full + 1
+        self._force_full = False
+        self._steps_since_publish = 0
+        self._last_publish = self.clock()
+        self.metrics.updates_published.labels(kind).inc()
+        self.metrics.update_bytes.observe(len(data))
+        self.version_metrics.version.labels(ROLE).set(self.trainer.version)
+        log.debug("published model update v%d (%s, %d bytes)", self.trainer.version, kind, len(data))
+        return self.trainer.version
+
+    def checkpoint(self) -> None:
+        """Write model + estimator + trending + histories + next offsets as one file, atomically."""
+        self._train_buffer()
+        extra = {"format": EXTRA_FORMAT, "clicks_topic": self.clicks_topic,
+                 "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+                 "clicks_trained": self.clicks_trained, "history": self.history.to_json()}
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        self.trainer.checkpoint(self.checkpoint_path, extra)
+        self._last_checkpoint = self.clock()
+        self._checkpointed = (self.clicks_trained, dict(self.offsets))
+        self.metrics.checkpoint_time.set(time.time())
+        log.info("checkpoint: version %d, %d steps, next offsets %s", self.trainer.version, self.trainer.steps,
+                 extra["offsets"])
+
+
+def _kind_of(data: bytes) -> str:
+    """The kind named in an update's JSON header (read without materialising tensors)."""
+    _, header = read_layout(data)
+    return str(header.get("kind", "delta"))
+
+
+_METRICS: TrainerMetrics | None = None
+
+
+def trainer_metrics() -> TrainerMetrics:
+    """The role's metric families, built once per process on the default registry."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = TrainerMetrics()
+    return _METRICS
+
+
+def run(settings: Settings, start: StartPosition) -> None:
+    """Run the trainer until SIGTERM/SIGINT, then train the rest, publish and checkpoint."""
+    options = TrainerOptions.from_settings(settings)
+    trainer = OnlineTrainer(model_config(settings))
+    topics = settings.topics
+    with ExitStack() as stack:
+        side_producer = make_producer(settings)
+        stack.callback(side_producer.close, 10)
+        side_deadletters = DeadLetterSink(side_producer, topics.deadletter, ROLE)
+        update_producer = make_producer(settings, max_request_size=MAX_UPDATE_BYTES, linger_ms=0)
+        stack.callback(update_producer.close, 30)
+
+        table = ItemTable()
+        items = TopicReader(make_consumer(settings, None), topics.items, "items",
+                            Decoder(Item, settings.max_value_bytes).decode, table.apply, side_deadletters)
+        stack.callback(items.close)
+        clicks_partitions = sorted(items.consumer.partitions_for_topic(topics.clicks) or ())
+        if not clicks_partitions:
+            raise ConfigError(f"topic {topics.clicks} does not exist; run `streamrecall topics create`")
+
+        handler = TrainerHandler(trainer, table.catalog, KafkaUpdateSink(update_producer, topics.model_updates),
+                                 settings.role_state_dir(ROLE) / CHECKPOINT_FILE, topics.clicks, clicks_partitions,
+                                 options, trainer_metrics(), poll_items=items.poll,
+                                 side_flush=lambda: side_deadletters.flush(30))
+        handler.restore()
+        scan = make_consumer(settings, None, max_partition_fetch_bytes=MAX_UPDATE_BYTES)
+        published = last_version(scan, topics.model_updates)
+        scan.close(autocommit=False)
+        if published > trainer.version:
+            log.info("model-updates already holds v%d; the next update goes past it", published)
+        trainer.advance_version(published)
+
+        items.start()
+        items.catch_up(options.startup_timeout_s)
+        log.info("items table: %d items", len(table.catalog))
+        if handler.restored:  # consumers may hold deltas past the checkpoint: reset them now
+            handler.publish()
+        try:
+            run_handler(ROLE, settings, start, handler,
+                        {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)}, stack=stack)
+        finally:
+            handler.shutdown()

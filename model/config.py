@@ -1,0 +1,98 @@
+"""The one settings object of the learning core, validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from streamrecall.model.errors import ModelConfigError
+
+#: Fields that fix tensor shapes or the seeded initial weights. A checkpoint or a model
+#: update is only compatible with a model whose structural fields are equal.
+STRUCTURAL_FIELDS = ("dim", "hidden", "id_buckets", "token_buckets", "max_tokens", "seed")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every knob of the towers, the estimator, the loss and the trainer (see docs/model.md)."""
+
+    dim: int = 64                      # embedding size of both towers and of every table row
+    hidden: int = 128                  # width of the one hidden layer of each tower
+    id_buckets: int = 1_000_000        # rows of the item-id table and of the user-id table
+    token_buckets: int = 1 << 18       # rows of the content-token table (categories, tags, title, features)
+    max_tokens: int = 64               # content tokens kept per item (categories first, then tags, title)
+    history_len: int = 20              # last N clicked items pooled into the user tower
+    temperature: float = 0.05          # softmax temperature τ over cosine scores
+    logq: bool = True                  # subtract log p̂ from every logit (sampling-bias correction)
+    p_min: float = 1e-6                # p̂ is clipped to [p_min, 1] before the log
+    estimator_alpha: float = 0.01      # learning rate α of the gap EMA (Yi et al. Alg. 2)
+    estimator_buckets: int = 1 << 20   # size of the estimator arrays A and B
+    estimator_hashes: int = 1          # >1: Algorithm 3, p̂ from the largest gap over the hashes
+    sparse_optimizer: Literal["rowwise_adagrad", "sgd"] = "rowwise_adagrad"
+    lr_sparse: float = 0.05            # rate of the sparse tables' optimiser (sgd: per example, × batch size)
+    lr_dense: float = 2e-3             # Adam/Adagrad on the dense layers
+    dense_optimizer: Literal["adam", "adagrad"] = "adam"
+    mixed_negatives: int = 0           # extra uniformly sampled negatives per batch (0: in-batch only)
+    downsample_top: float | None = None  # keep clicks with p̂ > t with probability sqrt(t / p̂)
+    trending_size: int = 200           # (item_id, score) pairs shipped in every model update
+    trending_half_life: float = 200_000.0  # examples after which a click counts half in trending
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden", "id_buckets", "token_buckets", "max_tokens", "history_len",
+                     "estimator_buckets", "estimator_hashes", "trending_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("temperature", "lr_sparse", "lr_dense", "trending_half_life"):
+            _positive_float(name, getattr(self, name))
+        if not isinstance(self.logq, bool):
+            raise ModelConfigError("logq", f"must be a bool, got {self.logq!r}")
+        _positive_float("p_min", self.p_min)
+        if self.p_min >= 1.0:
+            raise ModelConfigError("p_min", f"must be < 1, got {self.p_min!r}")
+        _positive_float("estimator_alpha", self.estimator_alpha)
+        if self.estimator_alpha >= 1.0:
+            raise ModelConfigError("estimator_alpha", f"must be in (0, 1), got {self.estimator_alpha!r}")
+        if self.sparse_optimizer not in ("rowwise_adagrad", "sgd"):
+            raise ModelConfigError("sparse_optimizer", f"must be 'rowwise_adagrad' or 'sgd', got {self.sparse_optimizer!r}")
+        if self.dense_optimizer not in ("adam", "adagrad"):
+            raise ModelConfigError("dense_optimizer", f"must be 'adam' or 'adagrad', got {self.dense_optimizer!r}")
+        if isinstance(self.mixed_negatives, bool) or not isinstance(self.mixed_negatives, int) \
+                or self.mixed_negatives < 0:
+            raise ModelConfigError("mixed_negatives", f"must be an int >= 0, got {self.mixed_negatives!r}")
+        if self.downsample_top is not None:
+            _positive_float("downsample_top", self.downsample_top)
+            if self.downsample_top >= 1.0:
+                raise ModelConfigError("downsample_top", f"must be in (0, 1) or None, got {self.downsample_top!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ModelConfigError("seed", f"must be an int in [0, 2**63), got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from a dict (e.g. a checkpoint header); unknown keys are refused by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelConfigError(unknown[0], "unknown setting")
+        return cls(**data)
+
+    def structural(self) -> dict[str, Any]:
+        """The fields that must match between a trainer and the replicas/checkpoints it talks to."""
+        return {name: getattr(self, name) for name in STRUCTURAL_FIELDS}
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelConfigError(name, f"must be a positive int, got {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ModelConfigError(name, f"must be a finite number > 0, got {value!r}")

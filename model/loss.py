@@ -1,0 +1,68 @@
+"""The retrieval loss: in-batch sampled softmax with logQ correction (Yi et al. 2019).
+
+Kept apart from the towers: it takes embeddings and returns a scalar.
+
+Shapes: B examples, M extra negatives, d embedding size.
+
+- ``user`` (B, d), ``item`` (B, d): unit vectors; row i of each is a positive pair.
+- ``item_keys`` (B,) int64: the positives' item keys; equal keys mean the same item.
+- ``log_q`` (B,) float: log of each in-batch candidate's sampling probability, or None.
+- ``weights`` (B,) float ≥ 0: per-example weights (a click's ``weight``), or None.
+- ``neg_item`` (M, d), ``neg_keys`` (M,), ``neg_log_q`` (M,): extra negatives (mixed
+  negative sampling, Yang et al. 2020), or None.
+
+logit[i, j] = ⟨user_i, item_j⟩ / τ − log_q[j]. The correction is applied to every
+column, the positive's included. A column j ≠ i holding the same item as row i's
+positive (an *accidental hit*) is masked out: it is not a negative for row i. The loss
+is Σ_i w_i · (−log softmax(logit[i])[i]) / Σ_i w_i.
+
+Units of log_q: the columns must agree. With in-batch negatives only, any constant
+drops out; when mixing, pass log(expected occurrences among the candidates), i.e.
+log(B·p̂) for batch columns and log(M/N) for M uniform draws from N items.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from streamrecall.model.errors import ModelError
+
+
+def sampled_softmax_loss(
+    user: torch.Tensor,
+    item: torch.Tensor,
+    *,
+    temperature: float,
+    item_keys: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    neg_item: torch.Tensor | None = None,
+    neg_keys: torch.Tensor | None = None,
+    neg_log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The weighted mean loss over the batch (a 0-d tensor). See the module docstring."""
+    b = user.shape[0]
+    if user.dim() != 2 or item.shape != user.shape:
+        raise ModelError(f"user and item must both be (B, d); got {tuple(user.shape)} and {tuple(item.shape)}")
+    logits = user @ item.T / temperature                      # (B, B)
+    if log_q is not None:
+        logits = logits - log_q.reshape(1, b)
+    if item_keys is not None:
+        hits = item_keys.reshape(b, 1) == item_keys.reshape(1, b)
+        hits.fill_diagonal_(False)
+        logits = logits.masked_fill(hits, float("-inf"))
+    if neg_item is not None and neg_item.shape[0] > 0:
+        neg = user @ neg_item.T / temperature                 # (B, M)
+        if neg_log_q is not None:
+            neg = neg - neg_log_q.reshape(1, -1)
+        if item_keys is not None and neg_keys is not None:
+            neg = neg.masked_fill(item_keys.reshape(b, 1) == neg_keys.reshape(1, -1), float("-inf"))
+        logits = torch.cat([logits, neg], dim=1)              # (B, B + M)
+    per_example = F.cross_entropy(logits, torch.arange(b), reduction="none")  # (B,)
+    if weights is None:
+        return per_example.mean()
+    total = weights.sum()
+    if total <= 0:
+        return per_example.sum() * 0.0
+    return (per_example * weights).sum() / total

@@ -1,0 +1,131 @@
+"""A read-only copy of the towers, kept current by applying model updates in order.
+
+Used by the indexer (item vectors) and the publisher (user vectors). A fresh replica is
+at version 0: the seeded initial weights, identical to a new trainer's with the same
+config. At version 0 item vectors are already deterministic and content-aware (items
+sharing categories, tags or title words share seeded token rows, so they land close
+together), but they are not trained; every user maps to the same vector.
+
+Apply rules:
+
+- full update with version > current: reset to the initial weights, apply, done.
+- delta with version ≤ current, or full with version ≤ current: ``duplicate`` (skipped).
+- delta whose base_version ≠ current version: ``gap`` (nothing applied); the caller keeps
+  its vectors and waits for the next full update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from streamrecall.model.config import ModelConfig
+from streamrecall.model.errors import ModelUpdateError
+from streamrecall.model.features import Featurizer, ItemLike
+from streamrecall.model.towers import TwoTower
+from streamrecall.model.update import ModelUpdate
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :meth:`TowerReplica.apply` did. ``reencode_all``: every vector is stale (a full
+    update or a dense change); otherwise only the rows in the update changed."""
+
+    status: Literal["applied", "duplicate", "gap"]
+    version: int
+    kind: Literal["full", "delta"]
+    reencode_all: bool
+
+
+class TowerReplica:
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        self.config = config or ModelConfig()
+        self.model = TwoTower(self.config).eval()
+        self.featurizer = Featurizer(self.config)
+        self.version = 0
+        self.trending: list[tuple[str, float]] = []
+
+    def apply(self, update: ModelUpdate) -> Applied:
+        """Apply one decoded update (see the module docstring for the rules)."""
+        if update.model != self.config.structural():
+            raise ModelUpdateError(f"update was made for model {update.model}, this replica is "
+                                   f"{self.config.structural()}")
+        if update.version <= self.version:
+            return Applied("duplicate", self.version, update.kind, False)
+        if update.kind == "delta" and update.base_version != self.version:
+            return Applied("gap", self.version, update.kind, False)
+        with torch.no_grad():
+            if update.kind == "full":
+                self.model.reset()
+            tables = self.model.tables()
+            for name, part in update.sparse.items():
+                tables[name][part.rows] = part.values
+            if update.dense_changed:
+                for name, p in self.model.dense().items():
+                    p.copy_(update.dense[name])
+        self.version = update.version
+        self.trending = list(update.trending)
+        return Applied("applied", self.version, update.kind, update.kind == "full" or update.dense_changed)
+
+    @torch.no_grad()
+    def encode_items(self, items: Sequence[ItemLike]) -> np.ndarray:
+        """(n, dim) float32 unit vectors of the items at the current version."""
+        if not items:
+            return np.zeros((0, self.config.dim), dtype=np.float32)
+        return self.model.item(self.featurizer.encode_items(items)).numpy()
+
+    @torch.no_grad()
+    def encode_users(self, user_ids: Sequence[str], histories: Sequence[Sequence[str]]) -> np.ndarray:
+        """(n, dim) float32 unit vectors of users from their ids and recent clicked item ids."""
+        if len(user_ids) != len(histories):
+            raise ValueError(f"{len(user_ids)} users but {len(histories)} histories")
+        if not user_ids:
+            return np.zeros((0, self.config.dim), dtype=np.float32)
+        return self.model.user(self.featurizer.users(user_ids, histories)).numpy()
+
+    def items_touched(self, update: ModelUpdate, items: Sequence[ItemLike]) -> list[str]:
+        """Ids of ``items`` whose vectors ``update`` changes: all of them after a full update
+        or a dense change, else those whose id row or any content-token row changed."""
+        if update.kind == "full" or update.dense_changed:
+            return [i.item_id for i in items]
+        id_mask = _mask(update.changed_rows("item_id"), self.config.id_buckets)
+        tok_mask = _mask(update.changed_rows("token"), self.config.token_buckets)
+        if not items or not (id_mask.any() or tok_mask.any()):
+            return []
+        feats = self.featurizer.encode_items(items)
+        hit = id_mask[feats.id_rows]
+        if feats.token_rows.numel():
+            bag = torch.repeat_interleave(torch.arange(len(items)), _bag_lengths(feats.token_offsets,
+                                                                                  feats.token_rows.numel()))
+            hit |= torch.zeros(len(items), dtype=torch.bool).index_put_((bag,), tok_mask[feats.token_rows],
+                                                                        accumulate=True)
+        return [items[i].item_id for i in hit.nonzero().flatten().tolist()]
+
+    def users_touched(self, update: ModelUpdate, user_ids: Sequence[str],
+                      histories: Sequence[Sequence[str]]) -> list[str]:
+        """Ids of users whose vectors ``update`` changes: all after a full update or a dense
+        change, else those whose id row or any history item's id row changed."""
+        if update.kind == "full" or update.dense_changed:
+            return list(user_ids)
+        user_mask = _mask(update.changed_rows("user_id"), self.config.id_buckets)
+        item_mask = _mask(update.changed_rows("item_id"), self.config.id_buckets)
+        out = []
+        for user_id, history in zip(user_ids, histories):
+            recent = history[-self.config.history_len:]
+            if user_mask[self.featurizer.user_row(user_id)] or any(
+                    item_mask[r] for r in self.featurizer.item_rows(recent)):
+                out.append(user_id)
+        return out
+
+
+def _mask(rows: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[rows] = True
+    return mask
+
+
+def _bag_lengths(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    return torch.cat([offsets[1:], torch.tensor([total], dtype=torch.int64)]) - offsets

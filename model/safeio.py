@@ -1,0 +1,94 @@
+"""Safe tensor files: safetensors for tensors, one JSON document in its metadata.
+
+Nothing here unpickles. Files are written atomically: a temp file in the same
+directory, fsync, rename over the target, fsync the directory; the temp file is
+removed if anything fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+#: The metadata key under which our JSON document travels.
+META_KEY = "streamrecall"
+
+
+class SafeIOError(ValueError):
+    """The bytes are not a well-formed safetensors document of ours."""
+
+
+def dumps(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> bytes:
+    """Serialise tensors (made contiguous) with ``header`` as JSON metadata."""
+    plain = {k: v.detach().contiguous() for k, v in tensors.items()}
+    return safetensors.torch.save(plain, metadata={META_KEY: json.dumps(header, separators=(",", ":"))})
+
+
+def read_layout(data: bytes) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The tensor table (name → {dtype, shape, data_offsets}) and our JSON header, checked
+    for well-formedness only; no tensor is materialised."""
+    if len(data) < 8:
+        raise SafeIOError(f"{len(data)} bytes is too short for a safetensors header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > 100 * 1024 * 1024:
+        raise SafeIOError(f"header length {n} does not fit a payload of {len(data)} bytes")
+    try:
+        table = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafeIOError(f"header is not JSON: {exc}") from None
+    if not isinstance(table, dict):
+        raise SafeIOError("header is not a JSON object")
+    meta = table.pop("__metadata__", None)
+    if not isinstance(meta, dict) or not isinstance(meta.get(META_KEY), str):
+        raise SafeIOError(f"metadata key {META_KEY!r} is missing")
+    try:
+        header = json.loads(meta[META_KEY])
+    except json.JSONDecodeError as exc:
+        raise SafeIOError(f"metadata {META_KEY!r} is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise SafeIOError(f"metadata {META_KEY!r} is not a JSON object")
+    for name, entry in table.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) \
+                or not all(isinstance(s, int) and s >= 0 for s in entry["shape"]):
+            raise SafeIOError(f"tensor {name!r} has a malformed entry")
+    return table, header
+
+
+def loads(data: bytes) -> dict[str, torch.Tensor]:
+    """Materialise the tensors (safetensors checks offsets and sizes)."""
+    try:
+        return safetensors.torch.load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise SafeIOError(f"invalid safetensors payload: {exc}") from None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,101 @@
+"""The two towers. Each returns L2-normalised (B, dim) embeddings; nothing else lives here.
+
+Parameters:
+
+- ``item_id`` (id_buckets, dim): one row per hashed item id. **Zero-initialised**, so an
+  id nobody has clicked contributes nothing and the item's vector is its content vector.
+- ``token`` (token_buckets, dim): content tokens (categories, tags, title words, numeric
+  feature names), seeded-uniform in ±1 so that even an untrained model maps items with shared
+  tokens to nearby vectors.
+- ``user_id`` (id_buckets, dim): one row per hashed user id, zero-initialised.
+- item MLP and user MLP: Linear(2·dim → hidden) → ReLU → Linear(hidden → dim).
+
+The user tower pools the user's recent history through the *item-id* table (shared
+with the item tower): clicks train one representation of each item, and the user's
+history lives in the same space as the items. Consequence for updates: an item-id row
+that changes can change both item vectors and the vectors of users who clicked it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamrecall.model.config import ModelConfig
+from streamrecall.model.features import ItemFeatures, UserFeatures
+from streamrecall.model.seeded import seeded_uniform
+
+#: Names of the sparse tables, as they travel in checkpoints and model updates.
+TABLES = ("item_id", "user_id", "token")
+#: Token rows start uniform in ±1: large enough that untrained content vectors differ.
+TOKEN_INIT_BOUND = 1.0
+
+
+def _mlp(config: ModelConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(2 * config.dim, config.hidden), nn.ReLU(), nn.Linear(config.hidden, config.dim))
+
+
+class ItemTower(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.id_table = nn.Parameter(torch.zeros(config.id_buckets, config.dim))
+        self.token_table = nn.Parameter(torch.zeros(config.token_buckets, config.dim))
+        self.mlp = _mlp(config)
+
+    def forward(self, items: ItemFeatures) -> torch.Tensor:
+        """(n, dim) unit vectors of the items."""
+        ids = F.embedding(items.id_rows, self.id_table, sparse=True)
+        content = F.embedding_bag(items.token_rows, self.token_table, items.token_offsets, mode="sum",
+                                  per_sample_weights=items.token_weights, sparse=True)
+        return F.normalize(self.mlp(torch.cat([ids, content], dim=1)), dim=1)
+
+
+class UserTower(nn.Module):
+    def __init__(self, config: ModelConfig, item_id_table: nn.Parameter) -> None:
+        super().__init__()
+        self.id_table = nn.Parameter(torch.zeros(config.id_buckets, config.dim))
+        self.item_id_table = item_id_table  # shared with the ItemTower (see module docstring)
+        self.mlp = _mlp(config)
+
+    def forward(self, users: UserFeatures) -> torch.Tensor:
+        """(n, dim) unit vectors of the users."""
+        ids = F.embedding(users.id_rows, self.id_table, sparse=True)
+        history = F.embedding_bag(users.history_rows, self.item_id_table, users.history_offsets,
+                                  mode="mean", sparse=True)
+        return F.normalize(self.mlp(torch.cat([ids, history], dim=1)), dim=1)
+
+
+class TwoTower(nn.Module):
+    """Both towers with the seeded initial weights of ``config`` (see :func:`reset`)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.item = ItemTower(config)
+        self.user = UserTower(config, self.item.id_table)
+        self.reset()
+
+    def tables(self) -> dict[str, nn.Parameter]:
+        """The sparse tables by their wire name."""
+        return {"item_id": self.item.id_table, "user_id": self.user.id_table, "token": self.item.token_table}
+
+    def dense(self) -> dict[str, nn.Parameter]:
+        """The dense parameters by their wire name (e.g. ``item.mlp.0.weight``)."""
+        return {f"item.mlp.{k}": v for k, v in self.item.mlp.named_parameters()} | \
+               {f"user.mlp.{k}": v for k, v in self.user.mlp.named_parameters()}
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the initial weights: a pure function of the config (seed included)."""
+        seed = self.config.seed
+        self.item.id_table.zero_()
+        self.user.id_table.zero_()
+        self.item.token_table.copy_(seeded_uniform(tuple(self.item.token_table.shape), TOKEN_INIT_BOUND, seed, "token"))
+        for name, p in self.dense().items():
+            if p.dim() == 1:
+                p.zero_()  # zero biases: the output reflects the inputs from the first step
+            else:
+                p.copy_(seeded_uniform(tuple(p.shape), 1.0 / math.sqrt(p.shape[1]), seed, name))

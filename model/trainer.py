@@ -1,0 +1,277 @@
+"""The online trainer: one optimisation step per micro-batch, checkpoints, model updates.
+
+Optimisers (measured on 2 cores, see docs/model.md): row-wise Adagrad on the sparse
+tables (``sparse=True`` gradients touch only the rows of the batch, and the state is one
+float per row; torch's element-wise Adagrad or SparseAdam on 1M-row tables cost 2–20×
+more per step) and Adam/Adagrad on the small dense layers.
+
+Versions. ``version`` is the version of the last exported model update (0: the seeded
+initial weights nobody needs to be sent). It only grows. The first export after
+construction or :meth:`restore` is always a full update, because consumers may hold
+deltas this process never saw (exported after the checkpoint it restored). A trainer
+role that restarts should read the last version on the model-updates topic and call
+:meth:`advance_version` with it, so the new full update supersedes everything published.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from streamrecall.model.batch import ClickLike, TrainBatch
+from streamrecall.model.config import ModelConfig
+from streamrecall.model.errors import CheckpointError
+from streamrecall.model.features import Featurizer, ItemFeatures, ItemLike, UserFeatures
+from streamrecall.model.frequency import FrequencyEstimator
+from streamrecall.model.loss import sampled_softmax_loss
+from streamrecall.model.sparse_optim import SparseRowOptimizer
+from streamrecall.model.safeio import SafeIOError, atomic_write, dumps, loads, read_layout
+from streamrecall.model.towers import TwoTower
+from streamrecall.model.trending import TrendingCounter
+from streamrecall.model.update import ModelUpdate, SparseRows, encode_update
+
+CHECKPOINT_FORMAT = "streamrecall.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class OnlineTrainer:
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        self.config = config = config or ModelConfig()
+        self.model = TwoTower(config)
+        self.featurizer = Featurizer(config)
+        self.estimator = FrequencyEstimator(config.estimator_buckets, hashes=config.estimator_hashes,
+                                            alpha=config.estimator_alpha, p_min=config.p_min)
+        self.trending = TrendingCounter(config.trending_size, config.trending_half_life)
+        self._sparse_opt = SparseRowOptimizer(self.model.tables(), lr=config.lr_sparse, kind=config.sparse_optimizer)
+        dense = list(self.model.dense().values())
+        self._dense_opt: torch.optim.Optimizer = (
+            torch.optim.Adam(dense, lr=config.lr_dense) if config.dense_optimizer == "adam"
+            else torch.optim.Adagrad(dense, lr=config.lr_dense))
+        self._touched = {k: torch.zeros(t.shape[0], dtype=torch.bool) for k, t in self.model.tables().items()}
+        self._ever = {k: torch.zeros(t.shape[0], dtype=torch.bool) for k, t in self.model.tables().items()}
+        self._rng = random.Random(config.seed)                  # negatives
+        self._gen = torch.Generator().manual_seed(config.seed)  # down-sampling
+        self.version = 0
+        self.steps = 0
+        self._needs_full = True
+
+    # ---- training ----------------------------------------------------------------------
+    def make_batch(self, clicks: Sequence[ClickLike], items: Mapping[str, ItemLike],
+                   histories: Sequence[Sequence[str]]) -> TrainBatch:
+        """A batch from clicks, the item table, and each click's history before it.
+
+        With ``mixed_negatives`` > 0, that many items are drawn uniformly from ``items``
+        (O(1) each when it is an :class:`~streamrecall.model.catalog.ItemCatalog`).
+        """
+        negatives: list[ItemLike] = []
+        m = self.config.mixed_negatives
+        if m and len(items):
+            sample = getattr(items, "sample", None)
+            if sample is not None:
+                negatives = sample(m, self._rng)
+            else:
+                pool = list(items.values())
+                negatives = [pool[self._rng.randrange(len(pool))] for _ in range(m)]
+        return TrainBatch.build(self.featurizer, clicks, items, histories, negatives)
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimisation step on ``batch``. Returns loss, examples (trained), skipped (weight 0 or
+        down-sampled), downsampled, unknown_items, steps and version."""
+        cfg = self.config
+        n = len(batch)
+        keys = batch.items.keys
+        self.estimator.update(keys)
+        p = self.estimator.probability(keys)
+        self.trending.add(i for i, k in zip(batch.item_ids, batch.known.tolist()) if k)
+        keep = batch.weights > 0
+        downsampled = 0
+        if cfg.downsample_top is not None:
+            keep_p = torch.sqrt(cfg.downsample_top / p).clamp(max=1.0)
+            drop = torch.rand(n, generator=self._gen) >= keep_p
+            downsampled = int((drop & keep).sum())
+            keep &= ~drop
+        idx = keep.nonzero().flatten()
+        metrics = {"examples": float(idx.numel()), "skipped": float(n - idx.numel()),
+                   "downsampled": float(downsampled), "unknown_items": float(batch.unknown_items)}
+        if idx.numel() == 0:
+            return metrics | {"loss": 0.0, "steps": float(self.steps), "version": float(self.version)}
+        if idx.numel() == n:
+            users, items, weights, p_kept = batch.users, batch.items, batch.weights, p
+        else:
+            users, items, weights, p_kept = batch.users.select(idx), batch.items.select(idx), batch.weights[idx], p[idx]
+        loss = self._optimise(users, items, weights, p_kept, batch)
+        self.steps += 1
+        return metrics | {"loss": loss, "steps": float(self.steps), "version": float(self.version)}
+
+    def _optimise(self, users: UserFeatures, items: ItemFeatures, weights: torch.Tensor, p: torch.Tensor,
+                  batch: TrainBatch) -> float:
+        cfg = self.config
+        u = self.model.user(users)
+        v = self.model.item(items)
+        neg = batch.negatives
+        neg_v = self.model.item(neg) if neg is not None else None
+        log_q = neg_log_q = None
+        if cfg.logq:
+            # Units: expected occurrences among the candidates (see loss.py); the batch
+            # factor only matters when uniform negatives are mixed in.
+            log_q = torch.log(p * len(items))
+            if neg is not None:
+                neg_log_q = torch.full((len(neg),), math.log(len(neg) / max(batch.catalog_size, 1)))
+        loss = sampled_softmax_loss(u, v, temperature=cfg.temperature, item_keys=items.keys, log_q=log_q,
+                                    weights=weights, neg_item=neg_v,
+                                    neg_keys=neg.keys if neg is not None else None, neg_log_q=neg_log_q)
+        self._sparse_opt.zero_grad()
+        self._dense_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self._sparse_opt.step(len(items))
+        self._dense_opt.step()
+        self._mark("item_id", items.id_rows, users.history_rows, *( [neg.id_rows] if neg is not None else []))
+        self._mark("user_id", users.id_rows)
+        self._mark("token", items.token_rows, *([neg.token_rows] if neg is not None else []))
+        return float(loss.detach())
+
+    def _mark(self, table: str, *rows: torch.Tensor) -> None:
+        for r in rows:
+            self._touched[table][r] = True
+            self._ever[table][r] = True
+
+    # ---- model updates -----------------------------------------------------------------
+    def advance_version(self, at_least: int) -> None:
+        """Make the next export's version exceed ``at_least`` (e.g. the last version found on
+        the topic after a restart); the next export is then a full update."""
+        if at_least > self.version:
+            self.version = at_least
+            self._needs_full = True
+
+    def export_update(self, full: bool = False, *, dense: bool = False, now_ms: int | None = None) -> bytes:
+        """The next model update as bytes (see :mod:`streamrecall.model.update`).
+
+        A delta carries the sparse rows touched since the previous export, and the dense
+        layers only when ``dense`` is true (a dense change makes consumers re-encode
+        everything, so the trainer role sends it rarely). The first export after
+        construction or restore is full whatever ``full`` says.
+        """
+        full = full or self._needs_full
+        masks = self._ever if full else self._touched
+        sparse = {}
+        with torch.no_grad():
+            for name, table in self.model.tables().items():
+                rows = masks[name].nonzero().flatten()
+                if rows.numel():
+                    sparse[name] = SparseRows(rows, table[rows].clone())
+            dense_t = {k: v.detach().clone() for k, v in self.model.dense().items()} if (full or dense) else {}
+        update = ModelUpdate(version=self.version + 1, base_version=self.version,
+                             kind="full" if full else "delta", dense_changed=bool(dense_t),
+                             model=self.config.structural(), dense=dense_t, sparse=sparse,
+                             trending=self.trending.top(), steps=self.steps,
+                             created_at_ms=int(time.time() * 1000) if now_ms is None else now_ms)
+        data = encode_update(update)
+        self.version += 1
+        self._needs_full = False
+        for mask in self._touched.values():
+            mask.zero_()
+        return data
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def checkpoint(self, path: Path, extra: dict[str, Any] | None = None) -> None:
+        """Write model, estimator, optimiser state, trending and ``extra`` (JSON metadata,
+        e.g. the next Kafka offsets to read and the serialised histories) as one file,
+        atomically. Only table rows that ever changed are stored (the rest is the seeded init)."""
+        tensors: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, table in self.model.tables().items():
+                rows = self._ever[name].nonzero().flatten()
+                tensors[f"rows/{name}"] = rows
+                tensors[f"values/{name}"] = table[rows].clone()
+            tensors |= {f"dense/{k}": v.detach() for k, v in self.model.dense().items()}
+        tensors |= {f"estimator/{k}": v for k, v in self.estimator.state().items()}
+        tensors |= {f"sparse_optim/{k}": v for k, v in self._sparse_opt.state().items()}
+        optim_json: dict[str, dict[str, Any]] = {}
+        for idx, st in self._dense_opt.state_dict()["state"].items():
+            for key, val in st.items():
+                if isinstance(val, torch.Tensor):
+                    tensors[f"optim/{idx}/{key}"] = val
+                else:
+                    optim_json.setdefault(str(idx), {})[key] = val
+        tensors["rng/downsample"] = self._gen.get_state()
+        header = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                  "config": self.config.to_dict(), "version": self.version, "steps": self.steps,
+                  "trending": self.trending.to_json(), "optim": optim_json,
+                  "rng_negatives": _rng_state_json(self._rng), "extra": extra or {}}
+        try:
+            json.dumps(header)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"extra must be JSON-serialisable: {exc}") from None
+        atomic_write(Path(path), dumps(tensors, header))
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load a checkpoint written by :meth:`checkpoint`; returns its ``extra``.
+
+        Refuses a checkpoint whose structural settings (shapes, seed, estimator size)
+        differ from this trainer's. Learning rates and other knobs come from this
+        trainer's config. The next export is a full update.
+        """
+        try:
+            data = Path(path).read_bytes()
+            _, header = read_layout(data)
+            tensors = loads(data)
+        except (OSError, SafeIOError) as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+        if header.get("format") != CHECKPOINT_FORMAT or header.get("format_version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path} is not a streamrecall checkpoint (format {header.get('format')!r})")
+        if not isinstance(header.get("config"), dict):
+            raise CheckpointError(f"checkpoint {path} has no config")
+        saved = ModelConfig.from_dict(header["config"])
+        for name in (*self.config.structural(), "estimator_buckets", "estimator_hashes"):
+            if getattr(saved, name) != getattr(self.config, name):
+                raise CheckpointError(f"checkpoint has {name}={getattr(saved, name)!r}, "
+                                      f"this trainer {getattr(self.config, name)!r}")
+        try:
+            self._load(tensors, header)
+        except (KeyError, ValueError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"checkpoint {path} is inconsistent: {exc}") from None
+        return header.get("extra", {})
+
+    def _load(self, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.model.reset()
+            for name, table in self.model.tables().items():
+                rows, values = tensors[f"rows/{name}"], tensors[f"values/{name}"]
+                table[rows] = values
+                self._ever[name].zero_()
+                self._ever[name][rows] = True
+                self._touched[name].zero_()
+            for k, v in self.model.dense().items():
+                v.copy_(tensors[f"dense/{k}"])
+        self.estimator.load_state({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("estimator/")})
+        self._sparse_opt.load_state({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("sparse_optim/")})
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, idx, key = k.split("/", 2)
+                state.setdefault(int(idx), {})[key] = v
+        for idx, st in header.get("optim", {}).items():
+            state.setdefault(int(idx), {}).update(st)
+        self._dense_opt.load_state_dict({"state": state, "param_groups": self._dense_opt.state_dict()["param_groups"]})
+        self._gen.set_state(tensors["rng/downsample"])
+        self._rng.setstate(_rng_state_from_json(header["rng_negatives"]))
+        self.trending = TrendingCounter.from_json(header["trending"])
+        self.version = int(header["version"])
+        self.steps = int(header["steps"])
+        self._needs_full = True
+
+
+def _rng_state_json(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_state_from_json(data: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)

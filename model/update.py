@@ -1,0 +1,214 @@
+"""The model-update payload: what travels on the ``model-updates`` topic.
+
+A safetensors document (no pickle) whose metadata key ``streamrecall`` holds a JSON
+header::
+
+    {"format": "streamrecall.model-update", "format_version": 1,
+     "version": 7, "base_version": 6, "kind": "delta", "dense_changed": false,
+     "model": {"dim": 64, "hidden": 128, "id_buckets": ..., "token_buckets": ..., "max_tokens": 64, "seed": 0},
+     "steps": 12345, "created_at_ms": 1700000000000,
+     "trending": [["item-42", 0.0123], ...]}
+
+Tensors: ``dense/<name>`` (float32, every dense parameter) when ``dense_changed``;
+``rows/<table>`` (int64, n) and ``values/<table>`` (float32, n × dim) for each sparse
+table (``item_id``, ``user_id``, ``token``) with changed rows.
+
+Kinds. A **full** update carries the dense layers and every row that differs from the
+seeded initial weights (a replica resets to those, then applies). A **delta** carries
+the rows changed since the previous update, ``base_version``, and the dense layers only
+if they changed. A fresh consumer starts from the last full update, then applies the
+deltas whose ``base_version`` chains to it, in order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from streamrecall.model.errors import ModelUpdateError
+from streamrecall.model.safeio import SafeIOError, dumps, loads, read_layout
+from streamrecall.model.towers import TABLES
+
+FORMAT = "streamrecall.model-update"
+FORMAT_VERSION = 1
+#: Payloads larger than this are refused before parsing.
+DEFAULT_MAX_UPDATE_BYTES = 512 * 1024 * 1024
+MAX_TRENDING = 10_000
+_STRUCTURAL_KEYS = ("dim", "hidden", "id_buckets", "token_buckets", "max_tokens", "seed")
+_DTYPES = {"F32": torch.float32, "I64": torch.int64}
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """Changed rows of one table: rows (n,) int64 unique, values (n, dim) float32."""
+
+    rows: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    version: int
+    base_version: int
+    kind: Literal["full", "delta"]
+    dense_changed: bool
+    model: dict[str, int]
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    sparse: dict[str, SparseRows] = field(default_factory=dict)
+    trending: list[tuple[str, float]] = field(default_factory=list)
+    steps: int = 0
+    created_at_ms: int = 0
+
+    def changed_rows(self, table: str) -> torch.Tensor:
+        """(n,) int64 rows of ``table`` carried by this update (empty if none)."""
+        part = self.sparse.get(table)
+        return part.rows if part is not None else torch.zeros(0, dtype=torch.int64)
+
+
+def dense_shapes(model: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """The expected dense parameter shapes for structural settings ``model``."""
+    d, h = model["dim"], model["hidden"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for tower in ("item", "user"):
+        shapes |= {f"{tower}.mlp.0.weight": (h, 2 * d), f"{tower}.mlp.0.bias": (h,),
+                   f"{tower}.mlp.2.weight": (d, h), f"{tower}.mlp.2.bias": (d,)}
+    return shapes
+
+
+def table_rows(model: dict[str, int], table: str) -> int:
+    return model["token_buckets"] if table == "token" else model["id_buckets"]
+
+
+def encode_update(update: ModelUpdate) -> bytes:
+    """Serialise ``update`` (validated the same way decoding validates it)."""
+    tensors: dict[str, torch.Tensor] = {f"dense/{k}": v.float() for k, v in update.dense.items()}
+    for table, part in update.sparse.items():
+        if part.rows.numel():
+            tensors[f"rows/{table}"] = part.rows.long()
+            tensors[f"values/{table}"] = part.values.float()
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": update.version,
+              "base_version": update.base_version, "kind": update.kind, "dense_changed": update.dense_changed,
+              "model": dict(update.model), "steps": update.steps, "created_at_ms": update.created_at_ms,
+              "trending": [[k, float(v)] for k, v in update.trending]}
+    data = dumps(tensors, header)
+    decode_update(data)  # refuse to publish what a consumer would refuse
+    return data
+
+
+def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_UPDATE_BYTES) -> ModelUpdate:
+    """Parse and validate a payload; raises :class:`ModelUpdateError` saying why not."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ModelUpdateError(f"payload must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise ModelUpdateError(f"payload is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        layout, header = read_layout(data)
+    except SafeIOError as exc:
+        raise ModelUpdateError(str(exc)) from None
+    h = _check_header(header)
+    model = h["model"]
+    for name, entry in layout.items():
+        if entry.get("dtype") not in _DTYPES:
+            raise ModelUpdateError(f"tensor {name!r} has dtype {entry.get('dtype')!r}; only F32 and I64 travel")
+    try:
+        tensors = loads(data)
+    except SafeIOError as exc:
+        raise ModelUpdateError(str(exc)) from None
+    dense = _check_dense(tensors, model, h["dense_changed"])
+    sparse = _check_sparse(tensors, model)
+    leftover = sorted(set(tensors) - {f"dense/{k}" for k in dense}
+                      - {f"{p}/{t}" for t in sparse for p in ("rows", "values")})
+    if leftover:
+        raise ModelUpdateError(f"unexpected tensor {leftover[0]!r}")
+    return ModelUpdate(version=h["version"], base_version=h["base_version"], kind=h["kind"],
+                       dense_changed=h["dense_changed"], model=model, dense=dense, sparse=sparse,
+                       trending=h["trending"], steps=h["steps"], created_at_ms=h["created_at_ms"])
+
+
+def _int(header: dict[str, Any], name: str, minimum: int) -> int:
+    v = header.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ModelUpdateError(f"header field {name!r} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def _check_header(header: dict[str, Any]) -> dict[str, Any]:
+    if header.get("format") != FORMAT:
+        raise ModelUpdateError(f"header field 'format' must be {FORMAT!r}, got {header.get('format')!r}")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise ModelUpdateError(f"unsupported format_version {header.get('format_version')!r}")
+    version = _int(header, "version", 1)
+    base = _int(header, "base_version", 0)
+    if base >= version:
+        raise ModelUpdateError(f"base_version {base} must be below version {version}")
+    kind = header.get("kind")
+    if kind not in ("full", "delta"):
+        raise ModelUpdateError(f"header field 'kind' must be 'full' or 'delta', got {kind!r}")
+    dense_changed = header.get("dense_changed")
+    if not isinstance(dense_changed, bool):
+        raise ModelUpdateError(f"header field 'dense_changed' must be a bool, got {dense_changed!r}")
+    if kind == "full" and not dense_changed:
+        raise ModelUpdateError("a full update must carry the dense layers (dense_changed true)")
+    model = header.get("model")
+    if not isinstance(model, dict):
+        raise ModelUpdateError("header field 'model' must be an object")
+    checked = {k: _int(model, k, 0 if k == "seed" else 1) for k in _STRUCTURAL_KEYS}
+    trending = header.get("trending", [])
+    if not isinstance(trending, list) or len(trending) > MAX_TRENDING:
+        raise ModelUpdateError(f"header field 'trending' must be a list of at most {MAX_TRENDING} pairs")
+    pairs: list[tuple[str, float]] = []
+    for pair in trending:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)
+                and math.isfinite(pair[1])):
+            raise ModelUpdateError(f"trending entry {pair!r} must be [item_id, finite score]")
+        pairs.append((pair[0], float(pair[1])))
+    return {"version": version, "base_version": base, "kind": kind, "dense_changed": dense_changed,
+            "model": checked, "trending": pairs, "steps": _int(header, "steps", 0),
+            "created_at_ms": _int(header, "created_at_ms", 0)}
+
+
+def _check_dense(tensors: dict[str, torch.Tensor], model: dict[str, int], dense_changed: bool) -> dict[str, torch.Tensor]:
+    present = {k[len("dense/"):]: v for k, v in tensors.items() if k.startswith("dense/")}
+    if not dense_changed:
+        if present:
+            raise ModelUpdateError("dense tensors present but dense_changed is false")
+        return {}
+    shapes = dense_shapes(model)
+    if set(present) != set(shapes):
+        missing = sorted(set(shapes) - set(present)) or sorted(set(present) - set(shapes))
+        raise ModelUpdateError(f"dense layers must be exactly {sorted(shapes)}; mismatch at {missing[0]!r}")
+    for name, t in present.items():
+        if t.dtype != torch.float32 or tuple(t.shape) != shapes[name]:
+            raise ModelUpdateError(f"dense/{name} must be float32 {shapes[name]}, got {t.dtype} {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise ModelUpdateError(f"dense/{name} has non-finite values")
+    return present
+
+
+def _check_sparse(tensors: dict[str, torch.Tensor], model: dict[str, int]) -> dict[str, SparseRows]:
+    out: dict[str, SparseRows] = {}
+    for table in TABLES:
+        rows, values = tensors.get(f"rows/{table}"), tensors.get(f"values/{table}")
+        if rows is None and values is None:
+            continue
+        if rows is None or values is None:
+            raise ModelUpdateError(f"table {table!r} needs both rows/ and values/")
+        if rows.dtype != torch.int64 or rows.dim() != 1:
+            raise ModelUpdateError(f"rows/{table} must be a 1-D int64 tensor")
+        if values.dtype != torch.float32 or tuple(values.shape) != (rows.shape[0], model["dim"]):
+            raise ModelUpdateError(f"values/{table} must be float32 ({rows.shape[0]}, {model['dim']}), "
+                                   f"got {values.dtype} {tuple(values.shape)}")
+        limit = table_rows(model, table)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= limit):
+            raise ModelUpdateError(f"rows/{table} has an index outside [0, {limit})")
+        if torch.unique(rows).numel() != rows.numel():
+            raise ModelUpdateError(f"rows/{table} has duplicate indices")
+        if not torch.isfinite(values).all():
+            raise ModelUpdateError(f"values/{table} has non-finite values")
+        out[table] = SparseRows(rows, values)
+    return out

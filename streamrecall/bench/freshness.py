@@ -1,0 +1,296 @@
+"""`streamrecall bench freshness`: event → effect delays, measured from outside the processes.
+
+Phases (``--phases``, default all):
+
+- ``items``: items produced at ``--item-rate``/s for ``--seconds`` while ``--query-rate``
+  POST /recall queries/s (k=100) run against the indexer; freshness is produce time →
+  the first ``GET /items/{id}`` that answers 200, polled for a sample of the items.
+- ``indexing``: a backlog of items produced at once; the indexer's items/s until all are
+  searchable, as a ratio to raw ``hnswlib.Index.add_items`` of the same items' vectors
+  (encoded by the same item tower) measured in this run.
+- ``clicks``: clicks produced at ``--click-rate``/s for ``--seconds`` through trainer and
+  publisher; freshness is the click's event time → its user's vector read back from the
+  ``user-vectors`` topic by a plain consumer.
+- ``trainer``: a backlog of clicks; the trainer's clicks/s from Kafka until its lag is zero,
+  as a ratio to raw kafka-python consumption of the same topic in this run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+import numpy as np
+from kafka import TopicPartition
+
+from streamrecall.bench import Result, json_option, report, result
+from streamrecall.consumers.clients import make_consumer
+from streamrecall.harness import LocalSystem
+from streamrecall.status import group_lags, high_watermarks
+
+MODEL = {"id_buckets": 1 << 17, "estimator_buckets": 1 << 17}
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    arr = np.asarray(values)
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def _item(i: int, now_ms: int, rng: random.Random) -> dict[str, Any]:
+    cat = f"cat{rng.randrange(40)}"
+    return {"item_id": f"fresh-{i}", "created_at": now_ms, "title": f"{cat} word{rng.randrange(500)}",
+            "categories": [cat], "tags": [f"tag{rng.randrange(400)}" for _ in range(3)],
+            "features": {"price": round(rng.random() * 100, 2)}}
+
+
+def _status(url: str, body: bytes | None = None, timeout_s: float = 2.0) -> int:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+class _Paced:
+    """Calls ``fn(i)`` ``rate`` times a second for ``seconds`` (on the caller's thread)."""
+
+    def __init__(self, rate: float, seconds: float) -> None:
+        self.rate, self.seconds = rate, seconds
+
+    def run(self, fn: Any, stop: threading.Event | None = None) -> int:
+        started = time.monotonic()
+        i = 0
+        while time.monotonic() - started < self.seconds and not (stop and stop.is_set()):
+            fn(i)
+            i += 1
+            ahead = i / self.rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        return i
+
+
+def items_phase(system: LocalSystem, item_rate: float, query_rate: float, seconds: float,
+                sample_every: int) -> list[Result]:
+    api = system.api()
+    produced_at: dict[str, float] = {}
+    latencies: list[float] = []
+    query_latencies: list[float] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+    rng = random.Random(1)
+    topic = system.settings.topics.items  # type: ignore[union-attr]
+
+    def produce(i: int) -> None:
+        value = _item(i, int(time.time() * 1000), rng)
+        system.produce_raw(topic, value["item_id"].encode(), msgspec.json.encode(value))
+        if i % sample_every == 0:
+            with lock:
+                produced_at[value["item_id"]] = time.monotonic()
+
+    def poll() -> None:
+        while not stop.is_set() or produced_at:
+            with lock:
+                pending = list(produced_at.items())
+            if not pending:
+                time.sleep(0.005)
+                continue
+            for item_id, t0 in pending:
+                if _status(f"{api}/items/{item_id}") == 200:
+                    latencies.append(time.monotonic() - t0)
+                    with lock:
+                        produced_at.pop(item_id, None)
+                elif time.monotonic() - t0 > 60:
+                    with lock:
+                        produced_at.pop(item_id, None)  # counted as missing below
+            time.sleep(0.002)
+
+    def query(i: int) -> None:
+        vec = np.random.default_rng(i).standard_normal(system_dim(system)).astype(float)
+        body = json.dumps({"vector": (vec / np.linalg.norm(vec)).tolist(), "k": 100}).encode()
+        t0 = time.perf_counter()
+        if _status(f"{api}/recall", body) == 200:
+            query_latencies.append(time.perf_counter() - t0)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    querier = threading.Thread(target=lambda: _Paced(query_rate, seconds).run(query, stop), daemon=True)
+    querier.start()
+    n = _Paced(item_rate, seconds).run(produce)  # the producer's linger (5 ms) sends as we go
+    system.flush()
+    stop.set()
+    poller.join(timeout=90)
+    querier.join(timeout=10)
+    sampled = (n + sample_every - 1) // sample_every
+    p50, p99 = percentiles(latencies)
+    q50, q99 = percentiles(query_latencies)
+    return [
+        result("item produced → GET /items 200, p50", "s", p50, extra=f"{len(latencies)}/{sampled} sampled items"),
+        result("item produced → GET /items 200, p99", "s", p99, extra=f"{n} items at {item_rate:g}/s"),
+        result("items never searchable within 60 s", "items", sampled - len(latencies)),
+        result("query k=100 under ingest, p50", "s", q50, extra=f"{len(query_latencies)} queries at {query_rate:g}/s"),
+        result("query k=100 under ingest, p99", "s", q99),
+    ]
+
+
+def system_dim(system: LocalSystem) -> int:
+    return int(MODEL.get("dim", 64))
+
+
+def indexing_phase(system: LocalSystem, n: int) -> list[Result]:
+    import hnswlib
+
+    from streamrecall.events import Item
+    from streamrecall.model.config import ModelConfig
+    from streamrecall.model.replica import TowerReplica
+
+    rng = random.Random(2)
+    now = int(time.time() * 1000)
+    values = [_item(10_000_000 + i, now, rng) for i in range(n)]
+    before = int(system.get("/healthz")[1].get("items", 0))
+    started = time.monotonic()
+    topic = system.settings.topics.items  # type: ignore[union-attr]
+    for v in values:
+        system.produce_raw(topic, v["item_id"].encode(), msgspec.json.encode(v))
+    system.flush()
+    while time.monotonic() - started < 600:
+        if int(system.get("/healthz")[1].get("items", 0)) >= before + n:
+            break
+        time.sleep(0.05)
+    ours = n / (time.monotonic() - started)
+    # Raw: the same items' vectors, from the same (untrained) item tower, into a bare hnswlib index.
+    replica = TowerReplica(ModelConfig(**MODEL))
+    items = [msgspec.convert(v, Item) for v in values]
+    vectors = replica.encode_items(items)
+    index = hnswlib.Index(space="ip", dim=vectors.shape[1])
+    index.init_index(max_elements=n, M=16, ef_construction=200)
+    t0 = time.perf_counter()
+    index.add_items(vectors, np.arange(n))
+    raw = n / (time.perf_counter() - t0)
+    return [
+        result("indexer items/s from Kafka (encode + upsert)", "items/s", ours, ratio_to_raw=ours / raw,
+               extra=f"backlog of {n} items; raw = hnswlib add_items of the same vectors"),
+        result("raw hnswlib add_items", "items/s", raw, ratio_to_raw=1.0),
+    ]
+
+
+def clicks_phase(system: LocalSystem, click_rate: float, seconds: float, n_users: int, n_items: int) -> list[Result]:
+    settings = system.settings
+    assert settings is not None
+    latencies: list[float] = []
+    stop = threading.Event()
+    reader_ready = threading.Event()
+
+    def read() -> None:
+        c = make_consumer(settings, None)
+        tps = [TopicPartition(settings.topics.user_vectors, p)
+               for p in c.partitions_for_topic(settings.topics.user_vectors)]
+        c.assign(tps)
+        c.seek_to_end(*tps)
+        reader_ready.set()
+        while not stop.is_set():
+            for msgs in c.poll(timeout_ms=50).values():
+                now_ms = time.time() * 1000
+                for m in msgs:
+                    v = msgspec.json.decode(m.value)
+                    latencies.append((now_ms - v["event_ts"]) / 1000.0)
+        c.close()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader_ready.wait(30)
+    rng = random.Random(3)
+    topic = settings.topics.clicks
+
+    def produce(i: int) -> None:
+        user = f"bench-user-{rng.randrange(n_users)}"
+        value = {"user_id": user, "item_id": f"fresh-{rng.randrange(n_items)}", "ts": int(time.time() * 1000)}
+        system.produce_raw(topic, user.encode(), msgspec.json.encode(value))
+
+    n = _Paced(click_rate, seconds).run(produce)
+    system.flush()
+    time.sleep(3)  # let the last micro-batches come back
+    stop.set()
+    reader.join(timeout=10)
+    p50, p99 = percentiles(latencies)
+    return [
+        result("click produced → user vector on topic, p50", "s", p50, extra=f"{len(latencies)} vectors read"),
+        result("click produced → user vector on topic, p99", "s", p99, extra=f"{n} clicks at {click_rate:g}/s"),
+    ]
+
+
+def trainer_phase(system: LocalSystem, n: int) -> list[Result]:
+    from streamrecall.bench.ingest import _raw_consume
+
+    settings = system.settings
+    assert settings is not None
+    rng = random.Random(4)
+    topic = settings.topics.clicks
+    started = time.monotonic()
+    for i in range(n):
+        user = f"backlog-user-{rng.randrange(5000)}"
+        value = {"user_id": user, "item_id": f"fresh-{rng.randrange(2000)}", "ts": int(time.time() * 1000)}
+        system.produce_raw(topic, user.encode(), msgspec.json.encode(value))
+    system.flush()
+    trainer_group = settings.group_id("trainer")
+
+    while time.monotonic() - started < 600:
+        lag = sum(r.lag for r in group_lags(settings) if r.group == trainer_group and r.topic == topic)
+        if lag == 0:
+            break
+        time.sleep(0.2)
+    ours = n / (time.monotonic() - started)
+    in_topic = sum(high_watermarks(settings, [topic]).values())
+    raw = _raw_consume(settings, in_topic, parse=False) if in_topic else float("nan")
+    return [result("trainer clicks/s from Kafka (end to end)", "clicks/s", ours, ratio_to_raw=ours / raw,
+                   extra=f"backlog of {n} clicks; raw = kafka-python consume of the same topic")]
+
+
+@click.command("freshness")
+@click.option("--phases", default="items,indexing,clicks,trainer", show_default=True)
+@click.option("--seconds", default=60.0, show_default=True, help="Length of each paced phase.")
+@click.option("--item-rate", default=1000.0, show_default=True, help="Items per second (items phase).")
+@click.option("--query-rate", default=200.0, show_default=True, help="Queries per second (items phase).")
+@click.option("--click-rate", default=5000.0, show_default=True, help="Clicks per second (clicks phase).")
+@click.option("--backlog", default=50_000, show_default=True, help="Backlog size (indexing, trainer phases).")
+@click.option("--sample-every", default=10, show_default=True, help="Poll every Nth item for freshness.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@json_option
+def command(phases: str, seconds: float, item_rate: float, query_rate: float, click_rate: float, backlog: int,
+            sample_every: int, work_dir: Path | None, as_json: bool) -> None:
+    """Freshness (item → searchable, click → user vector) and role throughput against the raw libraries."""
+    wanted = [p for p in phases.split(",") if p]
+    unknown = set(wanted) - {"items", "indexing", "clicks", "trainer"}
+    if unknown:
+        raise click.UsageError(f"--phases: unknown {sorted(unknown)}")
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="streamrecall-bench-") as tmp:
+        root = work_dir or Path(tmp)
+        if {"items", "indexing"} & set(wanted):
+            with LocalSystem(root / "items", roles=["indexer"], model=MODEL, name="fresh-items") as system:
+                system.wait_healthy(120)
+                if "items" in wanted:
+                    results += items_phase(system, item_rate, query_rate, seconds, sample_every)
+                if "indexing" in wanted:
+                    results += indexing_phase(system, backlog)
+        if {"clicks", "trainer"} & set(wanted):
+            with LocalSystem(root / "clicks", roles=["trainer", "publisher"], model=MODEL,
+                             name="fresh-clicks") as system:
+                system.wait_caught_up(120)
+                if "clicks" in wanted:
+                    results += clicks_phase(system, click_rate, seconds, n_users=20_000, n_items=2_000)
+                if "trainer" in wanted:
+                    results += trainer_phase(system, backlog)
+    report(results, as_json)

@@ -1,0 +1,147 @@
+"""The indexer's pieces without a broker: state writes, re-encoding, snapshots, the category cap."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamrecall.consumers import indexer_snapshot
+from streamrecall.consumers.http_api import cap_per_category
+from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState
+from streamrecall.consumers.reencoder import Job, Reencoder
+from streamrecall.errors import ConfigError
+from streamrecall.events import Click, Item
+from streamrecall.index import QualityMonitor
+from streamrecall.metrics import IndexerMetrics
+from streamrecall.model import ModelConfig, OnlineTrainer, decode_update
+
+MODEL = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
+
+
+def make_items(n: int, start: int = 0) -> list[Item]:
+    return [Item(item_id=f"i{i}", created_at=1_700_000_000_000 + i, title=f"title {i % 5}",
+                 categories=(f"c{i % 4}",), tags=(f"t{i % 3}",)) for i in range(start, start + n)]
+
+
+def make_state(**config) -> IndexerState:
+    return IndexerState(IndexerConfig(**config), MODEL, IndexerMetrics(CollectorRegistry()))
+
+
+def trained(items: list[Item], steps: int = 3) -> OnlineTrainer:
+    trainer = OnlineTrainer(MODEL)
+    catalog = {it.item_id: it for it in items}
+    for s in range(steps):
+        clicks = [Click(user_id=f"u{j}", item_id=items[(j * 7 + s) % len(items)].item_id, ts=j) for j in range(32)]
+        trainer.step(trainer.make_batch(clicks, catalog, [[] for _ in clicks]))
+    return trainer
+
+
+def run_jobs(state: IndexerState, *jobs: Job) -> Reencoder:
+    worker = Reencoder(state, QualityMonitor(state.index))
+    for job in jobs:
+        worker.submit(job)
+    worker.run_queued()
+    return worker
+
+
+def test_upsert_delete_and_catalog_stay_in_step():
+    state = make_state(encode_batch=7)
+    state.upsert_items(make_items(20))
+    assert len(state.index) == len(state.catalog) == 20
+    meta = state.index.meta("i3")
+    assert (meta.model_version, meta.event_ts_ms, meta.categories) == (0, 1_700_000_000_003, ("c3",))
+    before = state.index.get("i3").vector.copy()
+    state.upsert_items([Item(item_id="i3", created_at=5, title="something else", categories=("zz",))])
+    assert state.index.meta("i3").categories == ("zz",)
+    assert not (state.index.get("i3").vector == before).all()
+    assert state.delete_items(["i4", "nope"]) == 1
+    assert "i4" not in state.index and "i4" not in state.catalog
+    assert [it.item_id for it in state.recent_items(2)] == ["i19", "i18"]
+
+
+def test_full_update_rebuilds_every_item_at_the_new_version():
+    items = make_items(40)
+    state = make_state(reencode_batch=16)
+    state.upsert_items(items)
+    update = decode_update(trained(items).export_update(full=True))
+    applied = state.replica.apply(update)
+    assert applied.reencode_all
+    state.start_epoch(applied.version)
+    worker = run_jobs(state, Job(applied.version))
+    assert state.index.version_counts() == {applied.version: 40}
+    assert state.served_epoch == applied.version and worker.settled_version == applied.version
+    expected = state.replica.encode_items([items[5]])[0]
+    assert abs(state.index.get("i5").vector - expected).max() < 1e-5
+    assert state.compatible(applied.version) and not state.compatible(0)
+
+
+def test_delta_reencodes_only_touched_items():
+    # two disjoint groups of content tokens: a click in group a touches group a's rows only
+    items = [Item(item_id=f"i{i}", created_at=i, categories=("a" if i < 20 else "b",)) for i in range(40)]
+    trainer = trained(items)
+    state = make_state(reencode_batch=8)
+    full = decode_update(trainer.export_update(full=True))
+    state.replica.apply(full)
+    state.start_epoch(full.version)
+    state.upsert_items(items)
+    catalog = {it.item_id: it for it in items}
+    clicks = [Click(user_id="u1", item_id="i1", ts=1), Click(user_id="u2", item_id="i2", ts=2)]
+    trainer.step(trainer.make_batch(clicks, catalog, [[], []]))
+    delta = decode_update(trainer.export_update())
+    assert delta.kind == "delta"
+    touched = set(state.replica.items_touched(delta, items))  # before apply: the rule does not depend on it
+    applied = state.replica.apply(delta)
+    assert applied.status == "applied" and not applied.reencode_all
+    worker = run_jobs(state, Job(applied.version, delta))
+    at_new = {i for i in catalog if state.index.meta(i).model_version == delta.version}
+    assert at_new == touched and {"i1", "i2"} <= touched
+    assert not touched & {f"i{i}" for i in range(20, 40)}
+    assert worker.settled_version == delta.version
+
+
+def test_newer_epoch_supersedes_queued_work():
+    items = make_items(10)
+    trainer = trained(items)
+    state = make_state()
+    state.upsert_items(items)
+    first = decode_update(trainer.export_update(full=True))
+    second = decode_update(trainer.export_update(full=True))
+    for u in (first, second):
+        state.start_epoch(state.replica.apply(u).version)
+    run_jobs(state, Job(first.version), Job(second.version))
+    assert state.index.version_counts() == {second.version: 10}
+
+
+def test_snapshot_roundtrip_keeps_items_content_and_resume(tmp_path):
+    state = make_state()
+    items = make_items(12)
+    state.upsert_items(items)
+    resume = indexer_snapshot.Resume(items={"0": 7, "1": 5}, model_updates={"0": 3}, replica_version=2,
+                                     settled_version=1, last_full_partition=0, last_full_offset=1)
+    indexer_snapshot.write(tmp_path, state.index, list(state.catalog.values()), resume)
+    state.upsert_items(make_items(3, start=100))  # a second snapshot replaces the first, catalog files too
+    indexer_snapshot.write(tmp_path, state.index, list(state.catalog.values()), resume)
+    assert len(list(tmp_path.glob("catalog-*.msgpack"))) == 1
+    loaded = indexer_snapshot.load(tmp_path)
+    assert set(loaded.catalog) == set(state.catalog) == set(loaded.index.ids())
+    assert loaded.catalog["i4"] == items[4]
+    assert loaded.resume.items == {"0": 7, "1": 5} and loaded.resume.last_full_offset == 1
+    assert indexer_snapshot.read_resume(tmp_path)["settled_version"] == 1
+    assert indexer_snapshot.load(tmp_path / "none") is None
+
+
+def test_cap_per_category_keeps_rank_order():
+    rows = [("a", ("x",)), ("b", ("x",)), ("c", ("y",)), ("d", ()), ("e", ("x", "z")), ("f", ("z",))]
+    kept = cap_per_category(rows, 10, 1, lambda r: r[1])
+    assert [r[0] for r in kept] == ["a", "c", "d", "f"]
+    assert [r[0] for r in cap_per_category(rows, 2, 2, lambda r: r[1])] == ["a", "b"]
+
+
+def test_indexer_config_refuses_unknown_and_bad_values():
+    assert IndexerConfig.from_mapping({"snapshot_interval_s": 5}).snapshot_interval_s == 5
+    with pytest.raises(ConfigError, match="unknown"):
+        IndexerConfig.from_mapping({"snapshot_every": 5})
+    with pytest.raises(ConfigError, match="max_k"):
+        IndexerConfig(max_k=0)
+    with pytest.raises(ConfigError, match="integer"):
+        IndexerConfig(max_k=2.5)

@@ -1,0 +1,171 @@
+"""The publisher role's handler without Kafka: micro-batches, replay after a move, refresh on updates."""
+
+from __future__ import annotations
+
+import pytest
+from kafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from streamrecall.consumers.roles.publisher import PublisherHandler, PublisherOptions
+from streamrecall.consumers.runtime import Record
+from streamrecall.errors import ConfigError, TransientError
+from streamrecall.events import Click, UserVector
+from streamrecall.metrics import ModelVersionMetrics, PublisherMetrics
+from streamrecall.model import ModelConfig, OnlineTrainer, TowerReplica, decode_update
+from streamrecall.settings import Settings
+
+CONFIG = ModelConfig(dim=8, hidden=16, id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
+TOPIC = "clicks"
+TS = 1_700_000_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.sent: list[tuple[UserVector, int]] = []
+        self.fail: list[tuple[int, str]] = []
+
+    def send(self, vector: UserVector, partition: int) -> None:
+        self.sent.append((vector, partition))
+
+    def flush(self) -> list[tuple[int, str]]:
+        failed, self.fail = self.fail, []
+        return failed
+
+    def latest(self) -> dict[str, UserVector]:
+        return {v.user_id: v for v, _ in self.sent}
+
+
+def click(user: str, item: str, ts: int, partition: int = 0, offset: int = 0) -> Record:
+    return Record("clicks", partition, offset, user.encode(), Click(user_id=user, item_id=item, ts=ts), ts)
+
+
+@pytest.fixture
+def make_handler():
+    def make(stored: dict[int, list[UserVector]] | None = None, replica: TowerReplica | None = None,
+             partitions=(0, 1), **options):
+        sink, clock = ListSink(), Clock()
+        registry = CollectorRegistry()
+        handler = PublisherHandler(replica or TowerReplica(CONFIG), sink, lambda p: (stored or {}).get(p, []),
+                                   TOPIC, PublisherOptions(**options), PublisherMetrics(registry),
+                                   ModelVersionMetrics(registry), clock=clock, wall_ms=lambda: TS + 5_000)
+        handler.assigned({TopicPartition(TOPIC, p) for p in partitions})
+        return handler, sink, clock
+    return make
+
+
+def test_clicks_become_vectors_with_history_event_ts_version_and_partition(make_handler):
+    handler, sink, _ = make_handler()
+    handler.handle([click("a", "i1", TS), click("b", "i2", TS + 1, partition=1), click("a", "i3", TS + 2)])
+    latest = sink.latest()
+    assert latest["a"].recent_items == ["i1", "i3"] and latest["a"].event_ts == TS + 2
+    assert latest["b"].recent_items == ["i2"] and latest["b"].model_version == 0
+    assert latest["a"].published_at == TS + 5_000
+    assert {v.user_id: p for v, p in sink.sent} == {"a": 0, "b": 1}
+    assert len(sink.sent) == 2, "one vector per user per micro-batch"
+    assert len(latest["a"].vector) == CONFIG.dim
+    assert handler.metrics.published.labels("click")._value.get() == 2
+
+
+def test_flush_ms_holds_a_micro_batch_until_time_or_size(make_handler):
+    handler, sink, clock = make_handler(flush_ms=100, flush_users=3)
+    handler.handle([click("a", "i1", TS)])
+    handler.tick()
+    assert sink.sent == []
+    clock.t += 0.1
+    handler.tick()
+    assert len(sink.sent) == 1
+    handler.handle([click(u, "i1", TS + 1) for u in ("x", "y", "z")])
+    assert len(sink.sent) == 4, "a full micro-batch goes at once"
+
+
+def test_a_moved_partition_is_rebuilt_and_replayed_clicks_are_skipped(make_handler):
+    stored = {0: [UserVector(user_id="a", vector=[1.0] * 8, model_version=3, event_ts=TS + 10, published_at=TS,
+                             recent_items=["i1", "i2"])]}
+    handler, sink, _ = make_handler(stored)
+    handler.tick()
+    assert handler.states[0].history.get("a") == ["i1", "i2"]
+    handler.handle([click("a", "i1", TS + 5), click("a", "i2", TS + 10)])  # replayed: covered by the vector
+    assert sink.sent == []
+    handler.handle([click("a", "i9", TS + 11), click("a", "i0", TS + 9)])   # new, then a late one: both count
+    assert sink.latest()["a"].recent_items == ["i1", "i2", "i9", "i0"]
+    assert sink.latest()["a"].event_ts == TS + 11
+
+
+def test_revoked_partitions_drop_their_state_and_pending_users(make_handler):
+    handler, sink, _ = make_handler(flush_ms=100)
+    handler.handle([click("a", "i1", TS), click("b", "i2", TS, partition=1)])
+    handler.revoked({TopicPartition(TOPIC, 1)})
+    assert set(handler.states) == {0}
+    handler.flush({})
+    assert [v.user_id for v, _ in sink.sent] == ["a"]
+
+
+def test_flush_blocks_the_commit_when_a_send_failed_and_sends_again(make_handler):
+    handler, sink, _ = make_handler()
+    handler.handle([click("a", "i1", TS)])
+    sink.fail = [(0, "a")]
+    with pytest.raises(TransientError):
+        handler.flush({TopicPartition(TOPIC, 0): 1})
+    handler.flush({TopicPartition(TOPIC, 0): 1})
+    assert [v.user_id for v, _ in sink.sent] == ["a", "a"]
+
+
+def _updates(n_deltas: int):
+    trainer = OnlineTrainer(CONFIG)
+    out = [decode_update(trainer.export_update())]
+    for i in range(n_deltas):
+        clicks = [Click(user_id=f"t{i}", item_id=f"x{i}", ts=TS), Click(user_id=f"s{i}", item_id=f"y{i}", ts=TS)]
+        trainer.step(trainer.make_batch(clicks, {}, [[], []]))
+        out.append(decode_update(trainer.export_update()))
+    return out
+
+
+def test_a_full_update_republishes_active_users_in_bounded_chunks(make_handler):
+    replica = TowerReplica(CONFIG)
+    handler, sink, _ = make_handler(replica=replica, refresh_per_tick=2)
+    handler.handle([click(u, "i1", TS) for u in "abcde"])
+    full = _updates(0)[0]
+    handler.on_model_update(full, replica.apply(full))
+    assert handler.metrics.pending_refresh._value.get() == 5
+    for expected in (2, 4, 5):
+        handler.tick()
+        assert sum(1 for v, _ in sink.sent if v.model_version == 1) == expected
+    assert handler.metrics.published.labels("model_update")._value.get() == 5
+    assert all(v.model_version == 1 for v in sink.latest().values())
+
+
+def test_a_delta_republishes_only_the_users_it_touches(make_handler):
+    replica = TowerReplica(CONFIG)
+    full, delta = _updates(1)
+    replica.apply(full)
+    handler, sink, _ = make_handler(replica=replica)
+    handler.handle([click("t0", "i1", TS), click("q", "i1", TS), click("r", "x0", TS)])
+    handler.on_model_update(delta, replica.apply(delta))
+    handler.tick()
+    refreshed = {v.user_id for v, _ in sink.sent if v.model_version == 2}
+    assert refreshed == {"t0", "r"}, "t0's id row and r's history item x0 changed; q's did not"
+
+
+def test_clicks_published_meanwhile_leave_the_refresh_queue(make_handler):
+    replica = TowerReplica(CONFIG)
+    handler, sink, _ = make_handler(replica=replica, refresh_per_tick=100)
+    handler.handle([click("a", "i1", TS)])
+    full = _updates(0)[0]
+    handler.on_model_update(full, replica.apply(full))
+    handler.handle([click("a", "i2", TS + 1)])
+    handler.tick()
+    assert [(v.model_version, v.event_ts) for v, _ in sink.sent] == [(0, TS), (1, TS + 1)]
+
+
+def test_options_are_checked():
+    assert PublisherOptions.from_settings(Settings(extra={"publisher": {"flush_ms": 50}})).flush_ms == 50
+    with pytest.raises(ConfigError, match="flush_ms"):
+        PublisherOptions.from_settings(Settings(extra={"publisher": {"flush_ms": 500}}))

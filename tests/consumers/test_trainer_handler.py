@@ -1,0 +1,184 @@
+"""The trainer role's handler without Kafka: batching, update cadence, checkpoint and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from streamrecall.consumers.roles.trainer import TrainerHandler, TrainerOptions
+from streamrecall.consumers.runtime import Record
+from streamrecall.errors import ConfigError
+from streamrecall.events import Click, Item
+from streamrecall.metrics import ModelVersionMetrics, TrainerMetrics
+from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, decode_update
+from streamrecall.settings import Settings
+
+CONFIG = ModelConfig(dim=8, hidden=16, id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
+TOPIC = "clicks"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, str, int]] = []
+        self.fail_next = False
+
+    def send(self, data: bytes, kind: str, version: int) -> None:
+        self.sent.append((data, kind, version))
+
+    def failed(self) -> bool:
+        failed, self.fail_next = self.fail_next, False
+        return failed
+
+    def flush(self) -> None:
+        pass
+
+
+def clicks(n: int, start: int = 0, partition: int = 0) -> list[Record]:
+    return [Record("clicks", partition, start + i, f"u{i % 5}".encode(),
+                   Click(user_id=f"u{i % 5}", item_id=f"i{(start + i) % 13}", ts=1_700_000_000_000 + start + i),
+                   0) for i in range(n)]
+
+
+@pytest.fixture
+def make_handler(tmp_path: Path):
+    def make(catalog: ItemCatalog | None = None, **options) -> tuple[TrainerHandler, ListSink, Clock]:
+        sink, clock = ListSink(), Clock()
+        registry = CollectorRegistry()
+        handler = TrainerHandler(OnlineTrainer(CONFIG), catalog if catalog is not None else ItemCatalog(), sink,
+                                 tmp_path / "trainer" / "checkpoint.safetensors", TOPIC, [0, 1],
+                                 TrainerOptions(**options), TrainerMetrics(registry), ModelVersionMetrics(registry),
+                                 clock=clock)
+        handler.restore()
+        return handler, sink, clock
+    return make
+
+
+def test_trains_full_batches_at_once_and_partial_ones_after_the_wait(make_handler):
+    handler, _, clock = make_handler(batch_size=8, max_batch_wait_ms=200, publish_every_steps=1000)
+    handler.handle(clicks(20))
+    assert handler.trainer.steps == 2 and handler.clicks_trained == 16
+    handler.tick()
+    assert handler.trainer.steps == 2, "the partial batch waits"
+    clock.t += 0.2
+    handler.tick()
+    assert handler.trainer.steps == 3 and handler.clicks_trained == 20
+
+
+def test_history_fed_to_training_is_the_history_before_each_click(make_handler):
+    handler, _, _ = make_handler(batch_size=4)
+    handler.handle(clicks(10))
+    handler.tick()
+    handler.checkpoint()
+    # u0 clicked at offsets 0 and 5 (items i0, i5): both recorded, oldest first.
+    assert handler.history.get("u0") == ["i0", "i5"]
+
+
+def test_unknown_items_are_trained_on_and_counted(make_handler):
+    catalog = ItemCatalog()
+    catalog.upsert(Item(item_id="i0", created_at=0, categories=("a",)))
+    handler, _, _ = make_handler(catalog, batch_size=13)
+    handler.handle(clicks(13))
+    assert handler.metrics.unknown_items._value.get() == 12
+    assert handler.metrics.examples._value.get() == 13
+
+
+def test_updates_every_n_steps_first_full_then_deltas_with_a_full_every_m(make_handler):
+    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=2, full_every=3)
+    handler.handle(clicks(4 * 12))
+    updates = [decode_update(data) for data, _, _ in sink.sent]
+    assert [u.version for u in updates] == [1, 2, 3, 4, 5, 6]
+    assert [u.kind for u in updates] == ["full", "delta", "delta", "full", "delta", "delta"]
+    assert [kind for _, kind, _ in sink.sent] == [u.kind for u in updates]
+    assert [v for _, _, v in sink.sent] == [1, 2, 3, 4, 5, 6]
+    assert all(u.base_version == u.version - 1 for u in updates)
+
+
+def test_updates_every_t_seconds_when_steps_are_few(make_handler):
+    handler, sink, clock = make_handler(batch_size=4, publish_every_steps=100, publish_every_s=5.0)
+    handler.handle(clicks(4))
+    handler.tick()
+    assert sink.sent == []
+    clock.t += 5
+    handler.tick()
+    assert len(sink.sent) == 1
+    clock.t += 5
+    handler.tick()
+    assert len(sink.sent) == 1, "no steps, no update"
+
+
+def test_a_failed_send_makes_the_next_update_full(make_handler):
+    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=1, full_every=100)
+    handler.handle(clicks(8))
+    assert [k for _, k, _ in sink.sent] == ["full", "delta"]
+    sink.fail_next = True
+    handler.handle(clicks(4, start=8))
+    assert [k for _, k, _ in sink.sent][-1] == "full"
+
+
+def test_flush_checkpoints_only_when_due_and_a_restart_resumes_exactly(make_handler, tmp_path):
+    handler, sink, clock = make_handler(batch_size=8, checkpoint_every_s=30, publish_every_steps=2)
+    path = handler.checkpoint_path
+    handler.handle(clicks(20))
+    handler.flush({TopicPartition(TOPIC, 0): 20})
+    assert not path.exists(), "flush is cheap until a checkpoint is due"
+    handler.handle(clicks(5, start=0, partition=1))
+    clock.t += 30
+    handler.flush({TopicPartition(TOPIC, 1): 5})
+    assert path.exists()
+    assert handler.clicks_trained == 25, "the buffer is trained before the checkpoint"
+    saved = (handler.trainer.version, handler.trainer.steps, handler.history.get("u1"))
+
+    again, sink2, _ = make_handler(batch_size=8)
+    assert again.restored
+    assert (again.trainer.version, again.trainer.steps, again.history.get("u1")) == saved
+    assert again.clicks_trained == 25
+    assert again.start_offsets() == {TopicPartition(TOPIC, 0): 20, TopicPartition(TOPIC, 1): 5}
+    again.trainer.advance_version(saved[0] + 3)  # what the role does with the topic's last version
+    again.publish()
+    update = decode_update(sink2.sent[0][0])
+    assert update.kind == "full" and update.version == saved[0] + 4 and update.steps == saved[1]
+
+
+def test_without_a_checkpoint_every_partition_starts_at_the_beginning(make_handler):
+    handler, _, _ = make_handler()
+    assert not handler.restored
+    assert handler.start_offsets() == {TopicPartition(TOPIC, 0): 0, TopicPartition(TOPIC, 1): 0}
+
+
+def test_shutdown_trains_publishes_and_checkpoints(make_handler):
+    handler, sink, _ = make_handler(batch_size=100, publish_every_steps=100)
+    handler.handle(clicks(7))
+    handler.flush({TopicPartition(TOPIC, 0): 7})
+    handler.shutdown()
+    assert handler.clicks_trained == 7 and len(sink.sent) == 1 and handler.checkpoint_path.exists()
+
+
+def test_options_come_from_the_trainer_table_and_are_checked():
+    s = Settings(extra={"trainer": {"batch_size": "64", "publish_every_s": 2}})
+    assert TrainerOptions.from_settings(s) == TrainerOptions(batch_size=64, publish_every_s=2.0)
+    with pytest.raises(ConfigError, match="trainer.bogus"):
+        TrainerOptions.from_settings(Settings(extra={"trainer": {"bogus": 1}}))
+    with pytest.raises(ConfigError, match="trainer.batch_size"):
+        TrainerOptions.from_settings(Settings(extra={"trainer": {"batch_size": 0}}))
+
+
+def test_an_idle_trainer_does_not_rewrite_its_checkpoint(make_handler):
+    handler, _, clock = make_handler(batch_size=4, checkpoint_every_s=1)
+    handler.handle(clicks(4))
+    clock.t += 1
+    handler.flush({TopicPartition(TOPIC, 0): 4})
+    written = handler.checkpoint_path.stat().st_mtime_ns
+    clock.t += 1
+    handler.flush({})
+    assert handler.checkpoint_path.stat().st_mtime_ns == written

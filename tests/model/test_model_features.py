@@ -1,0 +1,49 @@
+import torch
+
+from streamrecall.events import Item
+from streamrecall.model import Featurizer, hash64, item_key
+from streamrecall.model.features import numeric_bin, select_bags, title_words
+
+
+def test_hash_is_stable_across_processes_and_namespaced():
+    # Pinned value: a change here silently remaps every table row in production.
+    assert hash64("item-1", "item") == item_key("item-1") == 502342003227609956
+    assert hash64("item-1", "user") != hash64("item-1", "item")
+    assert 0 <= hash64("x", "token") < 2**63
+
+
+def test_items_become_embedding_bags_and_unknown_items_train_on_id_only(small_config):
+    f = Featurizer(small_config())
+    a = Item(item_id="a", created_at=0, title="Red Shoes, red!", categories=("shoes",), tags=("sale",),
+             features={"price": 30.0})
+    feats, unknown = f.items(["a", "zzz"], {"a": a})
+    assert unknown == 1
+    assert feats.token_offsets.tolist() == [0, 6]  # c:shoes t:sale w:red w:shoes w:red f:price:bin
+    assert feats.token_weights[:6].sum().item() == torch.tensor(1.0).item()
+    assert feats.token_rows.shape == (6,)
+    assert feats.id_rows.tolist() == [k % 5_000 for k in feats.keys.tolist()]
+    assert title_words("Red Shoes, red!") == ["red", "shoes", "red"]
+    assert numeric_bin(30.0) == 14 and numeric_bin(-1e9) == -64
+
+
+def test_featurisation_cache_sees_item_updates(small_config):
+    f = Featurizer(small_config())
+    a1 = Item(item_id="a", created_at=0, tags=("x",))
+    a2 = Item(item_id="a", created_at=0, tags=("y",))
+    r1 = f.encode_items([a1]).token_rows.tolist()
+    r2 = f.encode_items([a2]).token_rows.tolist()
+    assert r1 != r2
+
+
+def test_users_pool_the_last_history_items(small_config):
+    f = Featurizer(small_config(history_len=2))
+    users = f.users(["u1", "u2"], [["a", "b", "c"], []])
+    assert users.history_offsets.tolist() == [0, 2]
+    assert users.history_rows.tolist() == f.item_rows(["b", "c"])
+
+
+def test_select_bags_reorders_variable_length_bags():
+    offsets = torch.tensor([0, 2, 2, 5])
+    flat, new = select_bags(offsets, 6, torch.tensor([3, 0, 1]))
+    assert flat.tolist() == [5, 0, 1]
+    assert new.tolist() == [0, 1, 3]
