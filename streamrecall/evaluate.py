@@ -159,6 +159,7 @@ def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int,
     popular = PopularPeer()
     seen: dict[str, set[str]] = defaultdict(set)
     started = time.monotonic()
+    state_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         broker = stack.enter_context(EmbeddedBroker(log_path=state_dir / "broker.log"))
         variants = {"system": {**model, "logq": True}}

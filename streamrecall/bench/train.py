@@ -83,12 +83,13 @@ def _rate(one, inputs, warmup: int, batch_size: int, catalog=None) -> float:
 @click.option("--items", "n_items", default=100_000, show_default=True, help="Synthetic catalog size.")
 @click.option("--rounds", default=3, show_default=True, help="Interleaved rounds; the best of each is kept.")
 @click.option("--threads", default=2, show_default=True, help="torch intra-op threads.")
+@click.option("--id-buckets", default=ModelConfig.id_buckets, show_default=True, help="Rows of each id table.")
 @json_option
-def command(batch_size: int, steps: int, warmup: int, n_items: int, rounds: int, threads: int,
+def command(batch_size: int, steps: int, warmup: int, n_items: int, rounds: int, threads: int, id_buckets: int,
             as_json: bool) -> None:
     """Examples/s of the online trainer vs a raw torch step of the same shapes."""
     torch.set_num_threads(threads)
-    config = ModelConfig()
+    config = ModelConfig(id_buckets=id_buckets)
     catalog, clicks = _stream(n_items, (steps + warmup) * batch_size)
     history = RecentHistory(config.history_len)
     chunks = [clicks[i:i + batch_size] for i in range(0, len(clicks), batch_size)]

@@ -1,0 +1,60 @@
+"""Tiny runs of every benchmark and of `evaluate`: the harnesses work and print what DESIGN.md
+specifies. Correctness of the harness only; the figures live in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "ingest": ["--records", "2000"],
+    "index": ["--items", "2000", "--queries", "50", "--random-items", "1000"],
+    "train": ["--batch-size", "128", "--steps", "3", "--warmup", "1", "--items", "500", "--rounds", "1",
+              "--threads", "1", "--id-buckets", "4096"],
+    "model-eval": ["--items", "300", "--users", "100", "--clicks", "3000", "--batch-size", "256",
+                   "--id-buckets", "4096", "-k", "10"],
+    "freshness": ["--seconds", "3", "--item-rate", "20", "--query-rate", "5", "--click-rate", "50",
+                  "--backlog", "300", "--sample-every", "2"],
+    "query": ["--items", "300", "--queries", "30", "--concurrency", "2"],
+}
+
+
+def run_cli(*args: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streamrecall", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_bench_prints_the_json_array_design_md_specifies(name):
+    proc = run_cli("bench", name, *TINY[name], "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert set(row) <= {"name", "unit", "value", "ratio_to_raw", "extra"}
+        assert isinstance(row["name"], str) and isinstance(row["unit"], str)
+        assert isinstance(row["value"], (int, float))
+    ratios = [r for r in rows if "ratio_to_raw" in r]
+    if name not in ("model-eval",):
+        assert ratios, f"{name}: throughputs must carry a ratio to the raw library"
+        assert all(math.isfinite(r["ratio_to_raw"]) and r["ratio_to_raw"] > 0 for r in ratios)
+
+
+def test_evaluate_json_has_the_design_md_keys_for_the_system_and_each_peer():
+    proc = run_cli("evaluate", "--synthetic-items", "200", "--synthetic-users", "100", "--synthetic-clicks", "2000",
+                   "--chunks", "2", "--id-buckets", "4096", "-k", "20", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    keys = {"k", "hr_at_k", "recall_at_k", "tail_hr_at_k", "scored_clicks"}
+    assert keys <= set(out) and out["k"] == 20
+    assert set(out["peers"]) == {"most_popular", "no_logq"}
+    for scores in [out, *out["peers"].values()]:
+        assert keys <= set(scores)
+        assert scores["scored_clicks"] == out["scored_clicks"] > 0  # the same chunks for everyone
+        assert 0.0 <= scores["hr_at_k"] <= 1.0 and 0.0 <= scores["recall_at_k"] <= 1.0
