@@ -34,6 +34,8 @@ import hnswlib
 import msgspec
 import numpy as np
 
+from streamrecall.atomicfile import atomic_write, fsync_dir
+
 from ._store import Params, Store
 from .errors import SnapshotError
 
@@ -95,10 +97,10 @@ def write(store: Store, path: Path, offsets: dict[str, Any]) -> Path:
                             live=store.size, slots=store.hnsw.element_count, offsets=offsets_json, sha256=digests)
         _write_file(tmp / MANIFEST_FILE, msgspec.json.encode(manifest))
         _fsync_path(tmp / INDEX_FILE)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = path / f"snap-{_next_seq(path):012d}"
         os.rename(tmp, final)
-        _fsync_dir(path)
+        fsync_dir(path)
         _publish(path, final.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,14 +142,6 @@ def _fsync_path(target: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(target: Path) -> str:
     h = hashlib.sha256()
     with open(target, "rb") as f:
@@ -163,17 +157,7 @@ def _next_seq(path: Path) -> int:
 
 def _publish(path: Path, name: str) -> None:
     """Point CURRENT at ``name`` atomically."""
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-current-", dir=path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(name.encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path / CURRENT)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path)
+    atomic_write(path / CURRENT, name.encode() + b"\n")
 
 
 def _remove_old(path: Path, keep: str) -> None:

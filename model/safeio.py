@@ -1,22 +1,18 @@
 """Safe tensor files: safetensors for tensors, one JSON document in its metadata.
 
-Nothing here unpickles. Files are written atomically: a temp file in the same
-directory, fsync, rename over the target, fsync the directory; the temp file is
-removed if anything fails.
+Nothing here unpickles. Files are written with ``streamrecall.atomicfile.atomic_write``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
+
 
 #: The metadata key under which our JSON document travels.
 META_KEY = "streamrecall"
@@ -70,25 +66,3 @@ def loads(data: bytes) -> dict[str, torch.Tensor]:
         raise SafeIOError(f"invalid safetensors payload: {exc}") from None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

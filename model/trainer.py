@@ -31,7 +31,8 @@ from streamrecall.model.features import Featurizer, ItemFeatures, ItemLike, User
 from streamrecall.model.frequency import FrequencyEstimator
 from streamrecall.model.loss import sampled_softmax_loss
 from streamrecall.model.sparse_optim import SparseRowOptimizer
-from streamrecall.model.safeio import SafeIOError, atomic_write, dumps, loads, read_layout
+from streamrecall.atomicfile import atomic_write
+from streamrecall.model.safeio import SafeIOError, dumps, loads, read_layout
 from streamrecall.model.towers import TwoTower
 from streamrecall.model.trending import TrendingCounter
 from streamrecall.model.update import ModelUpdate, SparseRows, encode_update

@@ -9,7 +9,6 @@ Label values are bounded: topic names, partition numbers and the fixed reasons i
 from __future__ import annotations
 
 import logging
-import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server

@@ -14,7 +14,7 @@ import numpy as np
 from streamrecall.index import EntryMeta, ItemIndex
 from streamrecall.index import snapshot as snapshot_mod
 
-_fsync_dir = snapshot_mod._fsync_dir
+_fsync_dir = snapshot_mod.fsync_dir
 
 
 def slow_fsync_dir(directory):
@@ -22,7 +22,7 @@ def slow_fsync_dir(directory):
     _fsync_dir(directory)
 
 
-snapshot_mod._fsync_dir = slow_fsync_dir
+snapshot_mod.fsync_dir = slow_fsync_dir
 
 path = Path(sys.argv[1])
 rng = np.random.default_rng(0)
