@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup test-fast faults bench clean
+.PHONY: run test setup test-fast faults bench evaluate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test-fast: setup
 
 bench: setup
 	$(VENV)/bin/streamrecall bench all
+
+evaluate: setup
+	$(VENV)/bin/streamrecall evaluate
+
+# The fault-injection suite at full size (CI runs it at a reduced size inside `make test`).
+faults: setup
+	STREAMRECALL_FAULTS_SCALE=full $(PY) -m pytest -q tests/faults
 
 clean:
 	rm -rf $(VENV) state *.egg-info

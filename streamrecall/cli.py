@@ -297,6 +297,7 @@ class _LazyGroup(click.Group):
     "ingest": "streamrecall.bench.ingest",
     "freshness": "streamrecall.bench.freshness",
     "query": "streamrecall.bench.query",
+    "all": "streamrecall.bench.all",
     "index": "streamrecall.bench.index",
     "train": "streamrecall.bench.train",
     "model-eval": "streamrecall.bench.model_eval",

@@ -58,3 +58,11 @@ def test_evaluate_json_has_the_design_md_keys_for_the_system_and_each_peer():
         assert keys <= set(scores)
         assert scores["scored_clicks"] == out["scored_clicks"] > 0  # the same chunks for everyone
         assert 0.0 <= scores["hr_at_k"] <= 1.0 and 0.0 <= scores["recall_at_k"] <= 1.0
+
+
+def test_bench_all_runs_the_named_benchmarks_and_prefixes_their_names():
+    proc = run_cli("bench", "all", "--only", "ingest", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert rows and all(r["name"].startswith("ingest: ") for r in rows)
+    assert any(r["name"] == "ingest: consume raw kafka-python" for r in rows)
