@@ -145,6 +145,25 @@ def items_phase(system: LocalSystem, item_rate: float, query_rate: float, second
     ]
 
 
+def wait_assigned(system: LocalSystem, names: list[str], timeout_s: float = 120.0) -> None:
+    """Wait until each role process has its partitions (a new group takes seconds to form on
+    Tansu): a measurement must not include the join."""
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        proc = system.processes[name]
+        url = f"http://{proc.settings.http_host}:{proc.settings.port_for(proc.role)}/metrics"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    text = r.read().decode()
+                if any(line.startswith("streamrecall_rebalances_total") and 'kind="assigned"' in line
+                       and not line.endswith(" 0.0") for line in text.splitlines()):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+
+
 def system_dim(system: LocalSystem) -> int:
     return int(MODEL.get("dim", 64))
 
@@ -281,16 +300,19 @@ def command(phases: str, seconds: float, item_rate: float, query_rate: float, cl
         if {"items", "indexing"} & set(wanted):
             with LocalSystem(root / "items", roles=["indexer"], model=MODEL, name="fresh-items") as system:
                 system.wait_healthy(120)
+                wait_assigned(system, ["indexer"])
                 if "items" in wanted:
                     results += items_phase(system, item_rate, query_rate, seconds, sample_every)
                 if "indexing" in wanted:
                     results += indexing_phase(system, backlog)
-        if {"clicks", "trainer"} & set(wanted):
+        if "clicks" in wanted:
             with LocalSystem(root / "clicks", roles=["trainer", "publisher"], model=MODEL,
                              name="fresh-clicks") as system:
-                system.wait_caught_up(120)
-                if "clicks" in wanted:
-                    results += clicks_phase(system, click_rate, seconds, n_users=20_000, n_items=2_000)
-                if "trainer" in wanted:
-                    results += trainer_phase(system, backlog)
+                wait_assigned(system, ["trainer", "publisher"])
+                results += clicks_phase(system, click_rate, seconds, n_users=20_000, n_items=2_000)
+        if "trainer" in wanted:
+            # The trainer alone: on two cores a publisher beside it would halve its share.
+            with LocalSystem(root / "trainer", roles=["trainer"], model=MODEL, name="fresh-trainer") as system:
+                wait_assigned(system, ["trainer"])
+                results += trainer_phase(system, backlog)
     report(results, as_json)
