@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from typing import Any, Callable, Mapping
 
 from streamrecall.consumers.clients import make_consumer, make_producer
-from streamrecall.consumers.deadletter import DeadLetterSink
+from streamrecall.consumers.deadletter import DeadLetterSink, sent_by_role
 from streamrecall.consumers.runtime import Decode, Handler, Runtime
 from streamrecall.consumers.start import StartPosition
 from streamrecall.metrics import RUNTIME, serve_metrics
@@ -25,6 +25,25 @@ def model_config(settings: Settings) -> ModelConfig:
     """The model's settings: the ``[model]`` table of the TOML settings file over the defaults.
     Every role must use the same structural fields (updates carry them and are refused otherwise)."""
     return ModelConfig(**dict(settings.extra.get("model", {})))
+
+
+_SENT: dict[tuple[str, str], set[tuple[str, int, int]]] = {}
+
+
+def deadletter_sink(settings: Settings, role: str, producer: Any) -> DeadLetterSink:
+    """A dead-letter sink for ``role`` that skips records the role dead-lettered before (in an
+    earlier run, before a crash): every sink of the process shares one set of source coordinates,
+    read back from the dead-letter topic once per process."""
+    key = (settings.topics.deadletter, role)
+    if key not in _SENT:
+        consumer = make_consumer(settings, None, max_partition_fetch_bytes=1 << 20)
+        try:
+            _SENT[key] = sent_by_role(consumer, settings.topics.deadletter, role)
+        finally:
+            consumer.close(autocommit=False)
+        log.info("%s: %d records were dead-lettered by this role before; they are not sent again",
+                 role, len(_SENT[key]))
+    return DeadLetterSink(producer, settings.topics.deadletter, role, RUNTIME, already_sent=_SENT[key])
 
 
 def run_handler(role: str, settings: Settings, start: StartPosition, handler: Handler,
@@ -42,7 +61,7 @@ def run_handler(role: str, settings: Settings, start: StartPosition, handler: Ha
         consumer = make_consumer(settings, settings.group_id(role))
         dl_producer = make_producer(settings)
         stack.callback(dl_producer.close, 10)
-        deadletters = DeadLetterSink(dl_producer, settings.topics.deadletter, role, RUNTIME)
+        deadletters = deadletter_sink(settings, role, dl_producer)
         if serve_http is not None:
             serve_http(stack)
         else:

@@ -3,14 +3,23 @@
 The record keeps its original key and value bytes; headers name the reason, the
 error message, and where it came from. Nothing bad is dropped silently: the
 runtime flushes this producer before it commits the offsets that cover the records.
+
+**Once per role.** A role re-reads records after a crash (at-least-once) and its side
+readers re-read whole topics at every start, so the same bad record would be refused
+again. A sink given ``already_sent`` (the source coordinates this role dead-lettered
+before, read back from the dead-letter topic at start by :func:`sent_by_role`) skips
+those: each bad record is dead-lettered once per role, identified by
+(role, source topic, partition, offset). Should that read time out, a record may be
+dead-lettered twice; those coordinates still identify the duplicate.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamrecall.metrics import RUNTIME, RuntimeMetrics
 
@@ -48,14 +57,22 @@ class DeadLetterSink:
     """Sends dead letters to the dead-letter topic; ``flush`` makes them durable."""
 
     def __init__(self, producer: KafkaProducer, topic: str, role: str,
-                 metrics: RuntimeMetrics = RUNTIME) -> None:
+                 metrics: RuntimeMetrics = RUNTIME, already_sent: set[tuple[str, int, int]] | None = None) -> None:
         self.producer = producer
         self.topic = topic
         self.role = role
         self.metrics = metrics
+        #: (source topic, partition, offset) this role dead-lettered already; shared by a role's sinks
+        self.already_sent = already_sent if already_sent is not None else set()
 
     def send(self, letter: DeadLetter, logical_topic: str | None = None) -> None:
-        """Queue a dead letter; ``logical_topic`` ("clicks", ...) labels the metric."""
+        """Queue a dead letter, unless this role sent one for the same source record before;
+        ``logical_topic`` ("clicks", ...) labels the metric."""
+        source = (letter.topic, letter.partition, letter.offset)
+        if source in self.already_sent:
+            log.debug("%s was dead-lettered before; not again", letter.where)
+            return
+        self.already_sent.add(source)
         log.warning("dead-lettered %s (%s): %s", letter.where, letter.reason, letter.error[:500])
         headers = [
             (HEADER_REASON, letter.reason.encode()),
@@ -82,3 +99,30 @@ class DeadLetterSink:
 def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
     """Decode a dead-letter record's headers (for tools and tests)."""
     return {k: v.decode("utf-8", "replace") for k, v in (headers or [])}
+
+
+def sent_by_role(consumer: KafkaConsumer, topic: str, role: str,
+                 timeout_s: float = 60.0) -> set[tuple[str, int, int]]:
+    """Source coordinates of every dead letter ``role`` wrote to ``topic``, read to its end
+    (headers only matter). Bounded by ``timeout_s``: what was read by then is returned."""
+    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    sent: set[tuple[str, int, int]] = set()
+    if not tps:
+        return sent
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for messages in consumer.poll(timeout_ms=100, max_records=5000).values():
+            for m in messages:
+                h = headers_dict(m.headers)
+                if h.get(HEADER_ROLE) == role and h.get(HEADER_PARTITION, "").isdigit() \
+                        and h.get(HEADER_OFFSET, "").isdigit():
+                    sent.add((h.get(HEADER_TOPIC, ""), int(h[HEADER_PARTITION]), int(h[HEADER_OFFSET])))
+        if all(consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp)
+               for tp in tps):
+            return sent
+        if time.monotonic() > deadline:
+            log.warning("%s: read %d earlier dead letters of %s in %.0fs, not all; some may be repeated",
+                        topic, len(sent), role, timeout_s)
+            return sent

@@ -29,6 +29,7 @@ from streamrecall.consumers.runtime import Record
 from streamrecall.consumers.table import TopicReader
 from streamrecall.errors import StreamrecallError, TransientError
 from streamrecall.model import Applied, ModelUpdate, TowerReplica, decode_update
+from streamrecall.model.safeio import SafeIOError, read_layout
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,21 @@ class UpdateMark:
 
 
 def _mark(m: Any) -> UpdateMark:
+    """What the record's headers claim, kept only if the payload's own JSON header (read without
+    materialising tensors) says the same: a garbage record carrying update headers is unmarked,
+    so it can neither pose as the last full update nor set the version a trainer resumes past."""
     headers = {k: v for k, v in (m.headers or [])}
     kind = headers.get(HEADER_KIND, b"").decode("utf-8", "replace") or None
     raw_version = headers.get(HEADER_VERSION, b"").decode("utf-8", "replace")
     version = int(raw_version) if raw_version.isdigit() else None
+    if kind is None and version is None:
+        return UpdateMark(m.offset, None, None)
+    try:
+        _, payload = read_layout(m.value) if m.value is not None else (None, {})
+    except SafeIOError:
+        payload = {}
+    if payload.get("kind") != kind or payload.get("version") != version:
+        return UpdateMark(m.offset, None, None)
     return UpdateMark(m.offset, kind if kind in ("full", "delta") else None, version)
 
 

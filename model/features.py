@@ -188,7 +188,7 @@ class Featurizer:
         words += [f"f:{name}:{numeric_bin(float(v))}" for name, v in sorted(item.features.items())[: max(room, 0)]]
         words = words[: self.config.max_tokens]
         rows = [self._token(w) for w in words]
-        weights = [1.0 / len(words)] * len(words)
+        weights = [1.0 / len(words)] * len(words) if words else []  # no content: the id row alone
         out = _Featurised(item, self.item_key(item.item_id), np.asarray(rows, dtype=np.int64),
                           np.asarray(weights, dtype=np.float32))
         if len(self._items) >= _CACHE_LIMIT:

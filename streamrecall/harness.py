@@ -23,6 +23,7 @@ import msgspec
 
 from streamrecall.broker import EmbeddedBroker, free_port
 from streamrecall.consumers.clients import make_producer
+from streamrecall.errors import StreamrecallError
 from streamrecall.settings import ROLES, Settings
 from streamrecall.status import group_lags
 from streamrecall.supervisor import RoleProcess
@@ -32,11 +33,14 @@ log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
 
 
-def write_model_toml(path: Path, model: dict[str, Any]) -> Path:
-    """A settings file holding only a ``[model]`` table (numbers and booleans)."""
-    lines = ["[model]"]
-    for k, v in model.items():
-        lines.append(f"{k} = {str(v).lower() if isinstance(v, bool) else v!r}")
+def write_model_toml(path: Path, model: dict[str, Any], tables: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A settings file holding a ``[model]`` table and optional role tables (numbers and booleans)."""
+    lines = []
+    for name, values in {"model": model, **(tables or {})}.items():
+        lines.append(f"[{name}]")
+        for k, v in values.items():
+            value = str(v).lower() if isinstance(v, bool) else repr(v)  # TOML booleans are lower case
+            lines.append(f"{k} = {value}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -46,7 +50,7 @@ class LocalSystem:
 
     def __init__(self, state_dir: Path, *, bootstrap_servers: str | None = None, roles: Iterable[str] = ROLES,
                  model: dict[str, Any] | None = None, partitions: int = 4, name: str = "sys",
-                 flush_interval_ms: int = 100) -> None:
+                 flush_interval_ms: int = 100, options: dict[str, dict[str, Any]] | None = None) -> None:
         self.state_dir = state_dir
         self.bootstrap_servers = bootstrap_servers
         self.roles = list(roles)
@@ -54,8 +58,10 @@ class LocalSystem:
         self.partitions = partitions
         self.name = name
         self.flush_interval_ms = flush_interval_ms
+        self.options = options or {}  # role tables of the settings file: {"trainer": {...}, "indexer": {...}}
         self.processes: dict[str, RoleProcess] = {}
         self.settings: Settings | None = None
+        self.broker: EmbeddedBroker | None = None  # the embedded broker, when this system started one
         self._stack = ExitStack()
         self._producer: Any = None
 
@@ -76,10 +82,11 @@ class LocalSystem:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         if self.bootstrap_servers is None:
-            broker = self._stack.enter_context(EmbeddedBroker(log_path=self.state_dir / "logs" / "broker.log"))
-            self.bootstrap_servers = broker.bootstrap_servers
+            self.broker = self._stack.enter_context(EmbeddedBroker(log_path=self.state_dir / "logs" / "broker.log"))
+            self.bootstrap_servers = self.broker.bootstrap_servers
         tag = f"{self.name}-{uuid.uuid4().hex[:6]}"
-        config = write_model_toml(self.state_dir / "streamrecall.toml", self.model) if self.model else None
+        config = (write_model_toml(self.state_dir / "streamrecall.toml", self.model, self.options)
+                  if self.model or self.options else None)
         base = Settings(bootstrap_servers=self.bootstrap_servers, topic_prefix=f"{tag}.", group_prefix=tag,
                         state_dir=self.state_dir, partitions=self.partitions,
                         flush_interval_ms=self.flush_interval_ms)
@@ -91,12 +98,18 @@ class LocalSystem:
         for role in self.roles:
             self.add_role(role)
 
-    def add_role(self, role: str, name: str | None = None, args: tuple[str, ...] = ()) -> RoleProcess:
-        """Start (another) process of ``role``; each gets its own HTTP port."""
+    def add_role(self, role: str, name: str | None = None, args: tuple[str, ...] = (),
+                 state_dir: Path | None = None, group_prefix: str | None = None) -> RoleProcess:
+        """Start (another) process of ``role``; each gets its own HTTP port. ``state_dir`` and
+        ``group_prefix`` give it its own state (a replay into a fresh directory) and group."""
         assert self.settings is not None
         name = name or role
-        proc = RoleProcess(role, self.settings.replace(http_port=free_port()),
-                           self.state_dir / "logs" / f"{name}.log", args=args)
+        changes: dict[str, Any] = {"http_port": free_port()}
+        if state_dir is not None:
+            changes["state_dir"] = state_dir
+        if group_prefix is not None:
+            changes["group_prefix"] = group_prefix
+        proc = RoleProcess(role, self.settings.replace(**changes), self.state_dir / "logs" / f"{name}.log", args=args)
         proc.start()
         self._stack.callback(proc.stop)
         self.processes[name] = proc
@@ -117,16 +130,26 @@ class LocalSystem:
         self._producer.flush(timeout=60)
         return n
 
-    def produce_raw(self, topic: str, key: bytes | None, value: bytes | None) -> None:
-        self._producer.send(topic, key=key, value=value)
+    def produce_raw(self, topic: str, key: bytes | None, value: bytes | None,
+                    headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> Any:
+        """Send raw bytes to a physical topic; returns the send's future (its metadata has the offset)."""
+        return self._producer.send(topic, key=key, value=value, headers=headers or None, partition=partition)
 
     def flush(self) -> None:
         self._producer.flush(timeout=60)
 
     # --- observing ---------------------------------------------------------------
+    def check_alive(self) -> None:
+        """Raise if a role process exited on its own, quoting the end of its log."""
+        for name, proc in self.processes.items():
+            if not proc.stopped_on_purpose and proc.process is not None and proc.process.poll() is not None:
+                tail = proc.log_path.read_text(errors="replace").splitlines()[-5:] if proc.log_path.exists() else []
+                raise StreamrecallError(f"{name} exited with status {proc.process.returncode}; "
+                                        f"its log ({proc.log_path}) ends:\n" + "\n".join(tail))
+
     def total_lag(self) -> int:
         assert self.settings is not None
-        groups = {self.settings.group_id(r) for r in {p.role for p in self.processes.values()}}
+        groups = {p.settings.group_id(p.role) for p in self.processes.values()}
         return sum(r.lag for r in group_lags(self.settings) if r.group in groups)
 
     def wait_caught_up(self, timeout_s: float = 120.0, settle_s: float = 0.5) -> bool:
@@ -135,6 +158,7 @@ class LocalSystem:
         deadline = time.monotonic() + timeout_s
         zero_in_a_row = 0
         while time.monotonic() < deadline:
+            self.check_alive()
             if self.total_lag() == 0:
                 zero_in_a_row += 1
                 if zero_in_a_row >= 2:
@@ -170,6 +194,7 @@ class LocalSystem:
     def wait_healthy(self, timeout_s: float = 120.0) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            self.check_alive()
             try:
                 if self.get("/healthz")[0] == 200:
                     return True

@@ -15,11 +15,13 @@ from kafka import TopicPartition
 from streamrecall.consumers.clients import make_consumer
 from streamrecall.settings import Settings
 
-#: The topics each role's group consumes (logical names).
+#: The topics each role's group consumes and commits (logical names). The trainer's items
+#: table and the publisher's model updates are side readers (no group, nothing committed,
+#: re-read at every start), so they have no committed offset to report.
 ROLE_TOPICS: dict[str, tuple[str, ...]] = {
-    "trainer": ("clicks", "items"),
+    "trainer": ("clicks",),
     "indexer": ("items", "model_updates", "user_vectors"),
-    "publisher": ("clicks", "model_updates"),
+    "publisher": ("clicks",),
 }
 
 

@@ -29,6 +29,7 @@ class RoleProcess:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     last_start: float = field(default=0.0)
+    stopped_on_purpose: bool = False  # killed or stopped by us: its exit is not a failure
 
     def start(self) -> None:
         env = {**os.environ, **self.settings.to_env()}
@@ -36,6 +37,7 @@ class RoleProcess:
             self.process = subprocess.Popen([sys.executable, "-m", "streamrecall", "run", self.role, *self.args],
                                             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.last_start = time.monotonic()
+        self.stopped_on_purpose = False
         log.info("started %s (pid %d), log %s", self.role, self.process.pid, self.log_path)
 
     def check(self) -> None:
@@ -48,6 +50,7 @@ class RoleProcess:
             self.start()
 
     def stop(self, timeout_s: float = 20.0) -> None:
+        self.stopped_on_purpose = True
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)  # the role flushes, snapshots and commits
@@ -60,6 +63,7 @@ class RoleProcess:
 
     def kill(self) -> None:
         """SIGKILL: no flush, no snapshot (fault injection)."""
+        self.stopped_on_purpose = True
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)

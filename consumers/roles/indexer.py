@@ -319,9 +319,12 @@ class IndexerRole:
                         continue
                     try:
                         update = decode_model_update(m.value)
-                    except InvalidEvent:  # dead-lettered when first read
+                        self.handler.apply_update(update, tp.partition, m.offset,
+                                                  reencode_above=resume.settled_version)
+                    except (InvalidEvent, ModelUpdateError) as exc:  # dead-lettered when first read
+                        log.info("indexer: model update at %s[%d]@%d skipped on replay: %s",
+                                 tp.topic, tp.partition, m.offset, exc)
                         continue
-                    self.handler.apply_update(update, tp.partition, m.offset, reencode_above=resume.settled_version)
                     replayed += 1
         if self.state.replica.version != resume.replica_version:
             log.warning("indexer: replayed model updates reach v%d, the snapshot was at v%d (topic truncated?)",

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from streamrecall.consumers.app import model_config, run_handler
+from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import DeadLetterSink
 from streamrecall.consumers.runtime import HandlerBase, Record
@@ -364,7 +364,7 @@ def run(settings: Settings, start: StartPosition) -> None:
     with ExitStack() as stack:
         side_producer = make_producer(settings)
         stack.callback(side_producer.close, 10)
-        side_deadletters = DeadLetterSink(side_producer, topics.deadletter, ROLE)
+        side_deadletters = deadletter_sink(settings, ROLE, side_producer)
         vector_producer = make_producer(settings)
         stack.callback(vector_producer.close, 30)
 

@@ -24,9 +24,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from kafka import KafkaProducer, TopicPartition
 
-from streamrecall.consumers.app import model_config, run_handler
+from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
 from streamrecall.consumers.clients import make_consumer, make_producer
-from streamrecall.consumers.deadletter import DeadLetterSink
 from streamrecall.consumers.runtime import HandlerBase, Record
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import ItemTable, TopicReader
@@ -301,7 +300,7 @@ def run(settings: Settings, start: StartPosition) -> None:
     with ExitStack() as stack:
         side_producer = make_producer(settings)
         stack.callback(side_producer.close, 10)
-        side_deadletters = DeadLetterSink(side_producer, topics.deadletter, ROLE)
+        side_deadletters = deadletter_sink(settings, ROLE, side_producer)
         update_producer = make_producer(settings, max_request_size=MAX_UPDATE_BYTES, linger_ms=0)
         stack.callback(update_producer.close, 30)
 

@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from streamrecall.events import Item
@@ -47,3 +48,17 @@ def test_select_bags_reorders_variable_length_bags():
     flat, new = select_bags(offsets, 6, torch.tensor([3, 0, 1]))
     assert flat.tolist() == [5, 0, 1]
     assert new.tolist() == [0, 1, 3]
+
+
+def test_an_item_with_no_content_is_encoded_from_its_id_alone():
+    from streamrecall.events import Item
+    from streamrecall.model import ModelConfig, TowerReplica
+
+    replica = TowerReplica(ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096))
+    bare = Item(item_id="bare", created_at=1)
+    vectors = replica.encode_items([bare, Item(item_id="other", created_at=1, tags=("x",))])
+    assert vectors.shape == (2, 64) and np.isfinite(vectors).all()
+    # Nothing to go on yet: no content and an untrained (zero-initialised) id row give the zero
+    # vector, which the index accepts and ranks last; its id row moves once it is clicked.
+    assert float(np.abs(vectors[0]).sum()) == 0.0
+    assert abs(float((vectors[1] ** 2).sum()) - 1.0) < 1e-4
