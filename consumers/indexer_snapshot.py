@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from streamrecall.atomicfile import atomic_write
 from streamrecall.events import Item
 from streamrecall.index import ItemIndex, SnapshotError
 from streamrecall.index import snapshot as index_snapshot
@@ -75,7 +74,7 @@ def write(root: Path, index: ItemIndex, items: list[Item], resume: Resume) -> Pa
     root.mkdir(parents=True, exist_ok=True)
     data = msgspec.msgpack.encode(_Catalog(items))
     name = f"{CATALOG_PREFIX}{time.time_ns():020d}.msgpack"
-    _atomic_write(root / name, data)
+    atomic_write(root / name, data)
     resume = msgspec.structs.replace(resume, catalog=name, catalog_sha256=hashlib.sha256(data).hexdigest(),
                                      written_at_ms=int(time.time() * 1000))
     try:
@@ -122,21 +121,3 @@ def read_resume(root: Path) -> dict[str, Any] | None:
         return None
     manifest = msgspec.json.decode((snap / index_snapshot.MANIFEST_FILE).read_bytes())
     return manifest["offsets"]
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(target.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -8,7 +8,9 @@ Label values are bounded: topic names, partition numbers and the fixed reasons i
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -126,6 +128,15 @@ class PublisherMetrics:
 
 RUNTIME = RuntimeMetrics()
 MODEL_VERSION = ModelVersionMetrics()
+
+M = TypeVar("M", TrainerMetrics, IndexerMetrics, PublisherMetrics)
+
+
+@functools.cache
+def role_metrics(group: type[M]) -> M:
+    """A role's metric group, built once per process on the default registry (on first use, so
+    a process registers only the families of the roles it runs)."""
+    return group()
 
 
 def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> WSGIServer:

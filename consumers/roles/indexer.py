@@ -46,7 +46,7 @@ from streamrecall.consumers.start import StartPosition
 from streamrecall.errors import StreamrecallError
 from streamrecall.events import InvalidEvent, Item, UserVector, Decoder
 from streamrecall.index import QualityMonitor
-from streamrecall.metrics import MODEL_VERSION, RUNTIME, IndexerMetrics, ModelVersionMetrics
+from streamrecall.metrics import MODEL_VERSION, RUNTIME, IndexerMetrics, ModelVersionMetrics, role_metrics
 from streamrecall.model import ModelUpdate, ModelUpdateError, decode_update
 from streamrecall.settings import Settings
 
@@ -55,18 +55,6 @@ log = logging.getLogger(__name__)
 ROLE = "indexer"
 #: Model updates are allowed up to the model-updates topic's own limit (topics.py), not max_value_bytes.
 MAX_UPDATE_BYTES = 64 << 20
-
-_metrics: IndexerMetrics | None = None
-_metrics_lock = threading.Lock()
-
-
-def default_metrics() -> IndexerMetrics:
-    """The role's metrics on the default registry, built once per process."""
-    global _metrics
-    with _metrics_lock:
-        if _metrics is None:
-            _metrics = IndexerMetrics()
-        return _metrics
 
 
 def decode_model_update(value: bytes | None) -> ModelUpdate:
@@ -250,7 +238,7 @@ class IndexerRole:
         self.settings = settings
         self.start = start
         self.config = IndexerConfig.from_mapping(dict(settings.extra.get(ROLE, {})))
-        self.metrics = metrics if metrics is not None else default_metrics()
+        self.metrics = metrics if metrics is not None else role_metrics(IndexerMetrics)
         root = settings.role_state_dir(ROLE)
         loaded = indexer_snapshot.load(root) if start.kind == "committed" else None
         if start.kind != "committed" and indexer_snapshot.exists(root):

@@ -33,7 +33,7 @@ from streamrecall.consumers.table import TopicReader
 from streamrecall.consumers.updates import MAX_UPDATE_BYTES, ModelUpdateFeed
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Decoder, UserVector, encode
-from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, PublisherMetrics
+from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, PublisherMetrics, role_metrics
 from streamrecall.model import Applied, ModelUpdate, RecentHistory, TowerReplica
 from streamrecall.settings import Settings
 
@@ -171,7 +171,7 @@ class PublisherHandler(HandlerBase):
         self.load_partition = load_partition
         self.clicks_topic = clicks_topic
         self.options = options
-        self.metrics = metrics or publisher_metrics()
+        self.metrics = metrics or role_metrics(PublisherMetrics)
         self.version_metrics = version_metrics
         self.poll_updates = poll_updates
         self.side_flush = side_flush
@@ -343,17 +343,6 @@ class VectorTable:
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
-
-
-_METRICS: PublisherMetrics | None = None
-
-
-def publisher_metrics() -> PublisherMetrics:
-    """The role's metric families, built once per process on the default registry."""
-    global _METRICS
-    if _METRICS is None:
-        _METRICS = PublisherMetrics()
-    return _METRICS
 
 
 def run(settings: Settings, start: StartPosition) -> None:

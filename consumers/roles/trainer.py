@@ -32,7 +32,7 @@ from streamrecall.consumers.table import ItemTable, TopicReader
 from streamrecall.consumers.updates import MAX_UPDATE_BYTES, last_version, update_headers
 from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Decoder, Item
-from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, TrainerMetrics
+from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, TrainerMetrics, role_metrics
 from streamrecall.model import ItemLike, OnlineTrainer, RecentHistory
 from streamrecall.model.safeio import read_layout
 from streamrecall.settings import Settings
@@ -126,7 +126,7 @@ class TrainerHandler(HandlerBase):
         self.clicks_topic = clicks_topic
         self.partitions = list(partitions)
         self.options = options
-        self.metrics = metrics or trainer_metrics()
+        self.metrics = metrics or role_metrics(TrainerMetrics)
         self.version_metrics = version_metrics
         self.poll_items = poll_items
         self.side_flush = side_flush
@@ -281,17 +281,6 @@ def _kind_of(data: bytes) -> str:
     return str(header.get("kind", "delta"))
 
 
-_METRICS: TrainerMetrics | None = None
-
-
-def trainer_metrics() -> TrainerMetrics:
-    """The role's metric families, built once per process on the default registry."""
-    global _METRICS
-    if _METRICS is None:
-        _METRICS = TrainerMetrics()
-    return _METRICS
-
-
 def run(settings: Settings, start: StartPosition) -> None:
     """Run the trainer until SIGTERM/SIGINT, then train the rest, publish and checkpoint."""
     options = TrainerOptions.from_settings(settings)
@@ -314,7 +303,7 @@ def run(settings: Settings, start: StartPosition) -> None:
 
         handler = TrainerHandler(trainer, table.catalog, KafkaUpdateSink(update_producer, topics.model_updates),
                                  settings.role_state_dir(ROLE) / CHECKPOINT_FILE, topics.clicks, clicks_partitions,
-                                 options, trainer_metrics(), poll_items=items.poll,
+                                 options, role_metrics(TrainerMetrics), poll_items=items.poll,
                                  side_flush=lambda: side_deadletters.flush(30))
         handler.restore()
         scan = make_consumer(settings, None, max_partition_fetch_bytes=MAX_UPDATE_BYTES)
