@@ -8,6 +8,7 @@ user). Every wait is bounded well below ``max_poll_interval_ms``.
 
 from __future__ import annotations
 
+import abc
 import logging
 import signal
 import threading
@@ -70,9 +71,12 @@ class Handler(Protocol):
         """Called once per loop iteration, for time-driven work (publishing, snapshots)."""
 
 
-class HandlerBase:
-    def handle(self, records: list[Record]) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+class HandlerBase(abc.ABC):
+    """No-op defaults for everything but ``handle``."""
+
+    @abc.abstractmethod
+    def handle(self, records: list[Record]) -> None:
+        """Apply a batch in memory (see :class:`Handler`)."""
 
     def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
         pass
