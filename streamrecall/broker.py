@@ -78,6 +78,9 @@ class EmbeddedBroker:
                 [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                  "--storage-engine", "memory://tansu/"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                # Its own session: a terminal's Ctrl-C reaches only us, so we stop the broker last,
+                # after the roles have flushed and committed against it.
+                start_new_session=True,
             )
         finally:
             if self.log_path:

@@ -35,7 +35,10 @@ class RoleProcess:
         env = {**os.environ, **self.settings.to_env()}
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "streamrecall", "run", self.role, *self.args],
-                                            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            # Ctrl-C reaches only the supervisor, which stops roles
+                                            # (SIGTERM) before the broker they flush to.
+                                            start_new_session=True)
         self.last_start = time.monotonic()
         self.stopped_on_purpose = False
         log.info("started %s (pid %d), log %s", self.role, self.process.pid, self.log_path)
