@@ -52,7 +52,7 @@ class PublisherOptions:
     flush_users: int = 1024            # publish as soon as this many users are pending
     history_users: int = 200_000       # users kept per clicks partition (least recently active forgotten)
     refresh_active_s: float = 3600.0   # after a model update, re-publish users active this recently
-    refresh_per_tick: int = 256        # users checked and re-published per loop iteration
+    refresh_per_tick: int = 256        # users checked and re-published per loop iteration (1/8 while clicks flow)
     startup_timeout_s: float = 120.0   # bound on catching up with model-updates at start
     rebuild_timeout_s: float = 120.0   # bound on rebuilding one partition from user-vectors
 
@@ -180,6 +180,7 @@ class PublisherHandler(HandlerBase):
         self.states: dict[int, PartitionState] = {}
         self.loading: set[int] = set()
         self._dirty: dict[tuple[int, str], None] = {}      # users with clicks not yet published (ordered)
+        self._fresh_published = False  # fresh clicks were published since the last tick
         self._dirty_since = 0.0
         self._refresh: dict[tuple[int, str], None] = {}    # users to re-publish at the current version
         self._scans: deque[tuple[ModelUpdate, deque[tuple[int, str]]]] = deque()  # deltas to check users against
@@ -232,7 +233,10 @@ class PublisherHandler(HandlerBase):
             self._load_pending()
         if self._dirty and self.clock() - self._dirty_since >= self.options.flush_ms / 1000:
             self._publish_dirty()
-        self._refresh_some()
+        # Fresh clicks first: while they keep coming, re-publication after a model update goes on
+        # at a trickle (it still always progresses), and at full speed once the clicks pause.
+        busy, self._fresh_published = self._fresh_published, False
+        self._refresh_some(self.options.refresh_per_tick // 8 if busy else self.options.refresh_per_tick)
 
     def flush(self, offsets: object) -> None:
         """Publish what is pending and wait until it is durable; a failed send blocks the commit."""
@@ -258,8 +262,9 @@ class PublisherHandler(HandlerBase):
             self._scans.append((update, deque(active)))
         self._gauges()
 
-    def _refresh_some(self) -> None:
-        budget = self.options.refresh_per_tick
+    def _refresh_some(self, budget: int) -> None:
+        budget = max(1, budget)
+        limit = budget
         while self._scans and budget > 0:
             update, candidates = self._scans[0]
             chunk = [candidates.popleft() for _ in range(min(budget, len(candidates)))]
@@ -271,7 +276,7 @@ class PublisherHandler(HandlerBase):
             if not candidates:
                 self._scans.popleft()
         if self._refresh:
-            keys = list(self._refresh)[: self.options.refresh_per_tick]
+            keys = list(self._refresh)[:limit]
             for k in keys:
                 del self._refresh[k]
             self._publish(keys, "model_update")
@@ -283,6 +288,7 @@ class PublisherHandler(HandlerBase):
         if not self._dirty:
             return
         keys, self._dirty = list(self._dirty), {}
+        self._fresh_published = True
         for k in keys:
             self._refresh.pop(k, None)  # published at the current version now
         size = self.options.flush_users
