@@ -36,12 +36,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from streamrecall.consumers.role_options import role_options
 from streamrecall.errors import ConfigError
 from streamrecall.events import Item, UserVector
 from streamrecall.index import EntryMeta, ItemIndex
 from streamrecall.metrics import IndexerMetrics
 from streamrecall.model.config import ModelConfig
 from streamrecall.model.replica import TowerReplica
+from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +77,8 @@ class IndexerConfig:
                 raise ConfigError(f"indexer.{f.name}: must be an integer, got {value!r}")
 
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any]) -> "IndexerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"indexer.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
-        return cls(**raw)
+    def from_settings(cls, settings: Settings) -> "IndexerConfig":
+        return role_options(cls, settings, "indexer")
 
 
 @dataclass(frozen=True, slots=True)

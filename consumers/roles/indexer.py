@@ -237,7 +237,7 @@ class IndexerRole:
                  version_metrics: ModelVersionMetrics = MODEL_VERSION) -> None:
         self.settings = settings
         self.start = start
-        self.config = IndexerConfig.from_mapping(dict(settings.extra.get(ROLE, {})))
+        self.config = IndexerConfig.from_settings(settings)
         self.metrics = metrics if metrics is not None else role_metrics(IndexerMetrics)
         root = settings.role_state_dir(ROLE)
         loaded = indexer_snapshot.load(root) if start.kind == "committed" else None

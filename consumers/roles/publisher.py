@@ -19,7 +19,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -27,6 +27,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import DeadLetterSink
+from streamrecall.consumers.role_options import role_options
 from streamrecall.consumers.runtime import HandlerBase, Record
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import TopicReader
@@ -58,20 +59,9 @@ class PublisherOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PublisherOptions":
-        raw = dict(settings.extra.get("publisher", {}))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"publisher.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
-        try:
-            options = cls(**{k: type(getattr(cls, k))(v) for k, v in raw.items()})
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"publisher: {exc}") from None
-        if not 0 <= options.flush_ms <= MAX_FLUSH_MS:
+        options = role_options(cls, settings, ROLE, may_be_zero=("flush_ms",))
+        if options.flush_ms > MAX_FLUSH_MS:
             raise ConfigError(f"publisher.flush_ms: must be from 0 to {MAX_FLUSH_MS}, got {options.flush_ms}")
-        for f in fields(cls):
-            if f.name != "flush_ms" and getattr(options, f.name) <= 0:
-                raise ConfigError(f"publisher.{f.name}: must be > 0, got {getattr(options, f.name)!r}")
         return options
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -26,6 +26,7 @@ from kafka import KafkaProducer, TopicPartition
 
 from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
 from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.role_options import role_options
 from streamrecall.consumers.runtime import HandlerBase, Record
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import ItemTable, TopicReader
@@ -60,19 +61,7 @@ class TrainerOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TrainerOptions":
-        raw = dict(settings.extra.get("trainer", {}))
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise ConfigError(f"trainer.{unknown[0]}: unknown setting (known: {', '.join(known)})")
-        try:
-            options = cls(**{k: type(getattr(cls, k))(v) for k, v in raw.items()})
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"trainer: {exc}") from None
-        for f in fields(cls):
-            if getattr(options, f.name) <= 0:
-                raise ConfigError(f"trainer.{f.name}: must be > 0, got {getattr(options, f.name)!r}")
-        return options
+        return role_options(cls, settings, ROLE)
 
 
 class UpdateSink(Protocol):

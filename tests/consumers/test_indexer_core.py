@@ -14,6 +14,7 @@ from streamrecall.events import Click, Item
 from streamrecall.index import QualityMonitor
 from streamrecall.metrics import IndexerMetrics
 from streamrecall.model import ModelConfig, OnlineTrainer, decode_update
+from streamrecall.settings import Settings
 
 MODEL = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
 
@@ -138,9 +139,9 @@ def test_cap_per_category_keeps_rank_order():
 
 
 def test_indexer_config_refuses_unknown_and_bad_values():
-    assert IndexerConfig.from_mapping({"snapshot_interval_s": 5}).snapshot_interval_s == 5
+    assert IndexerConfig.from_settings(Settings(extra={"indexer": {"snapshot_interval_s": 5}})).snapshot_interval_s == 5
     with pytest.raises(ConfigError, match="unknown"):
-        IndexerConfig.from_mapping({"snapshot_every": 5})
+        IndexerConfig.from_settings(Settings(extra={"indexer": {"snapshot_every": 5}}))
     with pytest.raises(ConfigError, match="max_k"):
         IndexerConfig(max_k=0)
     with pytest.raises(ConfigError, match="integer"):
