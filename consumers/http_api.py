@@ -22,6 +22,8 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState
+from streamrecall.consumers.scoring import (QuerySampler, QueryVector, SampledQuery, Scored, UserQuery, VectorQuery,
+                                            current_vector, rescore)
 from streamrecall.index import Hit, QualityMonitor
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,23 @@ class RecallService:
     """Answers recall queries from the index, the user vectors and the trending list."""
 
     def __init__(self, state: IndexerState, config: IndexerConfig, monitor: QualityMonitor,
-                 health: HealthFn) -> None:
+                 health: HealthFn, sampler: QuerySampler | None = None) -> None:
         self.state = state
         self.config = config
         self.monitor = monitor
         self.health = health
+        self.sampler = sampler or QuerySampler(config.overlap_sample_size)
 
     # -------------------------------------------------------------- queries
     def recall_for_user(self, user_id: str, k: int, exclude_seen: bool = False,
                         max_per_category: int | None = None) -> dict[str, Any]:
+        """Top ``k`` for a known user, scored by one model version for the user and every item.
+
+        The stored user vector is used when it was computed by the replica's current version;
+        otherwise (the publisher has not re-published the user since the last model update, or
+        is ahead of this replica) the user is encoded now from the recent items the vector
+        carries, so the user and the items always come from the same towers.
+        """
         state = self.state
         user = state.users.get(user_id)
         base = {"user_id": user_id, "k": k}
@@ -63,31 +73,49 @@ class RecallService:
         if user is None:
             return base | self._popular(k, max_per_category)
         exclude = set(user.recent_items) if exclude_seen else None
-        self.monitor.observe(user.vector)
-        hits = self.search(user.vector, k, exclude, max_per_category)
-        return base | {"route": "user-vector", "compatible": state.compatible(user.model_version),
-                       "model_versions": self._versions(user.model_version), "results": _results(hits)}
+        query = UserQuery(user_id, user)
+        scored = self.search(query, k, exclude, max_per_category)
+        self.monitor.observe(scored.vector)
+        self.sampler.offer(SampledQuery(user_id, user.recent_items, None, k, exclude, max_per_category))
+        state.metrics.user_encodes.labels("stored" if query.used_stored else "query-time").inc()
+        return base | {"route": "user-vector", "compatible": True,
+                       "user_encoded": "stored" if query.used_stored else "query-time",
+                       "model_versions": self._versions(user.model_version, scored.version),
+                       "results": _results(scored.hits, scored.version)}
 
     def recall_for_vector(self, vector: np.ndarray, k: int, max_per_category: int | None = None,
                           exclude: Iterable[str] = ()) -> dict[str, Any]:
         self.monitor.observe(vector)
-        hits = self.search(vector, k, set(exclude) or None, max_per_category)
-        return {"route": "vector", "k": k, "model_versions": self._versions(None), "results": _results(hits)}
+        excluded = set(exclude) or None
+        scored = self.search(VectorQuery(vector), k, excluded, max_per_category)
+        self.sampler.offer(SampledQuery(None, (), vector, k, excluded, max_per_category))
+        return {"route": "vector", "k": k, "model_versions": self._versions(None, scored.version),
+                "results": _results(scored.hits, scored.version)}
 
-    def search(self, vector: np.ndarray, k: int, exclude: set[str] | None,
-               max_per_category: int | None) -> list[Hit]:
-        """The index's top ``k``; with a category cap, over-fetch ×4 per round and filter in rank order."""
-        index = self.state.index
-        if max_per_category is None:
-            return index.query(vector, k, exclude=exclude)[0]
+    def search(self, query: QueryVector, k: int, exclude: set[str] | None,
+               max_per_category: int | None) -> Scored:
+        """The top ``k`` by the current towers: candidates from the graph, re-scored exactly.
+
+        The graph supplies ``rescore_factor × k`` candidates; their vectors are computed now by
+        the replica (with the user's, under one read of the towers) and ranked by exact inner
+        product. So an answer never mixes model versions, whatever the index's re-encode is
+        doing: graph vectors only decide which items are candidates. With a category cap the
+        candidate pool widens ×4 per round until ``k`` pass the cap.
+        """
+        state, index = self.state, self.state.index
         live = len(index)
-        limit = min(live, max(MIN_OVERFETCH, k * MAX_OVERFETCH_FACTOR))
-        fetch = min(live, 4 * k)
+        fetch = min(live, max(k, math.ceil(k * self.config.rescore_factor)))
+        limit = min(live, max(MIN_OVERFETCH, k * MAX_OVERFETCH_FACTOR)) if max_per_category is not None else fetch
+        vector = current_vector(state, query)
         while True:
             hits = index.query(vector, fetch, exclude=exclude)[0]
-            kept = cap_per_category(hits, k, max_per_category, lambda h: h.categories)
+            scored = rescore(state, query, hits)
+            vector = scored.vector
+            if max_per_category is None:
+                return scored.top(k)
+            kept = cap_per_category(scored.hits, k, max_per_category, lambda h: h.categories)
             if len(kept) >= k or len(hits) < fetch or fetch >= limit:
-                return kept
+                return scored.with_hits(kept)
             fetch = min(limit, fetch * 4)
 
     def _popular(self, k: int, max_per_category: int | None) -> dict[str, Any]:
@@ -109,9 +137,10 @@ class RecallService:
                     "categories": list(m.categories)} for n, (i, s, m) in enumerate(rows[:k])]
         return {"route": route, "model_versions": self._versions(None), "results": results}
 
-    def _versions(self, user_version: int | None) -> dict[str, Any]:
+    def _versions(self, user_version: int | None, scored: int | None = None) -> dict[str, Any]:
         state = self.state
-        return {"user_vector": user_version, "index": state.replica.version, "index_epoch": state.served_epoch}
+        return {"user_vector": user_version, "scored": state.replica.version if scored is None else scored,
+                "index": state.replica.version, "index_epoch": state.served_epoch}
 
     # --------------------------------------------------------------- items
     def item(self, item_id: str, with_vector: bool = False) -> dict[str, Any] | None:
@@ -151,8 +180,9 @@ def cap_per_category(rows: Sequence[Any], k: int, cap: int, categories: Callable
     return out
 
 
-def _results(hits: Sequence[Hit]) -> list[dict[str, Any]]:
-    return [{"rank": n + 1, "item_id": h.item_id, "score": round(h.score, 6), "model_version": h.model_version,
+def _results(hits: Sequence[Hit], version: int) -> list[dict[str, Any]]:
+    """Scores come from model ``version`` (the re-scoring), whichever version the graph holds."""
+    return [{"rank": n + 1, "item_id": h.item_id, "score": round(h.score, 6), "model_version": version,
              "categories": list(h.categories)} for n, h in enumerate(hits)]
 
 

@@ -13,7 +13,9 @@ by this role: the poll loop holds it for one micro-batch of items (encode + upse
 model update, the background re-encoder for one bounded batch. So an item is never
 re-encoded from content the poll loop has just replaced, nor written with a tower halfway
 through an update. Queries never take it: the index is safe to query while it is written
-(see docs/index.md), and the user table is replaced entry by entry.
+(see docs/index.md), and the user table is replaced entry by entry. Queries encode with the
+towers (``consumers/scoring.py``) under ``model_lock`` for reading; applying an update holds
+it for writing, so a query never sees a half-applied update.
 
 **Model versions.** An update after which every vector changes (a full update, or a delta
 with new dense layers) starts a new *epoch*. Vectors of one epoch share one space (the dense
@@ -39,7 +41,7 @@ import numpy as np
 from streamrecall.consumers.role_options import role_options
 from streamrecall.errors import ConfigError
 from streamrecall.events import Item, UserVector
-from streamrecall.index import EntryMeta, ItemIndex
+from streamrecall.index import EntryMeta, ItemIndex, RWLock
 from streamrecall.metrics import IndexerMetrics
 from streamrecall.model.config import ModelConfig
 from streamrecall.model.replica import TowerReplica
@@ -67,6 +69,11 @@ class IndexerConfig:
     ef: int = 64                        # HNSW search breadth
     M: int = 16                         # HNSW graph degree
     ef_construction: int = 200
+    rescore_factor: float = 2.0         # graph candidates per result, re-scored by the current towers (>= 1)
+    rebuild_interval_s: float = 5.0     # after dense changes, rebuild the graph at most this often
+    overlap_interval_s: float = 30.0    # serving-overlap measurement this often (background thread)
+    overlap_sample_size: int = 32       # latest live queries asked again per measurement
+    overlap_max_items: int = 200_000    # no overlap measurement above this many items (it encodes them all)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -75,6 +82,8 @@ class IndexerConfig:
                 raise ConfigError(f"indexer.{f.name}: must be a positive number, got {value!r}")
             if f.type == "int" and not isinstance(value, int):
                 raise ConfigError(f"indexer.{f.name}: must be an integer, got {value!r}")
+        if self.rescore_factor < 1:
+            raise ConfigError(f"indexer.rescore_factor: must be >= 1, got {self.rescore_factor!r}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "IndexerConfig":
@@ -113,6 +122,9 @@ class IndexerState:
         self.catalog: dict[str, Item] = {}
         self.users: dict[str, UserEntry] = {}
         self.lock = threading.RLock()
+        # The towers: applying an update writes them, query-time encodes read them (queries never
+        # take ``lock``). Writers take it inside ``lock``; it is not reentrant.
+        self.model_lock = RWLock()
         self.epochs: list[int] = [0]    # versions that started an epoch (0: the seeded weights)
         self.served_epoch = 0           # the epoch whose re-encode into the index is complete
         self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied

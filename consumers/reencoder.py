@@ -4,10 +4,14 @@ The poll loop applies a model update to the replica and hands the re-encode here
 keeps indexing new items while this thread works, and queries are served throughout:
 
 * **new epoch** (full update or new dense layers: every vector is stale) — the index is
-  rebuilt into a fresh graph beside the live one, with the stale items encoded by the new
-  tower, and swapped in atomically (``ItemIndex.reencode`` with a rebuild threshold of 0;
-  writes made meanwhile are replayed onto the fresh graph). A newer epoch arriving
-  mid-build abandons the build: the next one redoes everything anyway.
+  rebuilt into a fresh graph beside the live one, with the stale items encoded by the
+  towers as they are while it builds, and swapped in atomically (``ItemIndex.reencode`` with
+  a rebuild threshold of 0; writes made meanwhile are replayed onto the fresh graph). Dense
+  layers may change with every update, so rebuilds start at most every
+  ``rebuild_interval_s``, and a build runs to its end even when newer epochs arrive
+  meanwhile (the next build takes them): abandoning builds would mean never finishing one.
+  Answers do not wait for it: the API re-scores graph candidates with the current towers
+  (``consumers/scoring.py``), so the graph's lag only decides which items are candidates.
 * **delta** (sparse rows only) — ``TowerReplica.items_touched`` picks the items whose id or
   content-token rows changed; only those are re-encoded and upserted in place.
 
@@ -48,7 +52,7 @@ class Job:
 
 
 class _Superseded(Exception):
-    """A newer epoch (or shutdown) made the running rebuild pointless."""
+    """Shutdown, or a newer epoch for a delta's in-place re-encode, made the running job pointless."""
 
 
 class Reencoder:
@@ -62,6 +66,7 @@ class Reencoder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="indexer-reencoder", daemon=True)
         self._last_quality = time.monotonic()
+        self._last_rebuild = float("-inf")  # when the last rebuild started (monotonic)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -97,7 +102,7 @@ class Reencoder:
                 first = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            for job in self._coalesce(first):
+            for job in self._coalesce([first]):
                 self._run(job)
 
     # ----------------------------------------------------------------- loop
@@ -108,16 +113,21 @@ class Reencoder:
             except queue.Empty:
                 self._maybe_measure()
                 continue
-            jobs = self._coalesce(job)
+            jobs = self._coalesce([job])
+            wait = self._last_rebuild + self.state.config.rebuild_interval_s - time.monotonic()
+            if jobs[0].everything and wait > 0:  # a rebuild is due later: take what arrives meanwhile too
+                if self._stop.wait(wait):
+                    return
+                jobs = self._coalesce(jobs)
             for j in jobs:
                 if self._stop.is_set():
                     return
                 self._run(j)
             self._maybe_measure()
 
-    def _coalesce(self, first: Job) -> list[Job]:
-        """Everything queued; work before the last new-epoch job is dropped (that rebuild redoes it)."""
-        jobs = [first]
+    def _coalesce(self, jobs: list[Job]) -> list[Job]:
+        """``jobs`` and everything queued; work before the last new-epoch job is dropped (that rebuild redoes it)."""
+        jobs = list(jobs)
         while True:
             try:
                 jobs.append(self._jobs.get_nowait())
@@ -143,8 +153,8 @@ class Reencoder:
             log.exception("re-encode for version %d failed; its items keep their previous vectors", job.version)
             self._done(1)
             return
-        if job.everything and self.state.current_epoch == job.version:
-            self.state.served_epoch = job.version
+        if job.everything:  # the graph now holds this epoch (or a later one's vectors, built meanwhile)
+            self.state.served_epoch = max(self.state.served_epoch, job.version)
         self.settled_version = max(self.settled_version, job.version)
         self._done(1)
         log.info("re-encode for version %d done: %d item(s) in %.1fs (%s)", job.version, n,
@@ -158,8 +168,10 @@ class Reencoder:
     def _rebuild(self, version: int) -> int:
         state = self.state
 
+        self._last_rebuild = time.monotonic()
+
         def encode(ids: list[str]) -> np.ndarray:
-            if self._stop.is_set() or state.current_epoch != version:
+            if self._stop.is_set():
                 raise _Superseded()
             with state.lock:
                 # An id missing from the catalog was deleted after the build began; the index

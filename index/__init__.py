@@ -4,6 +4,7 @@ No Kafka here: the indexer role (``streamrecall.consumers``) feeds it.
 """
 
 from .errors import IndexStoreError, InvalidInputError, RebuildInProgressError, SnapshotError
+from ._rwlock import RWLock
 from .hnsw import EncodeFn, ItemIndex
 from .quality import QualityMonitor, QualityReport, measure_quality
 from .types import Entry, EntryMeta, Hit
@@ -18,6 +19,7 @@ __all__ = [
     "ItemIndex",
     "QualityMonitor",
     "QualityReport",
+    "RWLock",
     "RebuildInProgressError",
     "SnapshotError",
     "measure_quality",

@@ -247,13 +247,16 @@ def status(settings: Settings, wait: bool, timeout: float) -> None:
 @click.option("--synthetic-clicks", default=40_000, show_default=True)
 @click.option("--seed", default=7, show_default=True)
 @click.option("--id-buckets", default=1 << 16, show_default=True, help="Model id-table rows for this run.")
-@click.option("--no-peers", is_flag=True, help="Skip the peers (most-popular, no-logQ).")
+@click.option("--no-peers", is_flag=True, help="Skip the costly peer: a second live system without logQ (model offline and most-popular always run).")
+@click.option("--option", "role_options", multiple=True, metavar="TABLE.KEY=VALUE",
+              help="A settings-file value for the roles under test, e.g. trainer.dense_every_s=30 or "
+                   "model.temperature=0.1 (repeatable; numbers and true/false).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="State and logs of the run (default: a temporary directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(items_file: Path | None, clicks_file: Path | None, k: int, warmup: float, n_chunks: int,
              synthetic_items: int, synthetic_users: int, synthetic_clicks: int, seed: int, id_buckets: int,
-             no_peers: bool, work_dir: Path | None, as_json: bool) -> None:
+             no_peers: bool, role_options: tuple[str, ...], work_dir: Path | None, as_json: bool) -> None:
     """Prequential (test-then-train) HR@K / Recall@K of the live system against peers, same chunks."""
     import json
     import tempfile
@@ -268,10 +271,11 @@ def evaluate(items_file: Path | None, clicks_file: Path | None, k: int, warmup: 
         events = ev.load_jsonl(items_file, clicks_file)
     else:
         events = list(ev.synthetic_events(synthetic_items, synthetic_users, synthetic_clicks, seed))
-    model = {"id_buckets": id_buckets, "estimator_buckets": id_buckets}
+    tables = ev.parse_options(role_options)
+    model = {"id_buckets": id_buckets, "estimator_buckets": id_buckets, **tables.pop("model", {})}
     with tempfile.TemporaryDirectory(prefix="streamrecall-eval-") as tmp:
         result = ev.evaluate(events, k=k, warmup_share=warmup, n_chunks=n_chunks, state_dir=work_dir or Path(tmp),
-                             model=model, peers=not no_peers)
+                             model=model, peers=not no_peers, options=tables)
     click.echo(json.dumps(result, indent=2) if as_json else ev.format_table(result))
 
 

@@ -5,7 +5,13 @@ through real role processes. After a warm-up share, it proceeds in chunks: befor
 chunk is produced, recall is asked for every user in it; a click is a hit when its item
 is in that user's top K. Items the user clicked before are excluded from every
 candidate list, so re-clicks are not scored. Peers are computed in the same run on the
-same chunks: most-popular-so-far, and the same system with the logQ correction off.
+same chunks: most-popular-so-far, the same system with the logQ correction off, and
+"model offline": the same model config trained in this process on the same clicks in the
+same order and scored by exact search at the same points — the ceiling the live system
+should reach. ``serving_skew`` is the live system's HR over the offline model's.
+
+Every recommender is asked for enough candidates that dropping the items the user clicked
+before still leaves K, so no list shrinks after the fact.
 """
 
 from __future__ import annotations
@@ -108,6 +114,63 @@ class PopularPeer:
         return [i for i, _ in candidates if i not in seen and i not in self.deleted][:k]
 
 
+class OfflinePeer:
+    """The same model config trained in this process on the same clicks, in the same order and in
+    the trainer role's batch size, scored by exact search over every live item: the ceiling the
+    live system should reach (what serving loses is live HR / this HR)."""
+
+    def __init__(self, model: dict[str, Any], batch_size: int) -> None:
+        from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory
+
+        self.trainer = OnlineTrainer(ModelConfig(**model))
+        self.catalog = ItemCatalog()
+        self.history = RecentHistory(self.trainer.config.history_len)
+        self.batch_size = batch_size
+        self._buffer: list[Any] = []
+
+    def observe(self, events: Iterable[Event]) -> None:
+        from streamrecall.events import Click, Item
+
+        for topic, _, v in events:
+            if topic == "items":
+                item = msgspec.convert(v, Item)
+                if item.deleted:
+                    self.catalog.delete(item.item_id)
+                else:
+                    self.catalog.upsert(item)
+                continue
+            self._buffer.append(msgspec.convert(v, Click))
+            if len(self._buffer) >= self.batch_size:
+                self._train()
+        self._train()  # the trainer role trains a partial batch once it waited max_batch_wait_ms
+
+    def _train(self) -> None:
+        if not self._buffer:
+            return
+        clicks, self._buffer = self._buffer, []
+        histories = self.history.before_each(clicks)
+        self.trainer.step(self.trainer.make_batch(clicks, self.catalog, histories))
+
+    def tops(self, users: list[str], k: int, seen: dict[str, set[str]]) -> dict[str, list[str]]:
+        import torch
+
+        ids = list(self.catalog.keys())
+        if not ids or not users:
+            return {u: [] for u in users}
+        model, feat = self.trainer.model, self.trainer.featurizer
+        with torch.no_grad():
+            items = model.item(feat.encode_items([self.catalog[i] for i in ids]))
+            vecs = model.user(feat.users(users, [self.history.get(u) for u in users]))
+            scores = vecs @ items.T
+        out = {}
+        for row, user in enumerate(users):
+            user_seen = seen.get(user, set())
+            fetch = min(len(ids), k + len(user_seen))
+            top = torch.topk(scores[row], fetch).indices.tolist()
+            out[user] = [ids[j] for j in top if ids[j] not in user_seen][:k]
+        return out
+
+
 def score_chunk(score: Score, chunk: list[Event], tops: dict[str, list[str]], seen: dict[str, set[str]],
                 stream: Stream) -> None:
     """Score the chunk's clicks against the top lists asked for before it was produced."""
@@ -150,13 +213,23 @@ def system_top(system: LocalSystem, user: str, k: int, seen: set[str]) -> list[s
 
 
 def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int, state_dir: Path,
-             model: dict[str, Any], peers: bool = True, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Run the prequential evaluation; returns the object `evaluate --json` prints."""
+             model: dict[str, Any], peers: bool = True, timeout_s: float = 600.0,
+             options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run the prequential evaluation; returns the object `evaluate --json` prints.
+
+    ``options`` are role tables of the settings file (``{"trainer": {...}}``) for the live roles;
+    the offline model trains in the trainer's batch size.
+    """
+    from streamrecall.consumers.roles.trainer import TrainerOptions
+
+    options = options or {}
+    batch_size = int(options.get("trainer", {}).get("batch_size", TrainerOptions().batch_size))
     stream = prepare(events)
     warmup, parts = chunks(stream.events, warmup_share, n_chunks)
     systems: dict[str, LocalSystem] = {}
-    scores = {"system": Score(), "most_popular": Score(), "no_logq": Score()}
+    scores = {"system": Score(), "model_offline": Score(), "most_popular": Score(), "no_logq": Score()}
     popular = PopularPeer()
+    offline = OfflinePeer({**model, "logq": True}, batch_size)
     seen: dict[str, set[str]] = defaultdict(set)
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -167,40 +240,66 @@ def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int,
             variants["no_logq"] = {**model, "logq": False}
         for name, m in variants.items():
             systems[name] = stack.enter_context(LocalSystem(state_dir / name, bootstrap_servers=broker.bootstrap_servers,
-                                                            model=m, name=name.replace("_", "-")))
+                                                            model=m, name=name.replace("_", "-"), options=options))
         for name, system in systems.items():
             if not system.wait_healthy(timeout_s):
                 raise StreamrecallError(f"{name}: the indexer did not become healthy in {timeout_s:.0f}s")
-        _feed(systems, warmup, popular, seen, timeout_s)
+        _feed(systems, warmup, [popular, offline], seen, timeout_s)
         for i, chunk in enumerate(parts):
             users = sorted({v["user_id"] for t, _, v in chunk if t == "clicks"})
             for name, system in systems.items():
                 tops = {u: system_top(system, u, k, seen[u]) for u in users}
                 score_chunk(scores[name], chunk, tops, seen, stream)
-            if peers:
-                tops = {u: popular.top(k, seen[u]) for u in users}
-                score_chunk(scores["most_popular"], chunk, tops, seen, stream)
-            _feed(systems, chunk, popular, seen, timeout_s)
+            score_chunk(scores["model_offline"], chunk, offline.tops(users, k, seen), seen, stream)
+            score_chunk(scores["most_popular"], chunk, {u: popular.top(k, seen[u]) for u in users}, seen, stream)
+            _feed(systems, chunk, [popular, offline], seen, timeout_s)
             log.info("chunk %d/%d scored (%d users) after %.0fs", i + 1, len(parts), len(users),
                      time.monotonic() - started)
     out = scores["system"].as_dict(k)
-    out["peers"] = {name: scores[name].as_dict(k) for name in ("most_popular", "no_logq") if peers}
+    names = ("model_offline", "most_popular", "no_logq") if peers else ("model_offline", "most_popular")
+    out["peers"] = {name: scores[name].as_dict(k) for name in names}
+    offline_hr = out["peers"]["model_offline"]["hr_at_k"]
+    out["serving_skew"] = round(out["hr_at_k"] / offline_hr, 4) if out["hr_at_k"] is not None and offline_hr else None
     out["stream"] = {"events": len(stream.events), "warmup_events": len(warmup), "chunks": len(parts),
                      "seconds": round(time.monotonic() - started, 1)}
     return out
 
 
-def _feed(systems: dict[str, LocalSystem], events: list[Event], popular: PopularPeer,
+def _feed(systems: dict[str, LocalSystem], events: list[Event], peers: list[Any],
           seen: dict[str, set[str]], timeout_s: float) -> None:
     for system in systems.values():
         system.produce(events)
-    popular.observe(events)
+    for peer in peers:
+        peer.observe(events)
     for topic, _, v in events:
         if topic == "clicks":
             seen[v["user_id"]].add(v["item_id"])
     for name, system in systems.items():
         if not system.wait_caught_up(timeout_s):
             raise StreamrecallError(f"{name}: roles did not catch up within {timeout_s:.0f}s")
+
+
+def parse_options(pairs: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``["trainer.batch_size=256", "model.logq=false"]`` → ``{"trainer": {"batch_size": 256}, ...}``."""
+    tables: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        table, dot, key = name.strip().partition(".")
+        if not sep or not dot or not table or not key:
+            raise StreamrecallError(f"option {pair!r}: expected TABLE.KEY=VALUE, e.g. trainer.batch_size=256")
+        value: Any = raw.strip()
+        if value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        else:
+            try:
+                value = int(value)
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise StreamrecallError(f"option {pair!r}: the value must be a number or true/false") from None
+        tables.setdefault(table, {})[key] = value
+    return tables
 
 
 def synthetic_events(n_items: int, n_users: int, n_clicks: int, seed: int) -> Iterator[Event]:
@@ -215,5 +314,6 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{'recommender':<22}" + "".join(f"{k:>20}" for k in keys)]
     for name, r in rows:
         lines.append(f"{name:<22}" + "".join(f"{'-' if r[k] is None else r[k]:>20}" for k in keys))
+    lines.append(f"serving_skew (live HR / model offline HR) = {result.get('serving_skew')}")
     lines.append(f"K = {result['k']}; stream: {result['stream']}")
     return "\n".join(lines)

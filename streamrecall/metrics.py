@@ -111,6 +111,19 @@ class IndexerMetrics:
                                   registry=registry)
         self.snapshot_time = Gauge("streamrecall_index_snapshot_timestamp_seconds",
                                    "Unix time of the last durable index snapshot.", registry=registry)
+        self.user_encodes = Counter("streamrecall_query_user_vectors_total",
+                                    "User vectors /recall scored with, by source: the stored one (made by the "
+                                    "current model version) or one encoded at query time by this replica.",
+                                    ["source"], registry=registry)
+        for source in ("stored", "query-time"):
+            self.user_encodes.labels(source)
+        self.serving_overlap = Gauge("streamrecall_serving_overlap_at_k",
+                                     "Sampled live queries asked again: share of the exact top-K (a fresh encode "
+                                     "of the catalog by the current towers) that the served top-K holds.",
+                                     registry=registry)
+        self.serving_overlap.set(float("nan"))  # not measured yet: no alert fires, dashboards show a gap
+        self.serving_overlap_queries = Counter("streamrecall_serving_overlap_queries_total",
+                                               "Queries the serving-overlap monitor asked again.", registry=registry)
 
 
 class PublisherMetrics:

@@ -41,6 +41,7 @@ from streamrecall.consumers.clients import make_consumer
 from streamrecall.consumers.http_api import RecallApi, RecallService
 from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
 from streamrecall.consumers.reencoder import Job, Reencoder
+from streamrecall.consumers.scoring import ServingMonitor
 from streamrecall.consumers.runtime import HandlerBase, Record
 from streamrecall.consumers.start import StartPosition
 from streamrecall.errors import StreamrecallError
@@ -171,7 +172,7 @@ class IndexerHandler(HandlerBase):
         the snapshot's index already holds their vectors).
         """
         state = self.state
-        with state.lock:
+        with state.lock, state.model_lock.write():
             applied = state.replica.apply(update)  # ModelUpdateError (wrong model) → dead letter
         if applied.status == "gap":
             log.warning("model update v%d (base v%d) at model-updates[%d]@%d does not follow v%d: skipped; "
@@ -258,6 +259,8 @@ class IndexerRole:
                                       snapshot_loaded=loaded is not None)
         self.api: RecallApi | None = None
         self.service = RecallService(self.state, self.config, self.monitor, self.health)
+        self.serving_monitor = ServingMonitor(self.service, self.service.sampler, self.config.overlap_interval_s,
+                                              self.config.overlap_max_items)
         self.restored = False
         if start.kind == "committed":
             self._prepare_resume(resume)
@@ -349,11 +352,13 @@ class IndexerRole:
         stack.callback(self.api.stop)
 
     def begin(self) -> None:
-        """Start the background re-encoder (after the replay queued its work)."""
+        """Start the background re-encoder (after the replay queued its work) and the serving monitor."""
         self.reencoder.start()
+        self.serving_monitor.start()
 
     def close(self) -> None:
-        """Stop the re-encoder, then write the final snapshot."""
+        """Stop the background threads, then write the final snapshot."""
+        self.serving_monitor.stop()
         self.reencoder.stop()
         try:
             self.handler.snapshot()
@@ -371,7 +376,10 @@ class IndexerRole:
             reasons.append("lag not measured yet")
         elif total > self.config.ready_max_lag:
             reasons.append(f"lag {total} records is above {self.config.ready_max_lag}")
-        body = {"ready": not reasons, "reasons": reasons, "items": len(state.index),
+        # Settled: this replica has read every model update there is and its re-encode is done, so
+        # its graph holds the current model's vectors (answers are version-consistent regardless).
+        settled = lag is not None and lag.get("model-updates", 0) == 0 and self.reencoder.idle
+        body = {"ready": not reasons, "reasons": reasons, "settled": settled, "items": len(state.index),
                 "model_version": state.replica.version, "served_epoch": state.served_epoch,
                 "settled_version": self.reencoder.settled_version, "reencode_pending": self.reencoder.pending,
                 "user_vectors": len(state.users), "lag": total, "lag_by_topic": lag,

@@ -6,7 +6,9 @@
   ``flush_users`` are pending) and sent to the compacted ``user-vectors`` topic.
 - ``model-updates`` (a side reader: every publisher applies every update, from the last
   full one): on a new version, recently active users are re-published in the background,
-  ``refresh_per_tick`` at a time (only those the update touches, for a sparse delta).
+  ``refresh_per_tick`` at a time (only those the update touches, for a sparse delta), in
+  rounds at most every ``refresh_interval_s``. The indexer does not wait for them: it encodes
+  a user whose stored vector is of another version at query time.
 - State moves with a partition: a newly assigned clicks partition is rebuilt from the
   same-numbered partition of ``user-vectors`` (its ``recent_items`` are the history), and
   replayed clicks at or before a user's ``event_ts`` there are skipped.
@@ -54,6 +56,7 @@ class PublisherOptions:
     history_users: int = 200_000       # users kept per clicks partition (least recently active forgotten)
     refresh_active_s: float = 3600.0   # after a model update, re-publish users active this recently
     refresh_per_tick: int = 256        # users checked and re-published per loop iteration (1/8 while clicks flow)
+    refresh_interval_s: float = 10.0   # re-publication rounds start at most this often (updates come every flush)
     startup_timeout_s: float = 120.0   # bound on catching up with model-updates at start
     rebuild_timeout_s: float = 120.0   # bound on rebuilding one partition from user-vectors
 
@@ -174,6 +177,8 @@ class PublisherHandler(HandlerBase):
         self._dirty_since = 0.0
         self._refresh: dict[tuple[int, str], None] = {}    # users to re-publish at the current version
         self._scans: deque[tuple[ModelUpdate, deque[tuple[int, str]]]] = deque()  # deltas to check users against
+        self._last_round = float("-inf")  # when the last re-publication round started (clock s)
+        self._round_due = False           # an update arrived since, within refresh_interval_s of it
 
     # --- partitions -------------------------------------------------------------------------
     def assigned(self, partitions: set[TopicPartition]) -> None:
@@ -219,6 +224,8 @@ class PublisherHandler(HandlerBase):
 
     def tick(self) -> None:
         self.poll_updates()
+        if self._round_due and self.clock() - self._last_round >= self.options.refresh_interval_s:
+            self._start_round(None, True)
         if self.loading:
             self._load_pending()
         if self._dirty and self.clock() - self._dirty_since >= self.options.flush_ms / 1000:
@@ -241,11 +248,24 @@ class PublisherHandler(HandlerBase):
 
     # --- model updates ----------------------------------------------------------------------
     def on_model_update(self, update: ModelUpdate, applied: Applied) -> None:
-        """Queue the re-publishing of recently active users at the new version."""
+        """Queue the re-publishing of recently active users at the new version.
+
+        The trainer publishes an update at every flush, so rounds are rate-limited: an update
+        within ``refresh_interval_s`` of the last round only marks one due, and the round that
+        ``tick`` starts later re-publishes every active user (the deltas it covers are merged).
+        """
         self.version_metrics.version.labels(ROLE).set(self.replica.version)
+        if self.clock() - self._last_round < self.options.refresh_interval_s:
+            self._round_due = True
+            return
+        self._start_round(update, applied.reencode_all)
+
+    def _start_round(self, update: ModelUpdate | None, everything: bool) -> None:
+        self._last_round = self.clock()
+        self._round_due = False
         since = self.clock() - self.options.refresh_active_s
         active = [(p, u) for p, st in self.states.items() for u in st.active_since(since)]
-        if applied.reencode_all:
+        if everything or update is None:
             self._scans.clear()
             self._refresh.update(dict.fromkeys(active))
         elif active:

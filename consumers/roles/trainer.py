@@ -4,9 +4,16 @@
   a partial batch is trained once its oldest click waited ``max_batch_wait_ms``.
 - ``items`` is read whole by every trainer as a table (a side reader, from the beginning at
   start, then non-blocking polls in ``tick``); clicks on items not in it train on the id.
-- A model update goes to ``model-updates`` every ``publish_every_steps`` steps or
-  ``publish_every_s`` seconds, whichever comes first; every ``full_every``-th is full, and
-  so is the first one of each process (at start when a checkpoint was restored).
+- A model update goes to ``model-updates`` at every runtime flush that follows training
+  (every ``flush_interval_ms``, 200 ms by default), and every ``publish_every_steps`` steps
+  while a backlog is trained. Each carries the sparse rows touched since the previous one and,
+  at most every ``dense_every_s``, the dense layers; one every ``full_every_s`` is full, and so
+  is the first one of each process (at start when a checkpoint was restored).
+- **What a commit means.** ``flush`` trains what is buffered, publishes and waits for the
+  broker's acknowledgement before the runtime commits the click offsets, so a committed click
+  is one whose learning is on ``model-updates``: zero lag on the trainer's group means
+  replicas can have everything the trainer knows. A failed publish blocks the commit
+  (``TransientError``: the runtime pauses and retries) and makes the next update full.
 - Model, estimator, optimiser state, trending, histories and the next click offsets to read
   are one checkpoint file, written atomically every ``checkpoint_every_s`` (from the
   runtime's ``flush``) and at shutdown. A restart resumes clicks from the checkpoint's
@@ -31,7 +38,7 @@ from streamrecall.consumers.runtime import HandlerBase, Record
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import ItemTable, TopicReader
 from streamrecall.consumers.updates import MAX_UPDATE_BYTES, last_version, update_headers
-from streamrecall.errors import ConfigError
+from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Decoder, Item
 from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, TrainerMetrics, role_metrics
 from streamrecall.model import ItemLike, OnlineTrainer, RecentHistory
@@ -52,16 +59,16 @@ class TrainerOptions:
 
     batch_size: int = 1024             # clicks per training step, at most
     max_batch_wait_ms: int = 200       # a partial batch is trained after its oldest click waited this long
-    publish_every_steps: int = 20      # publish a model update after this many steps...
-    publish_every_s: float = 5.0       # ...or this many seconds (with at least one step), whichever first
-    full_every: int = 12               # every Nth update is full (dense layers + every trained row)
+    publish_every_steps: int = 20      # while a backlog is trained, publish after this many steps (and at every flush)
+    dense_every_s: float = 0.0         # dense layers travel at most this often (0: in every update)
+    full_every_s: float = 60.0         # a full update (dense layers + every trained row) at most this often
     checkpoint_every_s: float = 30.0   # checkpoint at the first flush this long after the last one
     history_users: int = 500_000       # users whose recent clicks are kept (LRU beyond)
     startup_timeout_s: float = 120.0   # bound on reading the items table at start
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TrainerOptions":
-        return role_options(cls, settings, ROLE)
+        return role_options(cls, settings, ROLE, may_be_zero=("dense_every_s",))
 
 
 class UpdateSink(Protocol):
@@ -127,11 +134,11 @@ class TrainerHandler(HandlerBase):
         self._buffer: list[Click] = []
         self._buffer_since = 0.0
         self._steps_since_publish = 0
-        self._updates_since_full = 0
         self._force_full = False
         self._checkpointed: tuple[int, dict[int, int]] | None = None  # (clicks trained, offsets) last stored
         now = clock()
-        self._last_publish = now
+        self._last_full = now
+        self._last_dense = now
         self._last_checkpoint = now
 
     # --- state ------------------------------------------------------------------------
@@ -181,10 +188,19 @@ class TrainerHandler(HandlerBase):
         self._maybe_publish()
 
     def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Cheap unless a checkpoint is due: then train what is buffered and checkpoint, so the
-        offsets stored are exactly those of the clicks the stored model was trained on."""
+        """Train what is buffered, publish it and wait for the acknowledgement (so the commit that
+        follows covers only published learning); checkpoint when due, so the offsets stored are
+        exactly those of the clicks the stored model was trained on."""
         self.offsets.update({tp.partition: o for tp, o in offsets.items() if tp.topic == self.clicks_topic})
         self.side_flush()
+        self._train_buffer()
+        if self._steps_since_publish or self._force_full:
+            self.publish()
+        self.sink.flush()
+        if self.sink.failed():
+            self._force_full = True
+            raise TransientError("a model update was not acknowledged; the click offsets it covers stay "
+                                 "uncommitted and the next update is full")
         if self.clock() - self._last_checkpoint >= self.options.checkpoint_every_s:
             if self._buffer or self._checkpointed != (self.clicks_trained, self.offsets):
                 self.checkpoint()
@@ -226,23 +242,23 @@ class TrainerHandler(HandlerBase):
     def _maybe_publish(self) -> None:
         if self.sink.failed():
             self._force_full = True
-        if not self._steps_since_publish:
-            return
-        due_steps = self._steps_since_publish >= self.options.publish_every_steps
-        due_time = self.clock() - self._last_publish >= self.options.publish_every_s
-        if due_steps or due_time:
+        if self._steps_since_publish >= self.options.publish_every_steps:
             self.publish()
 
     def publish(self) -> int:
         """Export and send the next model update; returns its version."""
-        full = self._force_full or self._updates_since_full + 1 >= self.options.full_every
-        data = self.trainer.export_update(full=full)
+        now = self.clock()
+        full = self._force_full or now - self._last_full >= self.options.full_every_s
+        dense = now - self._last_dense >= self.options.dense_every_s
+        data = self.trainer.export_update(full=full, dense=dense)
         kind = _kind_of(data)  # the trainer may decide full itself (first export after start/restore)
         self.sink.send(data, kind, self.trainer.version)
-        self._updates_since_full = 0 if kind == "full" else self._updates_since_full + 1
+        if kind == "full":
+            self._last_full = now
+        if kind == "full" or dense:
+            self._last_dense = now
         self._force_full = False
         self._steps_since_publish = 0
-        self._last_publish = self.clock()
         self.metrics.updates_published.labels(kind).inc()
         self.metrics.update_bytes.observe(len(data))
         self.version_metrics.version.labels(ROLE).set(self.trainer.version)

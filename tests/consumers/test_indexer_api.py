@@ -56,7 +56,8 @@ def test_user_vector_route_with_exclude_seen_and_category_cap(api):
     status, body = call(server, "GET", "/recall?user_id=u1&k=5")
     assert status == 200 and body["route"] == "user-vector" and body["compatible"] is True
     assert body["results"][0]["item_id"] == "i7" and len(body["results"]) == 5
-    assert body["model_versions"] == {"user_vector": 0, "index": 0, "index_epoch": 0}
+    assert body["model_versions"] == {"user_vector": 0, "scored": 0, "index": 0, "index_epoch": 0}
+    assert body["user_encoded"] == "stored"
     status, body = call(server, "GET", "/recall?user_id=u1&k=5&exclude_seen=1")
     assert "i7" not in [r["item_id"] for r in body["results"]] and len(body["results"]) == 5
     status, body = call(server, "GET", "/recall?user_id=u1&k=3&max_per_category=1")

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.roles.trainer import TrainerHandler, TrainerOptions
 from streamrecall.consumers.runtime import Record
-from streamrecall.errors import ConfigError
+from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Item
 from streamrecall.metrics import ModelVersionMetrics, TrainerMetrics
 from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, decode_update
@@ -93,9 +93,11 @@ def test_unknown_items_are_trained_on_and_counted(make_handler):
     assert handler.metrics.examples._value.get() == 13
 
 
-def test_updates_every_n_steps_first_full_then_deltas_with_a_full_every_m(make_handler):
-    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=2, full_every=3)
-    handler.handle(clicks(4 * 12))
+def test_updates_every_n_steps_first_full_then_deltas_with_a_full_every_t_seconds(make_handler):
+    handler, sink, clock = make_handler(batch_size=4, publish_every_steps=2, full_every_s=10.0)
+    handler.handle(clicks(4 * 6))
+    clock.t += 10
+    handler.handle(clicks(4 * 6, start=24))
     updates = [decode_update(data) for data, _, _ in sink.sent]
     assert [u.version for u in updates] == [1, 2, 3, 4, 5, 6]
     assert [u.kind for u in updates] == ["full", "delta", "delta", "full", "delta", "delta"]
@@ -104,25 +106,36 @@ def test_updates_every_n_steps_first_full_then_deltas_with_a_full_every_m(make_h
     assert all(u.base_version == u.version - 1 for u in updates)
 
 
-def test_updates_every_t_seconds_when_steps_are_few(make_handler):
-    handler, sink, clock = make_handler(batch_size=4, publish_every_steps=100, publish_every_s=5.0)
-    handler.handle(clicks(4))
-    handler.tick()
-    assert sink.sent == []
+def test_dense_layers_travel_in_every_delta_by_default_else_at_most_every_dense_every_s(make_handler):
+    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=1)
+    handler.handle(clicks(12))
+    assert [decode_update(d).dense_changed for d, _, _ in sink.sent] == [True, True, True]
+    handler, sink, clock = make_handler(batch_size=4, publish_every_steps=1, dense_every_s=5.0)
+    handler.handle(clicks(12))
     clock.t += 5
-    handler.tick()
-    assert len(sink.sent) == 1
-    clock.t += 5
-    handler.tick()
-    assert len(sink.sent) == 1, "no steps, no update"
+    handler.handle(clicks(4, start=12))
+    assert [decode_update(d).dense_changed for d, _, _ in sink.sent] == [True, False, False, True]
 
 
-def test_a_failed_send_makes_the_next_update_full(make_handler):
-    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=1, full_every=100)
+def test_flush_trains_the_buffer_and_publishes_it_before_the_commit(make_handler):
+    handler, sink, _ = make_handler(batch_size=100, publish_every_steps=100)
+    handler.handle(clicks(7))
+    assert sink.sent == [] and handler.clicks_trained == 0
+    handler.flush({TopicPartition(TOPIC, 0): 7})
+    assert handler.clicks_trained == 7 and len(sink.sent) == 1
+    handler.flush({TopicPartition(TOPIC, 0): 7})
+    assert len(sink.sent) == 1, "nothing new trained, nothing published"
+
+
+def test_a_failed_send_blocks_the_commit_and_makes_the_next_update_full(make_handler):
+    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=1, full_every_s=1e6)
     handler.handle(clicks(8))
     assert [k for _, k, _ in sink.sent] == ["full", "delta"]
-    sink.fail_next = True
     handler.handle(clicks(4, start=8))
+    sink.fail_next = True
+    with pytest.raises(TransientError):
+        handler.flush({TopicPartition(TOPIC, 0): 12})
+    handler.flush({TopicPartition(TOPIC, 0): 12})  # the runtime's retry
     assert [k for _, k, _ in sink.sent][-1] == "full"
 
 
@@ -165,8 +178,8 @@ def test_shutdown_trains_publishes_and_checkpoints(make_handler):
 
 
 def test_options_come_from_the_trainer_table_and_are_checked():
-    s = Settings(extra={"trainer": {"batch_size": "64", "publish_every_s": 2}})
-    assert TrainerOptions.from_settings(s) == TrainerOptions(batch_size=64, publish_every_s=2.0)
+    s = Settings(extra={"trainer": {"batch_size": "64", "full_every_s": 2, "dense_every_s": 0}})
+    assert TrainerOptions.from_settings(s) == TrainerOptions(batch_size=64, full_every_s=2.0, dense_every_s=0.0)
     with pytest.raises(ConfigError, match="trainer.bogus"):
         TrainerOptions.from_settings(Settings(extra={"trainer": {"bogus": 1}}))
     with pytest.raises(ConfigError, match="trainer.batch_size"):

@@ -29,7 +29,7 @@ LIVENESS_PATH = {"indexer": "/metrics", "trainer": "/metrics", "publisher": "/me
 EXPECTED_ALERTS = {
     "StreamrecallRoleDown", "StreamrecallConsumerLagHigh", "StreamrecallFreshnessSLOBreached",
     "StreamrecallDeadLetterRateHigh", "StreamrecallModelUpdatesStalled", "StreamrecallIndexRecallLow",
-    "StreamrecallCheckpointStale",
+    "StreamrecallCheckpointStale", "StreamrecallServingOverlapLow",
 }
 
 

@@ -66,7 +66,7 @@ def scale() -> Scale:
 #: kills land between durable points.
 MODEL = {"id_buckets": 8192, "token_buckets": 8192, "estimator_buckets": 8192}
 OPTIONS = {
-    "trainer": {"batch_size": 256, "publish_every_steps": 10, "publish_every_s": 2.0, "full_every": 6,
+    "trainer": {"batch_size": 256, "publish_every_steps": 10, "full_every_s": 3.0,
                 "checkpoint_every_s": 2.0},
     "indexer": {"snapshot_interval_s": 2, "ef_construction": 64, "quality_interval_s": 60},
 }

@@ -204,8 +204,10 @@ def test_model_update_reencodes_every_item_while_queries_answer(settings_factory
         health = get(url, "/healthz")[1]
         assert health["model_version"] == 1 and health["served_epoch"] == 1
         status, body = get(url, "/recall?user_id=u1&k=5")
-        assert body["model_versions"] == {"user_vector": 0, "index": 1, "index_epoch": 1}
-        assert body["compatible"] is False  # a v0 user vector against a v1 index: said, not hidden
+        assert body["model_versions"] == {"user_vector": 0, "scored": 1, "index": 1, "index_epoch": 1}
+        # a v0 user vector against a v1 index: the user is encoded again by the v1 towers
+        assert body["user_encoded"] == "query-time" and body["compatible"] is True
+        assert health["settled"] is True
         status, body = get(url, "/recall?user_id=someone-else&k=3")
         update = decode_update(full)
         trending = [i for i, _ in update.trending]
