@@ -46,6 +46,7 @@ class TowerReplica:
         self.model = TwoTower(self.config).eval()
         self.featurizer = Featurizer(self.config)
         self.version = 0
+        self.trained_through_ms = 0  # newest click event time the applied model trained on
         self.trending: list[tuple[str, float]] = []
 
     def apply(self, update: ModelUpdate) -> Applied:
@@ -67,6 +68,7 @@ class TowerReplica:
                 for name, p in self.model.dense().items():
                     p.copy_(update.dense[name])
         self.version = update.version
+        self.trained_through_ms = max(self.trained_through_ms, update.trained_through_ms)
         self.trending = list(update.trending)
         return Applied("applied", self.version, update.kind, update.kind == "full" or update.dense_changed)
 

@@ -6,7 +6,7 @@ header::
     {"format": "streamrecall.model-update", "format_version": 1,
      "version": 7, "base_version": 6, "kind": "delta", "dense_changed": false,
      "model": {"dim": 64, "hidden": 128, "id_buckets": ..., "token_buckets": ..., "max_tokens": 64, "seed": 0},
-     "steps": 12345, "created_at_ms": 1700000000000,
+     "steps": 12345, "created_at_ms": 1700000000000, "trained_through_ms": 1700000000000,
      "trending": [["item-42", 0.0123], ...]}
 
 Tensors: ``dense/<name>`` (float32, every dense parameter) when ``dense_changed``;
@@ -61,6 +61,7 @@ class ModelUpdate:
     trending: list[tuple[str, float]] = field(default_factory=list)
     steps: int = 0
     created_at_ms: int = 0
+    trained_through_ms: int = 0  # newest click event time the model has trained on (0: unknown)
 
     def changed_rows(self, table: str) -> torch.Tensor:
         """(n,) int64 rows of ``table`` carried by this update (empty if none)."""
@@ -92,6 +93,7 @@ def encode_update(update: ModelUpdate) -> bytes:
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": update.version,
               "base_version": update.base_version, "kind": update.kind, "dense_changed": update.dense_changed,
               "model": dict(update.model), "steps": update.steps, "created_at_ms": update.created_at_ms,
+              "trained_through_ms": update.trained_through_ms,
               "trending": [[k, float(v)] for k, v in update.trending]}
     data = dumps(tensors, header)
     decode_update(data)  # refuse to publish what a consumer would refuse
@@ -126,7 +128,8 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_UPDATE_BYTES) -> 
         raise ModelUpdateError(f"unexpected tensor {leftover[0]!r}")
     return ModelUpdate(version=h["version"], base_version=h["base_version"], kind=h["kind"],
                        dense_changed=h["dense_changed"], model=model, dense=dense, sparse=sparse,
-                       trending=h["trending"], steps=h["steps"], created_at_ms=h["created_at_ms"])
+                       trending=h["trending"], steps=h["steps"], created_at_ms=h["created_at_ms"],
+                       trained_through_ms=h["trained_through_ms"])
 
 
 def _int(header: dict[str, Any], name: str, minimum: int) -> int:
@@ -169,7 +172,9 @@ def _check_header(header: dict[str, Any]) -> dict[str, Any]:
         pairs.append((pair[0], float(pair[1])))
     return {"version": version, "base_version": base, "kind": kind, "dense_changed": dense_changed,
             "model": checked, "trending": pairs, "steps": _int(header, "steps", 0),
-            "created_at_ms": _int(header, "created_at_ms", 0)}
+            "created_at_ms": _int(header, "created_at_ms", 0),
+            # optional: updates written before the field existed read as 0 (unknown)
+            "trained_through_ms": _int(header, "trained_through_ms", 0) if "trained_through_ms" in header else 0}
 
 
 def _check_dense(tensors: dict[str, torch.Tensor], model: dict[str, int], dense_changed: bool) -> dict[str, torch.Tensor]:

@@ -6,8 +6,12 @@ because some brokers (Tansu) under-count "latest" by up to one record batch.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 import click
 from kafka import TopicPartition
@@ -88,4 +92,32 @@ def print_status(settings: Settings, wait: bool = False, timeout_s: float = 300.
         committed = "-" if r.committed is None else str(r.committed)
         click.echo(f"{r.group:<32} {r.topic:<28} {r.partition:>4} {committed:>10} {r.high:>10} {r.lag:>8}")
     click.echo(f"total lag: {total:,}")
+    click.echo(settled_line(settings, total))
     return total == 0
+
+
+def indexer_health(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """The indexer's /healthz body at the configured address (None when it does not answer)."""
+    url = f"http://{settings.http_host}:{settings.port_for('indexer')}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # 503 while not ready: the body still says what it serves
+        try:
+            return json.loads(e.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
+def settled_line(settings: Settings, total_lag: int) -> str:
+    """Whether the whole system serves what the trainer knows: every group at zero lag (the
+    trainer commits a click once the update that learned from it is acknowledged) and the
+    indexer settled (every update applied, re-encode done)."""
+    health = indexer_health(settings)
+    if health is None:
+        return f"settled: unknown (no indexer answers at {settings.http_host}:{settings.port_for('indexer')})"
+    settled = total_lag == 0 and bool(health.get("settled"))
+    return (f"settled: {'yes' if settled else 'no'} (indexer at model v{health.get('model_version')}, "
+            f"re-encode pending {health.get('reencode_pending')}, total lag {total_lag:,})")

@@ -381,6 +381,7 @@ class IndexerRole:
         settled = lag is not None and lag.get("model-updates", 0) == 0 and self.reencoder.idle
         body = {"ready": not reasons, "reasons": reasons, "settled": settled, "items": len(state.index),
                 "model_version": state.replica.version, "served_epoch": state.served_epoch,
+                "model_trained_through_ms": state.replica.trained_through_ms,
                 "settled_version": self.reencoder.settled_version, "reencode_pending": self.reencoder.pending,
                 "user_vectors": len(state.users), "lag": total, "lag_by_topic": lag,
                 "snapshot_loaded": self.handler.snapshot_loaded}

@@ -130,6 +130,7 @@ class TrainerHandler(HandlerBase):
         self.history = RecentHistory(trainer.config.history_len, options.history_users)
         self.offsets: dict[int, int] = {}   # next click offset to read, per partition, as of the last flush
         self.clicks_trained = 0             # clicks that went through a training step, over all restarts
+        self.trained_through_ms = 0         # newest click event time trained on (travels in every update)
         self.restored = False
         self._buffer: list[Click] = []
         self._buffer_since = 0.0
@@ -157,6 +158,7 @@ class TrainerHandler(HandlerBase):
             log.warning("checkpoint was taken on topic %r, not %r: its offsets are ignored",
                         extra.get("clicks_topic"), self.clicks_topic)
         self.clicks_trained = int(extra.get("clicks_trained", 0))
+        self.trained_through_ms = int(extra.get("trained_through_ms", 0))
         self.restored = True
         self._checkpointed = (self.clicks_trained, dict(self.offsets))
         log.info("restored %s: version %d, %d steps, %d clicks trained, next offsets %s", self.checkpoint_path,
@@ -229,6 +231,7 @@ class TrainerHandler(HandlerBase):
         result = self.trainer.step(batch)
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.clicks_trained += len(clicks)
+        self.trained_through_ms = max(self.trained_through_ms, max(c.ts for c in clicks))
         self._steps_since_publish += 1
         m = self.metrics
         m.steps.inc()
@@ -250,7 +253,7 @@ class TrainerHandler(HandlerBase):
         now = self.clock()
         full = self._force_full or now - self._last_full >= self.options.full_every_s
         dense = now - self._last_dense >= self.options.dense_every_s
-        data = self.trainer.export_update(full=full, dense=dense)
+        data = self.trainer.export_update(full=full, dense=dense, trained_through_ms=self.trained_through_ms)
         kind = _kind_of(data)  # the trainer may decide full itself (first export after start/restore)
         self.sink.send(data, kind, self.trainer.version)
         if kind == "full":
@@ -270,7 +273,8 @@ class TrainerHandler(HandlerBase):
         self._train_buffer()
         extra = {"format": EXTRA_FORMAT, "clicks_topic": self.clicks_topic,
                  "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
-                 "clicks_trained": self.clicks_trained, "history": self.history.to_json()}
+                 "clicks_trained": self.clicks_trained, "trained_through_ms": self.trained_through_ms,
+                 "history": self.history.to_json()}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         self.trainer.checkpoint(self.checkpoint_path, extra)
         self._last_checkpoint = self.clock()

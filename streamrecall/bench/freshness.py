@@ -12,6 +12,9 @@ Phases (``--phases``, default all):
   publisher; freshness is the click's event time → the first vector of its user covering it,
   read back from the ``user-vectors`` topic by a plain consumer (re-publications after a model
   update carry an older click's event time and are counted apart).
+- ``model``: clicks at ``--model-click-rate``/s through all three roles; freshness is the
+  click's event time → the first moment the indexer serves a model trained on it (its
+  ``/healthz`` ``model_trained_through_ms``, polled every 50 ms, reaches the click's time).
 - ``trainer``: a backlog of clicks; the trainer's clicks/s from Kafka until its lag is zero,
   as a ratio to raw kafka-python consumption of the same topic in this run.
 """
@@ -23,6 +26,7 @@ import random
 import tempfile
 import threading
 import time
+from collections import deque
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -272,6 +276,63 @@ def clicks_phase(system: LocalSystem, click_rate: float, seconds: float, n_users
     ]
 
 
+def model_phase(system: LocalSystem, click_rate: float, seconds: float, n_users: int, n_items: int) -> list[Result]:
+    """Click event time → the indexer serving a model that trained on it."""
+    settings = system.settings
+    assert settings is not None
+    pending: deque[int] = deque()  # event times of produced clicks, in order, not yet served
+    latencies: list[float] = []
+    seen_at: list[float] = []
+    started = time.monotonic()
+    stop = threading.Event()
+    url = system.api() + "/healthz"
+
+    def poll() -> None:
+        while not stop.wait(0.05):
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    body = json.loads(r.read())
+            except urllib.error.HTTPError as e:  # 503 while lagging: the body still says what is served
+                body = json.loads(e.read())
+            except OSError:
+                continue
+            through = int(body.get("model_trained_through_ms") or 0)
+            now_ms = time.time() * 1000
+            while pending and pending[0] <= through:
+                latencies.append((now_ms - pending.popleft()) / 1000.0)
+                seen_at.append(time.monotonic() - started)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    rng = random.Random(5)
+    topic = settings.topics.clicks
+
+    def produce(i: int) -> None:
+        user = f"bench-user-{rng.randrange(n_users)}"
+        ts = int(time.time() * 1000)
+        system.produce_raw(topic, user.encode(), msgspec.json.encode(
+            {"user_id": user, "item_id": f"fresh-{rng.randrange(n_items)}", "ts": ts}))
+        pending.append(ts)
+
+    n = _Paced(click_rate, seconds).run(produce)
+    system.flush()
+    deadline = time.monotonic() + 10
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    poller.join(timeout=10)
+    steady = [lat for lat, at in zip(latencies, seen_at) if at >= WARMUP_S]
+    s50, s99 = percentiles(steady)
+    p50, p99 = percentiles(latencies)
+    return [
+        result(f"click produced → trained → served by the indexer, after the first {WARMUP_S:.0f} s, p50", "s", s50),
+        result(f"click produced → trained → served by the indexer, after the first {WARMUP_S:.0f} s, p99", "s", s99,
+               extra=f"{len(steady)} clicks"),
+        result("click produced → trained → served by the indexer, p99", "s", p99,
+               extra=f"{len(latencies)} of {n} clicks at {click_rate:g}/s served within the run (+10 s); p50 {p50:.3f}"),
+    ]
+
+
 def trainer_phase(system: LocalSystem, n: int) -> list[Result]:
     from streamrecall.bench.ingest import _raw_consume
 
@@ -300,20 +361,21 @@ def trainer_phase(system: LocalSystem, n: int) -> list[Result]:
 
 
 @click.command("freshness")
-@click.option("--phases", default="items,indexing,clicks,trainer", show_default=True)
+@click.option("--phases", default="items,indexing,clicks,model,trainer", show_default=True)
 @click.option("--seconds", default=60.0, show_default=True, help="Length of each paced phase.")
 @click.option("--item-rate", default=1000.0, show_default=True, help="Items per second (items phase).")
 @click.option("--query-rate", default=200.0, show_default=True, help="Queries per second (items phase).")
 @click.option("--click-rate", default=5000.0, show_default=True, help="Clicks per second (clicks phase).")
+@click.option("--model-click-rate", default=1000.0, show_default=True, help="Clicks per second (model phase).")
 @click.option("--backlog", default=50_000, show_default=True, help="Backlog size (indexing, trainer phases).")
 @click.option("--sample-every", default=10, show_default=True, help="Poll every Nth item for freshness.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @json_option
-def command(phases: str, seconds: float, item_rate: float, query_rate: float, click_rate: float, backlog: int,
-            sample_every: int, work_dir: Path | None, as_json: bool) -> None:
+def command(phases: str, seconds: float, item_rate: float, query_rate: float, click_rate: float,
+            model_click_rate: float, backlog: int, sample_every: int, work_dir: Path | None, as_json: bool) -> None:
     """Freshness (item → searchable, click → user vector) and role throughput against the raw libraries."""
     wanted = [p for p in phases.split(",") if p]
-    unknown = set(wanted) - {"items", "indexing", "clicks", "trainer"}
+    unknown = set(wanted) - {"items", "indexing", "clicks", "model", "trainer"}
     if unknown:
         raise click.UsageError(f"--phases: unknown {sorted(unknown)}")
     results: list[Result] = []
@@ -332,6 +394,11 @@ def command(phases: str, seconds: float, item_rate: float, query_rate: float, cl
                              name="fresh-clicks") as system:
                 wait_assigned(system, ["trainer", "publisher"])
                 results += clicks_phase(system, click_rate, seconds, n_users=20_000, n_items=2_000)
+        if "model" in wanted:
+            with LocalSystem(root / "model", model=MODEL, name="fresh-model") as system:
+                system.wait_healthy(120)
+                wait_assigned(system, ["trainer", "publisher", "indexer"])
+                results += model_phase(system, model_click_rate, seconds, n_users=20_000, n_items=2_000)
         if "trainer" in wanted:
             # The trainer alone: on two cores a publisher beside it would halve its share.
             with LocalSystem(root / "trainer", roles=["trainer"], model=MODEL, name="fresh-trainer") as system:

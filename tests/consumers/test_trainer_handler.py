@@ -123,6 +123,7 @@ def test_flush_trains_the_buffer_and_publishes_it_before_the_commit(make_handler
     assert sink.sent == [] and handler.clicks_trained == 0
     handler.flush({TopicPartition(TOPIC, 0): 7})
     assert handler.clicks_trained == 7 and len(sink.sent) == 1
+    assert decode_update(sink.sent[0][0]).trained_through_ms == 1_700_000_000_006, "the newest click trained on"
     handler.flush({TopicPartition(TOPIC, 0): 7})
     assert len(sink.sent) == 1, "nothing new trained, nothing published"
 

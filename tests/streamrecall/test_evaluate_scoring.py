@@ -42,3 +42,30 @@ def test_chunks_cover_the_stream_after_warmup():
     warm, parts = chunks(events, 0.3, 3)
     assert len(warm) == 3 and sum(len(p) for p in parts) == 7 and len(parts) == 3
     assert warm + [e for p in parts for e in p] == events
+
+
+def test_the_offline_peer_trains_in_the_trainer_batch_size_and_never_returns_seen_items():
+    from streamrecall.evaluate import OfflinePeer
+
+    model = {"dim": 8, "hidden": 8, "id_buckets": 256, "token_buckets": 256, "estimator_buckets": 256}
+    peer = OfflinePeer(model, batch_size=4)
+    items = [("items", f"i{j}", {"item_id": f"i{j}", "created_at": 0, "categories": [f"c{j % 3}"]})
+             for j in range(12)]
+    peer.observe(items + [click("u", f"i{j % 5}", j) for j in range(10)])
+    assert peer.trainer.steps == 3, "two full batches of 4, then the partial one before scoring"
+    tops = peer.tops(["u", "new"], 5, {"u": {"i0", "i1"}})
+    assert len(tops["u"]) == 5 and not {"i0", "i1"} & set(tops["u"])
+    assert len(tops["new"]) == 5
+
+
+def test_role_options_parse_to_tables_with_typed_values():
+    import pytest
+
+    from streamrecall.errors import StreamrecallError
+    from streamrecall.evaluate import parse_options
+
+    assert parse_options(["trainer.batch_size=256", "model.logq=false", "indexer.rescore_factor=1.5"]) == {
+        "trainer": {"batch_size": 256}, "model": {"logq": False}, "indexer": {"rescore_factor": 1.5}}
+    for bad in ("batch_size=1", "trainer.batch_size", "trainer.x=abc"):
+        with pytest.raises(StreamrecallError):
+            parse_options([bad])

@@ -1,0 +1,43 @@
+"""`streamrecall status`'s settled line, against a real HTTP server answering /healthz."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+from prometheus_client import CollectorRegistry
+
+from streamrecall.broker import free_port
+from streamrecall.consumers.http_api import RecallApi, RecallService
+from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState
+from streamrecall.index import QualityMonitor
+from streamrecall.metrics import IndexerMetrics
+from streamrecall.model import ModelConfig
+from streamrecall.settings import Settings
+from streamrecall.status import settled_line
+
+MODEL = ModelConfig(dim=8, hidden=8, id_buckets=64, token_buckets=64, estimator_buckets=64)
+
+
+def serving(health: dict) -> tuple[ExitStack, Settings]:
+    state = IndexerState(IndexerConfig(), MODEL, IndexerMetrics(CollectorRegistry()))
+    service = RecallService(state, state.config, QualityMonitor(state.index), lambda: (True, health))
+    api = RecallApi(service, "127.0.0.1", 0, poll_interval_s=0.02)
+    stack = ExitStack()
+    api.start()
+    stack.callback(api.stop)
+    return stack, Settings(http_host="127.0.0.1", http_port=api.address[1])
+
+
+def test_settled_needs_zero_lag_everywhere_and_the_indexer_settled():
+    stack, settings = serving({"settled": True, "model_version": 7, "reencode_pending": 0})
+    with stack:
+        assert settled_line(settings, 0).startswith("settled: yes (indexer at model v7")
+        assert settled_line(settings, 3).startswith("settled: no")
+    stack, settings = serving({"settled": False, "model_version": 7, "reencode_pending": 2})
+    with stack:
+        assert settled_line(settings, 0).startswith("settled: no") and "pending 2" in settled_line(settings, 0)
+
+
+def test_without_an_indexer_settled_is_unknown():
+    line = settled_line(Settings(http_host="127.0.0.1", http_port=free_port()), 0)
+    assert line.startswith("settled: unknown")
