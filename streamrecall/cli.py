@@ -31,6 +31,7 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--log-level", "log_level", click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), "Log level."),
     ("--max-value-bytes", "max_value_bytes", int, "Larger values are dead-lettered as oversized."),
     ("--flush-interval-ms", "flush_interval_ms", int, "Flush side effects and commit at least this often."),
+    ("--torch-threads", "torch_threads", int, "Intra-op torch threads per role process (raise on dedicated cores)."),
     ("--security-protocol", "security_protocol",
      click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]), "Kafka security protocol."),
     ("--sasl-mechanism", "sasl_mechanism", str, "SASL mechanism (PLAIN, SCRAM-SHA-256, ...)."),

@@ -82,6 +82,10 @@ class Settings:
     # Batching of the poll loop: a flush + commit happens at least this often.
     max_poll_records: int = 2000
     flush_interval_ms: int = 200
+    # Intra-op threads of torch in each role process. 1 by default: several roles, a broker and
+    # HTTP threads share a machine, and oversubscribed torch threads spin (measured: a 50-click
+    # training step took 26 ms with 1 thread, 790 ms with 2, on two busy cores; docs/operations.md).
+    torch_threads: int = 1
     # Kafka security, passed through to kafka-python unchanged.
     security_protocol: SecurityProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None
@@ -114,6 +118,7 @@ class Settings:
         _check_range("max_value_bytes", self.max_value_bytes, 1024, 64 << 20)
         _check_range("max_poll_records", self.max_poll_records, 1, 100_000)
         _check_range("flush_interval_ms", self.flush_interval_ms, 1, 60_000)
+        _check_range("torch_threads", self.torch_threads, 1, 1024)
         if self.http_port is not None:
             _check_range("http_port", self.http_port, 0, 65535)
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:

@@ -17,6 +17,9 @@ def available_roles() -> list[str]:
 def run_role(role: str, settings: Settings, start: StartPosition) -> None:
     if role not in available_roles():
         raise StreamrecallError(f"role {role!r} is not implemented in this version (available: {available_roles()})")
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
     module = importlib.import_module(f"streamrecall.consumers.roles.{role}")
     settings.log_effective(role)
     module.run(settings, start)

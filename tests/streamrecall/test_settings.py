@@ -76,3 +76,14 @@ def test_help_shows_environment_variables():
     assert result.exit_code == 0
     assert "STREAMRECALL_BOOTSTRAP_SERVERS" in result.output
     assert "STREAMRECALL_STATE_DIR" in result.output
+
+
+def test_torch_threads_default_to_one_and_are_checked():
+    import pytest
+
+    from streamrecall.errors import ConfigError
+    from streamrecall.settings import Settings
+
+    assert Settings().torch_threads == 1
+    with pytest.raises(ConfigError, match="torch_threads"):
+        Settings(torch_threads=0)
