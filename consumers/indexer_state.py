@@ -73,7 +73,7 @@ class IndexerConfig:
     rebuild_interval_s: float = 5.0     # after dense changes, rebuild the graph at most this often
     overlap_interval_s: float = 30.0    # serving-overlap measurement this often (background thread)
     overlap_sample_size: int = 32       # latest live queries asked again per measurement
-    overlap_max_items: int = 200_000    # no overlap measurement above this many items (it encodes them all)
+    overlap_max_items: int = 50_000     # no overlap measurement above this many items (it encodes them all)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -144,8 +144,9 @@ class ServingMonitor:
 
     1.0 means the system serves exactly what its model knows; what lowers it is the graph (its
     approximate search, or vectors its re-encode has not refreshed yet) missing candidates.
-    Runs on its own thread every ``interval_s``; skipped above ``max_items`` live items (the
-    exact side encodes the catalog under one read of the towers).
+    Runs on its own thread every ``interval_s``; skipped above ``max_items`` live items: the
+    exact side encodes the whole catalog under one read of the towers, during which an update
+    waits, and so do queries behind it (about 2.5 ms per 1,000 items on one core).
     """
 
     service: "RecallService"
@@ -196,10 +197,12 @@ class ServingMonitor:
         for _ in range(3):  # an update between the two sides: ask again
             query: QueryVector = UserQuery(q.user_id, entry) if entry is not None else VectorQuery(q.vector)
             served = self.service.search(query, q.k, q.exclude, q.max_per_category)
+            # A copy of the catalog taken without state.lock: the poll loop takes state.lock and then
+            # the towers for writing, so waiting for state.lock while reading the towers could deadlock.
+            items = [it for it in list(state.catalog.values()) if not q.exclude or it.item_id not in q.exclude]
             with state.model_lock.read():
                 if state.replica.version != served.version:
                     continue
-                items = [it for it in list(state.catalog.values()) if not q.exclude or it.item_id not in q.exclude]
                 vectors = state.replica.encode_items(items) if items else None
                 vector = query.at(state.replica)
             if vectors is None:
