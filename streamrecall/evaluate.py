@@ -5,10 +5,15 @@ through real role processes. After a warm-up share, it proceeds in chunks: befor
 chunk is produced, recall is asked for every user in it; a click is a hit when its item
 is in that user's top K. Items the user clicked before are excluded from every
 candidate list, so re-clicks are not scored. Peers are computed in the same run on the
-same chunks: most-popular-so-far, the same system with the logQ correction off, and
-"model offline": the same model config trained in this process on the same clicks in the
-same order and scored by exact search at the same points — the ceiling the live system
-should reach. ``serving_skew`` is the live system's HR over the offline model's.
+same chunks: "model offline" (the same model config trained in this process on the same
+clicks in the same order, scored by exact search at the same points — the ceiling the live
+system should reach), item-to-item co-occurrence over each user's last clicks (item-CF),
+most-popular so far, most-popular over the last clicks, and the same live system with the
+logQ correction off. ``serving_skew`` is the live system's HR over the offline model's.
+
+Head and tail are defined from click counts *before* each chunk, never the stream's future:
+the head is the 10% most clicked live items so far. Each recommender also reports HR by
+popularity decile, catalog coverage@K and the share of its slots that went to the head.
 
 Every recommender is asked for enough candidates that dropping the items the user clicked
 before still leaves K, so no list shrinks after the fact.
@@ -18,8 +23,9 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +43,15 @@ Event = tuple[str, str, dict[str, Any]]
 HOUR_MS = 3_600_000
 #: Largest k the indexer answers; candidate lists are over-fetched up to it to drop seen items.
 MAX_FETCH = 1000
+#: The peers, in the order tables show them; no_logq is a second live system (skipped by --no-peers).
+PEERS = ("model_offline", "item_cf", "most_popular", "recent_popular", "no_logq")
+#: Clicks the recent-popular peer counts.
+RECENT_WINDOW = 5_000
 
 
 @dataclass
 class Score:
-    """Hit and recall counts of one recommender over the scored clicks."""
+    """Hit and recall counts of one recommender over the scored clicks, and where its slots went."""
 
     hits: int = 0
     scored: int = 0
@@ -51,20 +61,46 @@ class Score:
     cold_scored: int = 0
     recall_sum: float = 0.0
     recall_n: int = 0
+    decile_hits: list[int] = field(default_factory=lambda: [0] * 10)
+    decile_scored: list[int] = field(default_factory=lambda: [0] * 10)
+    recommended: set[str] = field(default_factory=set)  # every item that filled a slot
+    slots: int = 0
+    head_slots: int = 0
+    catalog_size: int = 0  # live items at the last chunk (the denominator of coverage)
 
     def as_dict(self, k: int) -> dict[str, Any]:
         ratio = lambda a, b: round(a / b, 4) if b else None  # noqa: E731 - tiny local helper
         return {"k": k, "hr_at_k": ratio(self.hits, self.scored), "recall_at_k": ratio(self.recall_sum, self.recall_n),
                 "tail_hr_at_k": ratio(self.tail_hits, self.tail_scored),
                 "cold_start_hr_at_k": ratio(self.cold_hits, self.cold_scored),
+                "hr_by_popularity_decile": [ratio(h, n) for h, n in zip(self.decile_hits, self.decile_scored)],
+                "coverage_at_k": ratio(len(self.recommended), self.catalog_size),
+                "head_slot_share": ratio(self.head_slots, self.slots),
                 "scored_clicks": self.scored, "tail_clicks": self.tail_scored, "cold_start_clicks": self.cold_scored}
+
+
+@dataclass(frozen=True)
+class Popularity:
+    """Click counts *before* a chunk: the head is the 10% most clicked live items so far, the tail
+    everything else (new items included); decile 0 holds the most clicked tenth."""
+
+    decile: dict[str, int]
+    head: frozenset[str]
+    live: int
+
+    @classmethod
+    def of(cls, counts: Counter[str], live: Iterable[str]) -> "Popularity":
+        ranked = sorted(live, key=lambda i: (-counts.get(i, 0), i))
+        n = max(1, len(ranked))
+        decile = {item: min(9, 10 * rank // n) for rank, item in enumerate(ranked)}
+        head = frozenset(ranked[: max(1, n // 10)])
+        return cls(decile, head, len(ranked))
 
 
 @dataclass
 class Stream:
     events: list[Event]
     created_at: dict[str, int] = field(default_factory=dict)
-    tail: set[str] = field(default_factory=set)  # items outside the 10% most clicked
 
 
 def load_jsonl(items: Path, clicks: Path) -> list[Event]:
@@ -88,11 +124,7 @@ def load_jsonl(items: Path, clicks: Path) -> list[Event]:
 def prepare(events: Iterable[Event]) -> Stream:
     events = list(events)
     created = {key: int(v["created_at"]) for topic, key, v in events if topic == "items"}
-    counts = Counter(v["item_id"] for topic, _, v in events if topic == "clicks")
-    ranked = [i for i, _ in counts.most_common()]
-    head = set(ranked[: max(1, len(ranked) // 10)])
-    tail = set(created) - head
-    return Stream(events, created, tail)
+    return Stream(events, created)
 
 
 class PopularPeer:
@@ -101,6 +133,7 @@ class PopularPeer:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.deleted: set[str] = set()
+        self.live: set[str] = set()
 
     def observe(self, events: Iterable[Event]) -> None:
         for topic, _, v in events:
@@ -108,10 +141,98 @@ class PopularPeer:
                 self.counts[v["item_id"]] += 1
             elif v.get("deleted"):
                 self.deleted.add(v["item_id"])
+                self.live.discard(v["item_id"])
+            else:
+                self.deleted.discard(v["item_id"])
+                self.live.add(v["item_id"])
+
+    def popularity(self) -> Popularity:
+        return Popularity.of(self.counts, self.live)
 
     def top(self, k: int, seen: set[str]) -> list[str]:
         candidates = heapq.nlargest(k + len(seen) + len(self.deleted), self.counts.items(), key=lambda kv: kv[1])
         return [i for i, _ in candidates if i not in seen and i not in self.deleted][:k]
+
+
+class RecentPopularPeer:
+    """Most clicked among the last ``window`` clicks (trends move; all-time counts lag them)."""
+
+    def __init__(self, window: int) -> None:
+        self.window: deque[str] = deque()
+        self.size = window
+        self.counts: Counter[str] = Counter()
+        self.deleted: set[str] = set()
+
+    def observe(self, events: Iterable[Event]) -> None:
+        for topic, _, v in events:
+            if topic == "items":
+                (self.deleted.add if v.get("deleted") else self.deleted.discard)(v["item_id"])
+                continue
+            self.window.append(v["item_id"])
+            self.counts[v["item_id"]] += 1
+            if len(self.window) > self.size:
+                old = self.window.popleft()
+                self.counts[old] -= 1
+                if not self.counts[old]:
+                    del self.counts[old]
+
+    def top(self, k: int, seen: set[str]) -> list[str]:
+        candidates = heapq.nlargest(k + len(seen) + len(self.deleted), self.counts.items(), key=lambda kv: kv[1])
+        return [i for i, _ in candidates if i not in seen and i not in self.deleted][:k]
+
+
+class ItemCFPeer:
+    """Item-to-item co-occurrence over each user's last ``history`` clicks, updated online: the
+    classic personalised "multi-route" recall that model-based recall is meant to replace.
+
+    sim(i, j) = co(i, j) / sqrt(n_i · n_j) over co-occurrences within a user's recent clicks; a
+    user's score for i is the sum of sim(i, j) over the items j in their recent clicks, using
+    each j's ``neighbours`` most similar items. Lists shorter than K are filled by popularity.
+    """
+
+    def __init__(self, history: int = 10, neighbours: int = 200) -> None:
+        self.recent: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=history))
+        self.co: dict[str, Counter[str]] = defaultdict(Counter)
+        self.n: Counter[str] = Counter()
+        self.neighbours = neighbours
+        self.popular = PopularPeer()
+        self._similar: dict[str, list[tuple[str, float]]] = {}
+
+    def observe(self, events: Iterable[Event]) -> None:
+        events = list(events)
+        self.popular.observe(events)
+        for topic, _, v in events:
+            if topic != "clicks":
+                continue
+            user, item = v["user_id"], v["item_id"]
+            recent = self.recent[user]
+            for j in set(recent):
+                if j != item:
+                    self.co[item][j] += 1
+                    self.co[j][item] += 1
+            self.n[item] += 1
+            recent.append(item)
+        self._similar.clear()  # the counts moved: neighbour lists are recomputed on demand
+
+    def _neighbours(self, j: str) -> list[tuple[str, float]]:
+        out = self._similar.get(j)
+        if out is None:
+            nj = self.n[j]
+            sims = ((i, c / math.sqrt(self.n[i] * nj)) for i, c in self.co[j].items())
+            out = self._similar[j] = heapq.nlargest(self.neighbours, sims, key=lambda t: t[1])
+        return out
+
+    def top(self, user: str, k: int, seen: set[str]) -> list[str]:
+        scores: Counter[str] = Counter()
+        for j in self.recent.get(user, ()):
+            for i, sim in self._neighbours(j):
+                scores[i] += sim
+        deleted = self.popular.deleted
+        ranked = [i for i, _ in scores.most_common() if i not in seen and i not in deleted][:k]
+        if len(ranked) < k:
+            have = set(ranked)
+            ranked += [i for i in self.popular.top(k + len(ranked), seen) if i not in have][: k - len(ranked)]
+        return ranked
 
 
 class OfflinePeer:
@@ -172,8 +293,9 @@ class OfflinePeer:
 
 
 def score_chunk(score: Score, chunk: list[Event], tops: dict[str, list[str]], seen: dict[str, set[str]],
-                stream: Stream) -> None:
-    """Score the chunk's clicks against the top lists asked for before it was produced."""
+                stream: Stream, popularity: Popularity) -> None:
+    """Score the chunk's clicks against the top lists asked for before it was produced; head, tail
+    and deciles come from the click counts before the chunk (``popularity``)."""
     clicked: dict[str, set[str]] = defaultdict(set)
     for topic, _, v in chunk:
         if topic != "clicks":
@@ -185,18 +307,26 @@ def score_chunk(score: Score, chunk: list[Event], tops: dict[str, list[str]], se
         hit = item in top
         score.scored += 1
         score.hits += hit
-        if item in stream.tail:
+        if item not in popularity.head:
             score.tail_scored += 1
             score.tail_hits += hit
+        decile = popularity.decile.get(item, 9)  # not created yet or unknown: the tail end
+        score.decile_scored[decile] += 1
+        score.decile_hits[decile] += hit
         created = stream.created_at.get(item)
         if created is not None and 0 <= v["ts"] - created <= HOUR_MS:
             score.cold_scored += 1
             score.cold_hits += hit
         clicked[user].add(item)
     for user, items in clicked.items():
-        top = set(tops.get(user, []))
+        top_list = tops.get(user, [])
+        top = set(top_list)
         score.recall_sum += len(items & top) / len(items)
         score.recall_n += 1
+        score.recommended |= top
+        score.slots += len(top_list)
+        score.head_slots += sum(1 for i in top_list if i in popularity.head)
+    score.catalog_size = popularity.live
 
 
 def chunks(events: list[Event], warmup_share: float, n_chunks: int) -> tuple[list[Event], list[list[Event]]]:
@@ -227,9 +357,12 @@ def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int,
     stream = prepare(events)
     warmup, parts = chunks(stream.events, warmup_share, n_chunks)
     systems: dict[str, LocalSystem] = {}
-    scores = {"system": Score(), "model_offline": Score(), "most_popular": Score(), "no_logq": Score()}
+    scores = {name: Score() for name in ("system", *PEERS)}
     popular = PopularPeer()
+    recent = RecentPopularPeer(RECENT_WINDOW)
+    item_cf = ItemCFPeer()
     offline = OfflinePeer({**model, "logq": True}, batch_size)
+    local = [popular, recent, item_cf, offline]
     seen: dict[str, set[str]] = defaultdict(set)
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -244,20 +377,24 @@ def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int,
         for name, system in systems.items():
             if not system.wait_healthy(timeout_s):
                 raise StreamrecallError(f"{name}: the indexer did not become healthy in {timeout_s:.0f}s")
-        _feed(systems, warmup, [popular, offline], seen, timeout_s)
+        _feed(systems, warmup, local, seen, timeout_s)
         for i, chunk in enumerate(parts):
             users = sorted({v["user_id"] for t, _, v in chunk if t == "clicks"})
+            pop = popular.popularity()
             for name, system in systems.items():
                 tops = {u: system_top(system, u, k, seen[u]) for u in users}
-                score_chunk(scores[name], chunk, tops, seen, stream)
-            score_chunk(scores["model_offline"], chunk, offline.tops(users, k, seen), seen, stream)
-            score_chunk(scores["most_popular"], chunk, {u: popular.top(k, seen[u]) for u in users}, seen, stream)
-            _feed(systems, chunk, [popular, offline], seen, timeout_s)
+                score_chunk(scores[name], chunk, tops, seen, stream, pop)
+            local_tops = {"model_offline": offline.tops(users, k, seen),
+                          "most_popular": {u: popular.top(k, seen[u]) for u in users},
+                          "recent_popular": {u: recent.top(k, seen[u]) for u in users},
+                          "item_cf": {u: item_cf.top(u, k, seen[u]) for u in users}}
+            for name, tops in local_tops.items():
+                score_chunk(scores[name], chunk, tops, seen, stream, pop)
+            _feed(systems, chunk, local, seen, timeout_s)
             log.info("chunk %d/%d scored (%d users) after %.0fs", i + 1, len(parts), len(users),
                      time.monotonic() - started)
     out = scores["system"].as_dict(k)
-    names = ("model_offline", "most_popular", "no_logq") if peers else ("model_offline", "most_popular")
-    out["peers"] = {name: scores[name].as_dict(k) for name in names}
+    out["peers"] = {name: scores[name].as_dict(k) for name in PEERS if peers or name != "no_logq"}
     offline_hr = out["peers"]["model_offline"]["hr_at_k"]
     out["serving_skew"] = round(out["hr_at_k"] / offline_hr, 4) if out["hr_at_k"] is not None and offline_hr else None
     out["stream"] = {"events": len(stream.events), "warmup_events": len(warmup), "chunks": len(parts),
@@ -310,10 +447,14 @@ def synthetic_events(n_items: int, n_users: int, n_clicks: int, seed: int) -> It
 
 def format_table(result: dict[str, Any]) -> str:
     rows = [("streamrecall (logQ)", result)] + [(name, r) for name, r in result.get("peers", {}).items()]
-    keys = ("hr_at_k", "recall_at_k", "tail_hr_at_k", "cold_start_hr_at_k", "scored_clicks")
-    lines = [f"{'recommender':<22}" + "".join(f"{k:>20}" for k in keys)]
+    keys = ("hr_at_k", "recall_at_k", "tail_hr_at_k", "cold_start_hr_at_k", "coverage_at_k", "head_slot_share",
+            "scored_clicks")
+    lines = [f"{'recommender':<22}" + "".join(f"{k:>19}" for k in keys)]
     for name, r in rows:
-        lines.append(f"{name:<22}" + "".join(f"{'-' if r[k] is None else r[k]:>20}" for k in keys))
+        lines.append(f"{name:<22}" + "".join(f"{'-' if r[k] is None else r[k]:>19}" for k in keys))
+    lines.append("HR@K by popularity decile before each chunk (0: the most clicked tenth):")
+    for name, r in rows:
+        lines.append(f"  {name:<20}" + " ".join("    -" if h is None else f"{h:5.3f}" for h in r["hr_by_popularity_decile"]))
     lines.append(f"serving_skew (live HR / model offline HR) = {result.get('serving_skew')}")
     lines.append(f"K = {result['k']}; stream: {result['stream']}")
     return "\n".join(lines)
