@@ -15,7 +15,9 @@ from streamrecall.consumers.deadletter import DeadLetterSink, sent_by_role
 from streamrecall.consumers.runtime import Decode, Handler, Runtime
 from streamrecall.consumers.start import StartPosition
 from streamrecall.metrics import RUNTIME, serve_metrics
+from streamrecall.errors import ConfigError
 from streamrecall.model.config import ModelConfig
+from streamrecall.model.errors import ModelConfigError
 from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,10 @@ log = logging.getLogger(__name__)
 def model_config(settings: Settings) -> ModelConfig:
     """The model's settings: the ``[model]`` table of the TOML settings file over the defaults.
     Every role must use the same structural fields (updates carry them and are refused otherwise)."""
-    return ModelConfig(**dict(settings.extra.get("model", {})))
+    try:
+        return ModelConfig.from_dict(dict(settings.extra.get("model", {})))
+    except ModelConfigError as exc:  # name it as the file does: model.dim
+        raise ConfigError(f"model.{exc} (the [model] table of the settings file; its settings are in docs/model.md)") from None
 
 
 _SENT: dict[tuple[str, str], set[tuple[str, int, int]]] = {}

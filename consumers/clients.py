@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import logging
+import threading
+from typing import Any, Callable, Iterator, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaTimeoutError
 
+from streamrecall.errors import BrokerUnreachable
 from streamrecall.settings import Settings
+
+C = TypeVar("C")
 
 #: Bounds on every blocking call: far below max_poll_interval_ms (5 min), so no wait can stall the loop.
 REQUEST_TIMEOUT_MS = 15_000
@@ -28,7 +35,7 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides: Any) ->
     )
     conf.update(settings.kafka_config())
     conf.update(overrides)
-    return KafkaConsumer(**conf)
+    return connect(settings, lambda: KafkaConsumer(**conf))
 
 
 def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
@@ -45,9 +52,62 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     )
     conf.update(settings.kafka_config())
     conf.update(overrides)
-    return KafkaProducer(**conf)
+    return connect(settings, lambda: KafkaProducer(**conf))
 
 
 def make_admin(settings: Settings) -> KafkaAdminClient:
-    return KafkaAdminClient(request_timeout_ms=REQUEST_TIMEOUT_MS, client_id="streamrecall-admin",
-                            **settings.kafka_config())
+    return connect(settings, lambda: KafkaAdminClient(request_timeout_ms=REQUEST_TIMEOUT_MS,
+                                                      client_id="streamrecall-admin", **settings.kafka_config()))
+
+
+def connect(settings: Settings, build: Callable[[], C]) -> C:
+    """Build a client; kafka-python bootstraps in the constructor, bounded by
+    ``settings.bootstrap_timeout_ms``. No broker in that time is :class:`BrokerUnreachable`,
+    whose message says what to check, instead of kafka-python's timeout and traceback."""
+    with _kafka_log_held() as held:
+        try:
+            client = build()
+        except KafkaTimeoutError:
+            held.clear()  # a retry line per attempt: the one error below says it all
+            raise BrokerUnreachable(
+                f"no Kafka broker answered at {settings.bootstrap_servers} within "
+                f"{settings.bootstrap_timeout_ms / 1000:g}s: check --bootstrap-servers "
+                "(STREAMRECALL_BOOTSTRAP_SERVERS), the security settings, and that the brokers are up") from None
+    return client
+
+
+class _Hold(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_hold_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _kafka_log_held() -> Iterator[list[logging.LogRecord]]:
+    """Hold kafka-python's log records while a client bootstraps, and pass them on afterwards
+    unless the caller cleared them: a broker that never answers gives one clear error instead
+    of a screenful of retries, and a bootstrap that succeeds loses no line."""
+    kafka_log = logging.getLogger("kafka")
+    with _hold_lock:  # clients are built one at a time, at start: holding the log is short
+        hold = _Hold()
+        propagate = kafka_log.propagate
+        kafka_log.addHandler(hold)
+        kafka_log.propagate = False
+        try:
+            yield hold.records
+        finally:
+            kafka_log.removeHandler(hold)
+            kafka_log.propagate = propagate
+    for record in hold.records:
+        logging.getLogger(record.name).handle(record)
+
+
+def check_reachable(settings: Settings) -> None:
+    """Raise :class:`BrokerUnreachable` unless a broker answers within the bootstrap timeout."""
+    make_admin(settings).close()

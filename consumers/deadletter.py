@@ -16,6 +16,7 @@ dead-lettered twice; those coordinates still identify the duplicate.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -96,9 +97,21 @@ class DeadLetterSink:
         self.producer.close(timeout=timeout_s)
 
 
-def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
-    """Decode a dead-letter record's headers (for tools and tests)."""
-    return {k: v.decode("utf-8", "replace") for k, v in (headers or [])}
+def headers_dict(headers: list[tuple[str, bytes | None]] | None) -> dict[str, str]:
+    """A record's headers as text, whatever bytes they hold: a null header value reads as ''
+    and bytes that are not UTF-8 are replaced, so reading headers never raises."""
+    out: dict[str, str] = {}
+    for key, value in headers or []:
+        out[str(key)] = bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else ""
+    return out
+
+
+_DECIMAL = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit() is true for '²', which int() refuses
+
+
+def header_int(text: str | None) -> int | None:
+    """A non-negative decimal header value (at most 19 digits), or None for anything else."""
+    return int(text) if text is not None and _DECIMAL.fullmatch(text) else None
 
 
 def sent_by_role(consumer: KafkaConsumer, topic: str, role: str,
@@ -116,9 +129,9 @@ def sent_by_role(consumer: KafkaConsumer, topic: str, role: str,
         for messages in consumer.poll(timeout_ms=100, max_records=5000).values():
             for m in messages:
                 h = headers_dict(m.headers)
-                if h.get(HEADER_ROLE) == role and h.get(HEADER_PARTITION, "").isdigit() \
-                        and h.get(HEADER_OFFSET, "").isdigit():
-                    sent.add((h.get(HEADER_TOPIC, ""), int(h[HEADER_PARTITION]), int(h[HEADER_OFFSET])))
+                partition, offset = header_int(h.get(HEADER_PARTITION)), header_int(h.get(HEADER_OFFSET))
+                if h.get(HEADER_ROLE) == role and partition is not None and offset is not None:
+                    sent.add((h.get(HEADER_TOPIC, ""), partition, offset))
         if all(consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp)
                for tp in tps):
             return sent

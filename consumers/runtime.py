@@ -37,6 +37,26 @@ MAX_BACKOFF_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
 
 
+class DecoderBug(StreamrecallError):
+    """A topic's decoder let a foreign exception out (ValueError, RecursionError...). Decoders
+    are meant to be total; this turns a bug in one into a dead letter instead of a dead role."""
+
+    reason = "invalid"
+
+
+def decode_value(decode: Decode, value: bytes | None, where: str) -> Any:
+    """``decode(value)`` for the record at ``where`` (``topic[partition]@offset``), raising only
+    :class:`StreamrecallError` (with a ``reason``): every reader of a topic decodes through here."""
+    try:
+        return decode(value)
+    except StreamrecallError:
+        raise
+    except Exception as exc:  # the backstop: never let a decoder's bug stop the role
+        log.error("decoder bug at %s: %s escaped the decoder; the record is dead-lettered as invalid",
+                  where, type(exc).__name__, exc_info=True)
+        raise DecoderBug(f"{type(exc).__name__}: {exc}"[:1000]) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One decoded record. ``topic`` is the logical name ("items", "clicks", ...)."""
@@ -275,7 +295,7 @@ class Runtime:
                 messages = self._skip_early(tp, messages)
             for m in messages:
                 try:
-                    value = decode(m.value)
+                    value = decode_value(decode, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}")
                 except StreamrecallError as exc:
                     self._deadletter(tp, m, getattr(exc, "reason", "invalid"), str(exc))
                     continue

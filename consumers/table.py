@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 from kafka import KafkaConsumer, TopicPartition
 
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
-from streamrecall.consumers.runtime import Decode, Record
+from streamrecall.consumers.runtime import Decode, Record, decode_value
 from streamrecall.errors import StreamrecallError
 from streamrecall.model.catalog import ItemCatalog
 
@@ -77,7 +77,7 @@ class TopicReader:
 
     def _apply(self, tp: TopicPartition, m: Any) -> None:
         try:
-            value = self.decode(m.value)
+            value = decode_value(self.decode, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}")
             self.on_record(Record(self.logical, tp.partition, m.offset, m.key, value, m.timestamp, m.value))
         except StreamrecallError as exc:
             letter = DeadLetter(tp.topic, tp.partition, m.offset, m.key, m.value,

@@ -24,11 +24,12 @@ from typing import Any, Callable
 
 from kafka import KafkaConsumer, TopicPartition
 
-from streamrecall.consumers.deadletter import DeadLetterSink
+from streamrecall.consumers.deadletter import DeadLetterSink, header_int, headers_dict
 from streamrecall.consumers.runtime import Record
 from streamrecall.consumers.table import TopicReader
 from streamrecall.errors import StreamrecallError, TransientError
-from streamrecall.model import Applied, ModelUpdate, TowerReplica, decode_update
+from streamrecall.events import InvalidEvent
+from streamrecall.model import Applied, ModelUpdate, ModelUpdateError, TowerReplica, decode_update
 from streamrecall.model.safeio import SafeIOError, read_layout
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,17 @@ MAX_UPDATE_BYTES = 64 << 20
 SCAN_WINDOW = 64
 #: Updates applied per tick(): decoding one can take tens of ms for big models.
 UPDATES_PER_TICK = 4
+
+
+def decode_model_update(value: bytes | None, max_bytes: int = MAX_UPDATE_BYTES) -> ModelUpdate:
+    """The one decoder of the model-updates topic, for every reader of it (indexer, publisher):
+    an update, or :class:`InvalidEvent` with a reason (``null``, ``invalid``) to dead-letter."""
+    if value is None:
+        raise InvalidEvent("null", "model update is null")
+    try:
+        return decode_update(value, max_bytes=max_bytes)
+    except ModelUpdateError as exc:
+        raise InvalidEvent("invalid", f"model update: {exc}") from None
 
 
 def update_headers(kind: str, version: int) -> list[tuple[str, bytes]]:
@@ -60,10 +72,9 @@ def _mark(m: Any) -> UpdateMark:
     """What the record's headers claim, kept only if the payload's own JSON header (read without
     materialising tensors) says the same: a garbage record carrying update headers is unmarked,
     so it can neither pose as the last full update nor set the version a trainer resumes past."""
-    headers = {k: v for k, v in (m.headers or [])}
-    kind = headers.get(HEADER_KIND, b"").decode("utf-8", "replace") or None
-    raw_version = headers.get(HEADER_VERSION, b"").decode("utf-8", "replace")
-    version = int(raw_version) if raw_version.isdigit() else None
+    headers = headers_dict(m.headers)
+    kind = headers.get(HEADER_KIND) or None
+    version = header_int(headers.get(HEADER_VERSION))
     if kind is None and version is None:
         return UpdateMark(m.offset, None, None)
     try:
@@ -143,7 +154,7 @@ class ModelUpdateFeed:
         self.topic = topic
         self.replica = replica
         self.on_applied = on_applied
-        self.reader = TopicReader(consumer, topic, "model-updates", lambda v: decode_update(v, max_bytes=max_bytes),
+        self.reader = TopicReader(consumer, topic, "model-updates", lambda v: decode_model_update(v, max_bytes),
                                   self._apply, deadletters, partitions=[0])
         self.counts = {"applied": 0, "duplicate": 0, "gap": 0}
 

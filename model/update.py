@@ -115,7 +115,7 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_UPDATE_BYTES) -> 
     model = h["model"]
     for name, entry in layout.items():
         if entry.get("dtype") not in _DTYPES:
-            raise ModelUpdateError(f"tensor {name!r} has dtype {entry.get('dtype')!r}; only F32 and I64 travel")
+            raise ModelUpdateError(f"tensor {name!r} has dtype {_short(entry.get('dtype'))}; only F32 and I64 travel")
     try:
         tensors = loads(data)
     except SafeIOError as exc:
@@ -132,28 +132,52 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_UPDATE_BYTES) -> 
                        trained_through_ms=h["trained_through_ms"])
 
 
+#: Header integers must fit a signed 64-bit value (Kafka headers, metrics and checkpoints carry them).
+_MAX_INT = 2**63 - 1
+
+
 def _int(header: dict[str, Any], name: str, minimum: int) -> int:
     v = header.get(name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ModelUpdateError(f"header field {name!r} must be an int >= {minimum}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= _MAX_INT:
+        raise ModelUpdateError(f"header field {name!r} must be an int from {minimum} to 2**63-1, got {_short(v)}")
     return v
+
+
+def _finite(x: Any) -> bool:
+    """A finite JSON number. math.isfinite raises OverflowError on an int too large for a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters: a hostile header can hold megabytes, or a
+    4,000-digit integer whose repr is refused outright by int-to-str limits."""
+    try:
+        text = repr(v)
+    except ValueError:
+        return f"<{type(v).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_header(header: dict[str, Any]) -> dict[str, Any]:
     if header.get("format") != FORMAT:
-        raise ModelUpdateError(f"header field 'format' must be {FORMAT!r}, got {header.get('format')!r}")
+        raise ModelUpdateError(f"header field 'format' must be {FORMAT!r}, got {_short(header.get('format'))}")
     if header.get("format_version") != FORMAT_VERSION:
-        raise ModelUpdateError(f"unsupported format_version {header.get('format_version')!r}")
+        raise ModelUpdateError(f"unsupported format_version {_short(header.get('format_version'))}")
     version = _int(header, "version", 1)
     base = _int(header, "base_version", 0)
     if base >= version:
         raise ModelUpdateError(f"base_version {base} must be below version {version}")
     kind = header.get("kind")
     if kind not in ("full", "delta"):
-        raise ModelUpdateError(f"header field 'kind' must be 'full' or 'delta', got {kind!r}")
+        raise ModelUpdateError(f"header field 'kind' must be 'full' or 'delta', got {_short(kind)}")
     dense_changed = header.get("dense_changed")
     if not isinstance(dense_changed, bool):
-        raise ModelUpdateError(f"header field 'dense_changed' must be a bool, got {dense_changed!r}")
+        raise ModelUpdateError(f"header field 'dense_changed' must be a bool, got {_short(dense_changed)}")
     if kind == "full" and not dense_changed:
         raise ModelUpdateError("a full update must carry the dense layers (dense_changed true)")
     model = header.get("model")
@@ -165,10 +189,8 @@ def _check_header(header: dict[str, Any]) -> dict[str, Any]:
         raise ModelUpdateError(f"header field 'trending' must be a list of at most {MAX_TRENDING} pairs")
     pairs: list[tuple[str, float]] = []
     for pair in trending:
-        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
-                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)
-                and math.isfinite(pair[1])):
-            raise ModelUpdateError(f"trending entry {pair!r} must be [item_id, finite score]")
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and _finite(pair[1])):
+            raise ModelUpdateError(f"trending entry {_short(pair)} must be [item_id, finite score]")
         pairs.append((pair[0], float(pair[1])))
     return {"version": version, "base_version": base, "kind": kind, "dense_changed": dense_changed,
             "model": checked, "trending": pairs, "steps": _int(header, "steps", 0),

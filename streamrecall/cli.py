@@ -6,13 +6,14 @@ import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import click
 from click.core import ParameterSource
+from kafka.errors import KafkaError
 
 from streamrecall.errors import StreamrecallError
-from streamrecall.settings import ROLES, Settings
+from streamrecall.settings import ROLES, SaslMechanism, SecurityProtocol, Settings
 
 log = logging.getLogger("streamrecall")
 
@@ -32,15 +33,26 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-value-bytes", "max_value_bytes", int, "Larger values are dead-lettered as oversized."),
     ("--flush-interval-ms", "flush_interval_ms", int, "Flush side effects and commit at least this often."),
     ("--torch-threads", "torch_threads", int, "Intra-op torch threads per role process (raise on dedicated cores)."),
-    ("--security-protocol", "security_protocol",
-     click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]), "Kafka security protocol."),
-    ("--sasl-mechanism", "sasl_mechanism", str, "SASL mechanism (PLAIN, SCRAM-SHA-256, ...)."),
-    ("--sasl-username", "sasl_plain_username", str, "SASL username."),
-    ("--sasl-password", "sasl_plain_password", str, "SASL password (never logged)."),
+    ("--bootstrap-timeout-ms", "bootstrap_timeout_ms", int,
+     "Give up with an error when no broker answers within this time (default 5000)."),
+    ("--security-protocol", "security_protocol", click.Choice(list(get_args(SecurityProtocol))),
+     "Kafka security protocol."),
+    ("--sasl-mechanism", "sasl_mechanism", click.Choice(list(get_args(SaslMechanism))),
+     "SASL mechanism (needs a SASL_* security protocol)."),
+    ("--sasl-username", "sasl_plain_username", str, "SASL username (PLAIN, SCRAM)."),
+    ("--sasl-password", "sasl_plain_password", str, "SASL password (PLAIN, SCRAM; never logged)."),
+    ("--sasl-kerberos-service-name", "sasl_kerberos_service_name", str,
+     "GSSAPI: the brokers' Kerberos service name (kafka-python's default: kafka)."),
+    ("--sasl-oauth-token-provider", "sasl_oauth_token_provider", str,
+     "OAUTHBEARER: module:attribute of a kafka-python AbstractTokenProvider (instance or class)."),
     ("--ssl-cafile", "ssl_cafile", click.Path(path_type=Path), "CA bundle for SSL."),
     ("--ssl-certfile", "ssl_certfile", click.Path(path_type=Path), "Client certificate for SSL."),
     ("--ssl-keyfile", "ssl_keyfile", click.Path(path_type=Path), "Client key for SSL."),
     ("--ssl-password", "ssl_password", str, "Password of the SSL key (never logged)."),
+    ("--ssl-crlfile", "ssl_crlfile", click.Path(path_type=Path), "Certificate revocation list for SSL."),
+    ("--ssl-ciphers", "ssl_ciphers", str, "OpenSSL cipher list for SSL connections."),
+    ("--ssl-check-hostname/--no-ssl-check-hostname", "ssl_check_hostname", bool,
+     "Check that the broker's certificate names its host (default: check)."),
 ]
 
 
@@ -91,6 +103,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except StreamrecallError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KafkaError as exc:  # the backstop at the edge: one line, not kafka-python's traceback
+            click.echo(f"error: Kafka: {type(exc).__name__}: {exc}; check the broker and the security "
+                       "settings", err=True)
             sys.exit(2)
 
 

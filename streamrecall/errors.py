@@ -11,3 +11,7 @@ class ConfigError(StreamrecallError):
 
 class TransientError(StreamrecallError):
     """A failure that may pass (broker unreachable, disk full): retry with backoff, never dead-letter."""
+
+
+class BrokerUnreachable(TransientError):
+    """No broker answered within the bootstrap timeout; the message says what to check."""

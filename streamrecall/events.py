@@ -9,7 +9,7 @@ header) and whose message says what was wrong.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Callable, Generic, TypeVar
 
 import msgspec
 
@@ -93,8 +93,11 @@ class Decoder(Generic[E]):
         self._decoder = msgspec.json.Decoder(event_type)
 
     def decode(self, value: bytes | None) -> E:
+        """The event in ``value``; any other input raises :class:`InvalidEvent` (never another error)."""
         if value is None:
             raise InvalidEvent("null", "value is null (tombstone); expected a JSON object")
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise InvalidEvent("undecodable", f"value must be bytes, got {type(value).__name__}")
         if len(value) > self.max_value_bytes:
             raise InvalidEvent("oversized", f"value is {len(value)} bytes; the limit is {self.max_value_bytes}")
         try:
@@ -103,6 +106,20 @@ class Decoder(Generic[E]):
             raise InvalidEvent("invalid", f"{self.event_type.__name__}: {exc}") from None
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InvalidEvent("undecodable", f"not JSON: {exc}") from None
+        except RecursionError:  # msgspec recurses on nesting inside some fields (a dict of ...)
+            raise InvalidEvent("undecodable", "JSON nested too deeply") from None
+
+
+def user_vector_decoder(max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> Callable[[bytes | None], UserVector | None]:
+    """The one decoder of the compacted ``user-vectors`` topic, for every reader of it: a
+    tombstone (null value) decodes to None (the user is removed), anything else as a
+    :class:`UserVector` or :class:`InvalidEvent`."""
+    decoder = Decoder(UserVector, max_value_bytes)
+
+    def decode(value: bytes | None) -> UserVector | None:
+        return None if value is None else decoder.decode(value)
+
+    return decode
 
 
 _encoder = msgspec.json.Encoder()

@@ -9,14 +9,17 @@ variables (click reads both; see ``streamrecall.cli``), an optional TOML file
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, get_args
 
 from streamrecall.errors import ConfigError
+from streamrecall.kafka_security import check_security, security_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,6 +34,8 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
 #: Each role's default HTTP port (the indexer's API, the others' /metrics).
 DEFAULT_PORTS: dict[str, int] = {"indexer": 8470, "trainer": 8471, "publisher": 8472}
+#: The tables a settings file may hold besides top-level settings (``[model]``, one per role).
+TABLES: tuple[str, ...] = ("model", *ROLES)
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]*$")
 
 
@@ -87,18 +92,37 @@ class Settings:
     # training step took 26 ms with 1 thread, 790 ms with 2, on two busy cores; docs/operations.md).
     torch_threads: int = 1
     # Kafka security, passed through to kafka-python unchanged.
+    # How long a client waits for its first broker connection before giving up with a clear error.
+    bootstrap_timeout_ms: int = 5_000
+    # Kafka security, passed through to kafka-python unchanged (streamrecall/kafka_security.py
+    # refuses the combinations that cannot work).
     security_protocol: SecurityProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: Secret | None = None
+    sasl_kerberos_service_name: str | None = None  # GSSAPI; None: kafka-python's default, "kafka"
+    sasl_oauth_token_provider: str | None = None  # OAUTHBEARER: module:attribute of an AbstractTokenProvider
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     ssl_password: Secret | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)  # role-specific keys from the TOML file
+    ssl_crlfile: Path | None = None
+    ssl_ciphers: str | None = None
+    ssl_check_hostname: bool = True
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the [model] and role tables of the TOML file
     config_file: Path | None = None  # the TOML file these settings were read from (children re-read it)
 
     def __post_init__(self) -> None:
+        for name in ("sasl_plain_password", "ssl_password"):  # a plain str given in code is still a secret
+            value = getattr(self, name)
+            if isinstance(value, str) and not isinstance(value, Secret):
+                object.__setattr__(self, name, Secret(value))
+        _check_types(self)
+        for table, values in self.extra.items():
+            if table not in TABLES:
+                raise ConfigError(f"{table}: unknown table (known: {', '.join(TABLES)})")
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{table}: must be a table ([{table}]), got {type(values).__name__}")
         _check_literal("security_protocol", self.security_protocol, SecurityProtocol)
         _check_literal("log_level", self.log_level, Literal["DEBUG", "INFO", "WARNING", "ERROR"])
         if self.sasl_mechanism is not None:
@@ -119,12 +143,10 @@ class Settings:
         _check_range("max_poll_records", self.max_poll_records, 1, 100_000)
         _check_range("flush_interval_ms", self.flush_interval_ms, 1, 60_000)
         _check_range("torch_threads", self.torch_threads, 1, 1024)
+        _check_range("bootstrap_timeout_ms", self.bootstrap_timeout_ms, 100, 300_000)
         if self.http_port is not None:
             _check_range("http_port", self.http_port, 0, 65535)
-        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
-            raise ConfigError("sasl_mechanism: required when security_protocol is " + self.security_protocol)
-        if self.security_protocol == "PLAINTEXT" and self.sasl_mechanism is not None:
-            raise ConfigError("sasl_mechanism: set security_protocol to SASL_PLAINTEXT or SASL_SSL to use SASL")
+        check_security(self)
 
     # --- derived values -------------------------------------------------
     @property
@@ -144,19 +166,8 @@ class Settings:
         """Connection and security options for any kafka-python client."""
         if self.bootstrap_servers is None:
             raise ConfigError("bootstrap_servers: not set; pass --bootstrap-servers or use `streamrecall up`")
-        conf: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers.split(","),
-                                "security_protocol": self.security_protocol}
-        optional = {
-            "sasl_mechanism": self.sasl_mechanism,
-            "sasl_plain_username": self.sasl_plain_username,
-            "sasl_plain_password": self.sasl_plain_password.reveal() if self.sasl_plain_password else None,
-            "ssl_cafile": str(self.ssl_cafile) if self.ssl_cafile else None,
-            "ssl_certfile": str(self.ssl_certfile) if self.ssl_certfile else None,
-            "ssl_keyfile": str(self.ssl_keyfile) if self.ssl_keyfile else None,
-            "ssl_password": self.ssl_password.reveal() if self.ssl_password else None,
-        }
-        conf.update({k: v for k, v in optional.items() if v is not None})
-        return conf
+        return {"bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",")],
+                "bootstrap_timeout_ms": self.bootstrap_timeout_ms, **security_config(self)}
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict fit for logs: secrets masked."""
@@ -191,11 +202,16 @@ class Settings:
         if config_file is not None:
             values.update(load_toml(config_file))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        extra = {k: v for k, v in values.items() if k not in known}
-        kwargs = {k: _coerce(k, v, known[k].type) for k, v in values.items()
-                  if k in known and k not in ("extra", "config_file")}
-        return cls(**kwargs, extra={**values.get("extra", {}), **extra}, config_file=config_file)
+        settable = {f.name for f in dataclasses.fields(cls)} - {"extra", "config_file"}
+        extra = {k: v for k, v in values.items() if k in TABLES}
+        for key in values:
+            if key not in settable and key not in TABLES:  # a typo must not pass silently (or print a secret)
+                close = [_FLAG_NAMES[key]] if key in _FLAG_NAMES else \
+                    difflib.get_close_matches(key, sorted(settable | set(TABLES)), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{key}: unknown setting{hint}; the settings are listed by `streamrecall run --help`")
+        kwargs = {k: _coerce(k, v) for k, v in values.items() if k in settable}
+        return cls(**kwargs, extra=extra, config_file=config_file)
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -205,23 +221,59 @@ def load_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config: file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}; fix the file") from None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    ann = str(annotation)
-    try:
-        if "Secret" in ann:
-            return Secret(value)
-        if "Path" in ann:
-            return Path(value)
-        if ann.startswith("int"):
-            return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: {value!r} is not a valid {ann}") from None
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+#: Flags whose setting has another name (--sasl-username sets sasl_plain_username, as in kafka-python).
+_FLAG_NAMES = {"sasl_username": "sasl_plain_username", "sasl_password": "sasl_plain_password"}
+
+
+def _kind(name: str) -> type:
+    """The plain type of a setting: ``int | None`` and ``Literal[...]`` give int and str."""
+    hint = _HINTS[name]
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is Literal or (args and typing.get_origin(args[0]) is Literal):
+        return str
+    return args[0] if args and typing.get_origin(hint) is not None else hint
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Text (environment, TOML strings) to the setting's type; other values go to the type check as they are."""
+    kind = _kind(name)
+    if not isinstance(value, str):
+        return Path(value) if kind is Path and isinstance(value, Path) else value
+    if kind is Secret:
+        return Secret(value)
+    if kind is Path:
+        return Path(value)
+    if kind is bool and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    if kind is int and re.fullmatch(r"[+-]?[0-9]{1,18}", value.strip()):
+        return int(value)
     return value
+
+
+def _check_types(settings: "Settings") -> None:
+    """Each setting holds its type (None where optional): a wrong type is refused by name, and
+    the value is not echoed, since it may be a secret under a wrong name."""
+    for name in _HINTS:
+        value = getattr(settings, name)
+        if name in ("extra", "config_file") or (value is None and type(None) in get_args(_HINTS[name])):
+            continue
+        kind = _kind(name)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"{name}: must be {_TYPE_NAMES.get(kind, kind.__name__)}, got {type(value).__name__}")
+    if not isinstance(settings.extra, Mapping):
+        raise ConfigError(f"extra: must be a mapping of tables, got {type(settings.extra).__name__}")
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", Path: "a path", Secret: "a string"}
 
 
 def _check_literal(name: str, value: Any, literal: Any) -> None:
@@ -233,3 +285,6 @@ def _check_literal(name: str, value: Any, literal: Any) -> None:
 def _check_range(name: str, value: int, lo: int, hi: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ConfigError(f"{name}: {value!r} must be an integer from {lo} to {hi}")
+
+
+_HINTS: dict[str, Any] = typing.get_type_hints(Settings)

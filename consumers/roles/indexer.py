@@ -41,41 +41,20 @@ from streamrecall.consumers.clients import make_consumer
 from streamrecall.consumers.http_api import RecallApi, RecallService
 from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
 from streamrecall.consumers.reencoder import Job, Reencoder
+from streamrecall.consumers.runtime import HandlerBase, Record, decode_value
 from streamrecall.consumers.scoring import ServingMonitor
-from streamrecall.consumers.runtime import HandlerBase, Record
 from streamrecall.consumers.start import StartPosition
+from streamrecall.consumers.updates import decode_model_update
 from streamrecall.errors import StreamrecallError
-from streamrecall.events import InvalidEvent, Item, UserVector, Decoder
+from streamrecall.events import Decoder, Item, user_vector_decoder
 from streamrecall.index import QualityMonitor
 from streamrecall.metrics import MODEL_VERSION, RUNTIME, IndexerMetrics, ModelVersionMetrics, role_metrics
-from streamrecall.model import ModelUpdate, ModelUpdateError, decode_update
+from streamrecall.model import ModelUpdate
 from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
 
 ROLE = "indexer"
-#: Model updates are allowed up to the model-updates topic's own limit (topics.py), not max_value_bytes.
-MAX_UPDATE_BYTES = 64 << 20
-
-
-def decode_model_update(value: bytes | None) -> ModelUpdate:
-    """``decode_update`` with the runtime's error contract: an error with a ``reason`` (dead-lettered)."""
-    if value is None:
-        raise InvalidEvent("null", "model update is null")
-    try:
-        return decode_update(value, max_bytes=MAX_UPDATE_BYTES)
-    except ModelUpdateError as exc:
-        raise InvalidEvent("invalid", f"model update: {exc}") from None
-
-
-def user_vector_decoder(max_value_bytes: int) -> Callable[[bytes | None], UserVector | None]:
-    """User vectors; a tombstone (null value) on the compacted topic removes the user (None)."""
-    decoder = Decoder(UserVector, max_value_bytes)
-
-    def decode(value: bytes | None) -> UserVector | None:
-        return None if value is None else decoder.decode(value)
-
-    return decode
 
 
 class IndexerHandler(HandlerBase):
@@ -309,10 +288,10 @@ class IndexerRole:
                     if m.offset >= stop:
                         continue
                     try:
-                        update = decode_model_update(m.value)
+                        update = decode_value(decode_model_update, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}")
                         self.handler.apply_update(update, tp.partition, m.offset,
                                                   reencode_above=resume.settled_version)
-                    except (InvalidEvent, ModelUpdateError) as exc:  # dead-lettered when first read
+                    except StreamrecallError as exc:  # dead-lettered when first read
                         log.info("indexer: model update at %s[%d]@%d skipped on replay: %s",
                                  tp.topic, tp.partition, m.offset, exc)
                         continue

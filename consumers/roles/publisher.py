@@ -35,7 +35,7 @@ from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import TopicReader
 from streamrecall.consumers.updates import MAX_UPDATE_BYTES, ModelUpdateFeed
 from streamrecall.errors import ConfigError, TransientError
-from streamrecall.events import Click, Decoder, UserVector, encode
+from streamrecall.events import Click, Decoder, UserVector, encode, user_vector_decoder
 from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, PublisherMetrics, role_metrics
 from streamrecall.model import Applied, ModelUpdate, RecentHistory, TowerReplica
 from streamrecall.settings import Settings
@@ -335,14 +335,11 @@ class VectorTable:
         self.consumer = consumer
         self.topic = topic
         self.deadletters = deadletters
-        self.decoder = Decoder(UserVector, max_value_bytes)
+        self.decode = user_vector_decoder(max_value_bytes)  # None: a tombstone deletes the user
         self.timeout_s = timeout_s
 
     def load(self, partition: int) -> list[UserVector]:
         latest: dict[str, UserVector] = {}
-
-        def decode(value: bytes | None) -> UserVector | None:
-            return None if value is None else self.decoder.decode(value)  # None: a tombstone deletes the user
 
         def on_record(r: Record) -> None:
             if r.value is not None:
@@ -350,7 +347,7 @@ class VectorTable:
             elif r.key is not None:
                 latest.pop(r.key.decode("utf-8", "replace"), None)
 
-        reader = TopicReader(self.consumer, self.topic, "user-vectors", decode, on_record, self.deadletters,
+        reader = TopicReader(self.consumer, self.topic, "user-vectors", self.decode, on_record, self.deadletters,
                              partitions=[partition])
         reader.start()
         if not reader.catch_up(self.timeout_s):

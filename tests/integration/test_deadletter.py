@@ -109,3 +109,35 @@ def read_all(s, topic: str, expected: int, timeout_s: float = 30.0) -> list:
             out.extend(msgs)
     c.close()
     return out
+
+
+def test_a_decoder_bug_dead_letters_the_record_and_the_role_goes_on(settings_factory, caplog):
+    """A decoder that lets a foreign exception out (a bug) must not stop the role."""
+    s = settings_factory()
+    clicks = Decoder(Click, max_value_bytes=s.max_value_bytes)
+
+    def buggy(value: bytes | None) -> Click:
+        if value == b"boom":
+            raise RecursionError("maximum recursion depth exceeded")
+        return clicks.decode(value)
+
+    producer = make_producer(s)
+    for i in range(20):
+        value = b"boom" if i % 5 == 0 else msgspec.json.encode({"user_id": f"v{i}", "item_id": "i", "ts": 1})
+        producer.send(s.topics.clicks, key=f"k{i}".encode(), value=value, partition=0)
+    producer.flush()
+
+    metrics = RuntimeMetrics(CollectorRegistry())
+    handler = Collect()
+    rt = Runtime(role="test", consumer=make_consumer(s, s.group_id("bug")),
+                 deadletters=DeadLetterSink(make_producer(s), s.topics.deadletter, "test", metrics), handler=handler,
+                 topics={s.topics.clicks: ("clicks", buggy)}, metrics=metrics)
+    rt.run(max_seconds=60, until=rt.caught_up)
+
+    assert sorted(handler.users) == sorted(f"v{i}" for i in range(20) if i % 5)
+    letters = read_all(s, s.topics.deadletter, expected=4)
+    assert sorted(m.key.decode() for m in letters) == ["k0", "k10", "k15", "k5"]
+    for m in letters:
+        h = headers_dict(m.headers)
+        assert h[HEADER_REASON] == "invalid" and h["streamrecall.error"].startswith("RecursionError")
+    assert f"{s.topics.clicks}[0]@0" in caplog.text
