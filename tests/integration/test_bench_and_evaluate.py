@@ -1,4 +1,4 @@
-"""Tiny runs of every benchmark and of `evaluate`: the harnesses work and print what DESIGN.md
+"""Tiny runs of every benchmark and of `evaluate`: the harnesses work and print what docs/architecture.md
 specifies. Correctness of the harness only; the figures live in docs/benchmarks.md."""
 
 from __future__ import annotations
