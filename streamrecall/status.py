@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import click
 from kafka import TopicPartition
@@ -111,13 +111,38 @@ def indexer_health(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any]
         return None
 
 
-def settled_line(settings: Settings, total_lag: int) -> str:
+def role_versions(settings: Settings, ports: Mapping[str, int] | None = None,
+                  timeout_s: float = 2.0) -> dict[str, int | None]:
+    """``streamrecall_model_version`` of each role, read from its /metrics (None: no answer).
+    ``ports`` overrides where each role serves (default: ``settings.port_for(role)``)."""
+    out: dict[str, int | None] = {}
+    for role in ROLE_TOPICS:
+        port = (ports or {}).get(role, settings.port_for(role))
+        url = f"http://{settings.http_host}:{port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                text = r.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            out[role] = None
+            continue
+        prefix = f'streamrecall_model_version{{role="{role}"}} '
+        line = next((ln for ln in text.splitlines() if ln.startswith(prefix)), None)
+        out[role] = int(float(line[len(prefix):])) if line else None
+    return out
+
+
+def settled_line(settings: Settings, total_lag: int, ports: Mapping[str, int] | None = None) -> str:
     """Whether the whole system serves what the trainer knows: every group at zero lag (the
-    trainer commits a click once the update that learned from it is acknowledged) and the
-    indexer settled (every update applied, re-encode done)."""
+    trainer commits a click once the update that learned from it is acknowledged), every role
+    that answers at the same model version, and the indexer settled (every update applied,
+    re-encode done)."""
     health = indexer_health(settings)
     if health is None:
         return f"settled: unknown (no indexer answers at {settings.http_host}:{settings.port_for('indexer')})"
-    settled = total_lag == 0 and bool(health.get("settled"))
-    return (f"settled: {'yes' if settled else 'no'} (indexer at model v{health.get('model_version')}, "
-            f"re-encode pending {health.get('reencode_pending')}, total lag {total_lag:,})")
+    versions = role_versions(settings, ports)
+    versions["indexer"] = health.get("model_version")  # the version its answers are scored by
+    known = {v for v in versions.values() if v is not None}
+    settled = total_lag == 0 and bool(health.get("settled")) and len(known) <= 1
+    shown = ", ".join(f"{role} v{v}" if v is not None else f"{role} ?" for role, v in versions.items())
+    return (f"settled: {'yes' if settled else 'no'} (model versions: {shown}; "
+            f"indexer re-encode pending {health.get('reencode_pending')}, total lag {total_lag:,})")
