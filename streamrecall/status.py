@@ -39,7 +39,8 @@ class PartitionLag:
 
     @property
     def lag(self) -> int:
-        return self.high - (self.committed or 0)
+        # The watermark is read before the group's commit: a commit made in between may pass it.
+        return max(0, self.high - (self.committed or 0))
 
 
 def high_watermarks(settings: Settings, topics: list[str], timeout_s: float = 15.0) -> dict[TopicPartition, int]:
@@ -77,8 +78,10 @@ def group_lags(settings: Settings) -> list[PartitionLag]:
     return rows
 
 
-def print_status(settings: Settings, wait: bool = False, timeout_s: float = 300.0) -> bool:
-    """Print lag per group and partition; with ``wait`` poll until all lags are zero. True when caught up."""
+def print_status(settings: Settings, wait: bool = False, timeout_s: float = 300.0,
+                 ports: Mapping[str, int] | None = None) -> bool:
+    """Print lag per group and partition, then whether the system is settled; with ``wait`` poll
+    until all lags are zero. True when caught up. ``ports``: where each role serves HTTP."""
     deadline = time.monotonic() + timeout_s
     while True:
         rows = group_lags(settings)
@@ -92,7 +95,7 @@ def print_status(settings: Settings, wait: bool = False, timeout_s: float = 300.
         committed = "-" if r.committed is None else str(r.committed)
         click.echo(f"{r.group:<32} {r.topic:<28} {r.partition:>4} {committed:>10} {r.high:>10} {r.lag:>8}")
     click.echo(f"total lag: {total:,}")
-    click.echo(settled_line(settings, total))
+    click.echo(settled_line(settings, total, ports))
     return total == 0
 
 
