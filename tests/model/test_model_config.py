@@ -6,7 +6,8 @@ from streamrecall.model import ModelConfig, ModelConfigError
 @pytest.mark.parametrize("field, value", [
     ("dim", 0), ("id_buckets", -1), ("temperature", 0.0), ("p_min", 1.5), ("estimator_alpha", 1.0),
     ("mixed_negatives", -2), ("downsample_top", 2.0), ("dense_optimizer", "sgd"), ("logq", "yes"),
-    ("lr_sparse", float("nan")), ("sparse_optimizer", "adam"),
+    ("lr_sparse", float("nan")), ("sparse_optimizer", "adam"), ("logq_alpha", -0.5),
+    ("estimator_prior_gaps", float("inf")),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ModelConfigError) as err:
