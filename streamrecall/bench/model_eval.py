@@ -145,9 +145,14 @@ def _top_alive(counts: Counter, catalog: ItemCatalog, k: int) -> list[tuple[str,
               help="If > 0, add a peer 'logq_mixed' with this many uniform negatives per batch.")
 @click.option("--downsample-top", type=float, default=None, envvar="STREAMRECALL_BENCH_DOWNSAMPLE_TOP",
               show_envvar=True, help="downsample_top of the logQ peers (default: the ModelConfig default).")
+@click.option("--logq-alpha", type=float, default=None, envvar="STREAMRECALL_BENCH_LOGQ_ALPHA",
+              show_envvar=True, help="logq_alpha of the logQ peers (default: the ModelConfig default).")
+@click.option("--estimator-prior-gaps", type=float, default=None, envvar="STREAMRECALL_BENCH_ESTIMATOR_PRIOR_GAPS",
+              show_envvar=True, help="estimator_prior_gaps of the logQ peers (default: the ModelConfig default).")
 @json_option
 def command(n_items: int, n_users: int, n_clicks: int, seed: int, batch_size: int, k: int, eval_every: int,
-            id_buckets: int, mixed_negatives: int, downsample_top: float | None, as_json: bool) -> None:
+            id_buckets: int, mixed_negatives: int, downsample_top: float | None, logq_alpha: float | None,
+            estimator_prior_gaps: float | None, as_json: bool) -> None:
     """HR@K of most-popular, uncorrected and logQ-corrected towers, trained online in one pass.
 
     The model options (--downsample-top and the like) apply to the logQ peers only, so one run
@@ -156,7 +161,8 @@ def command(n_items: int, n_users: int, n_clicks: int, seed: int, batch_size: in
     torch.manual_seed(seed)
     syn = SyntheticConfig(n_items=n_items, n_users=n_users, n_clicks=n_clicks, seed=seed)
     base = ModelConfig(id_buckets=id_buckets, seed=seed)
-    levers = {name: value for name, value in (("downsample_top", downsample_top),) if value is not None}
+    levers = {name: value for name, value in (("downsample_top", downsample_top), ("logq_alpha", logq_alpha),
+                                              ("estimator_prior_gaps", estimator_prior_gaps)) if value is not None}
     models = {"uncorrected": base.replace(logq=False), "logq": base.replace(**levers)}
     if mixed_negatives:
         models["logq_mixed"] = base.replace(mixed_negatives=mixed_negatives, **levers)
