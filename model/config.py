@@ -31,7 +31,7 @@ class ModelConfig:
     estimator_alpha: float = 0.01      # learning rate α of the gap EMA (Yi et al. Alg. 2)
     estimator_buckets: int = 1 << 20   # size of the estimator arrays A and B
     estimator_hashes: int = 1          # >1: Algorithm 3, p̂ from the largest gap over the hashes
-    estimator_prior_gaps: float = 0.0  # weight (in gaps) of the prior gap a cold item's p̂ is shrunk toward; 0: off
+    estimator_prior_gaps: float = 1.0  # weight (in gaps) of the prior gap a cold item's p̂ is shrunk toward; 0: off
     sparse_optimizer: Literal["rowwise_adagrad", "sgd"] = "rowwise_adagrad"
     lr_sparse: float = 0.05            # rate of the sparse tables' optimiser (sgd: per example, × batch size)
     lr_dense: float = 2e-3             # Adam/Adagrad on the dense layers

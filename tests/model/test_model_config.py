@@ -19,6 +19,8 @@ def test_defaults_and_round_trip():
     c = ModelConfig()
     assert (c.dim, c.id_buckets, c.history_len, c.logq, c.mixed_negatives, c.downsample_top) == \
         (64, 1_000_000, 20, True, 0, None)
+    # Chosen by bench model-eval (docs/model.md): the prior on, the full correction.
+    assert (c.estimator_prior_gaps, c.logq_alpha) == (1.0, 1.0)
     assert ModelConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ModelConfigError, match="bogus"):
         ModelConfig.from_dict({"bogus": 1})
