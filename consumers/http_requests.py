@@ -89,7 +89,7 @@ def decode(decoder: msgspec.json.Decoder, raw: bytes, shape: str) -> Any:
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        if " - at `" not in str(exc):  # the top level itself is of the wrong type
+        if str(exc).startswith("Expected `object`") and " - at `" not in str(exc):  # the top level is not an object
             raise ApiError(400, f"body must be a JSON object: {shape}") from None
         raise ApiError(400, f"body: {exc} (expected {shape})") from None
     except msgspec.DecodeError as exc:
@@ -100,8 +100,9 @@ def decode(decoder: msgspec.json.Decoder, raw: bytes, shape: str) -> Any:
 
 def vector_request(raw: bytes, limits: Limits) -> VectorRecall:
     body = decode(_VECTOR_DECODER, raw, '{"vector": [...], "k": K}')
-    return VectorRecall(vector(body.vector, limits.dim, "vector"), k(body.k, limits.max_k, "k"),
-                        positive(body.max_per_category, "max_per_category"),
+    k_ = k(body.k, limits.max_k, "k")
+    cap = positive(body.max_per_category, "max_per_category")
+    return VectorRecall(vector(body.vector, limits.dim, "vector"), k_, cap,
                         exclusions(body.exclude, limits.max_k, "exclude"))
 
 
@@ -148,7 +149,8 @@ def user_request(query_string: bytes, limits: Limits) -> UserRecall:
 # ------------------------------------------------------------------------------- pieces
 def query_params(query_string: bytes) -> dict[str, list[str]]:
     try:
-        return parse_qs(query_string.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+        return parse_qs(query_string.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
+                        errors="strict")
     except UnicodeDecodeError:
         raise ApiError(400, "the query string is not UTF-8") from None
     except ValueError:  # parse_qs: too many fields
