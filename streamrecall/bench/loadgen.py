@@ -83,13 +83,10 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    import uvloop  # the client's own overhead matters: it shares the cores with the server
+
     spec = json.load(sys.stdin)
-    try:
-        import uvloop  # the client's own overhead matters: it shares the cores with the server
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-        pass
-    json.dump(asyncio.run(run(spec)), sys.stdout)
+    json.dump(uvloop.run(run(spec)), sys.stdout)
 
 
 if __name__ == "__main__":
