@@ -57,7 +57,7 @@ def run_handler(role: str, settings: Settings, start: StartPosition, handler: Ha
                 stack: ExitStack | None = None, **runtime_options: Any) -> Runtime:
     """Run ``handler`` over ``topics`` (physical name → (logical name, decode)) until SIGTERM/SIGINT.
 
-    ``serve_http`` starts the role's own HTTP server (the indexer's API, which includes /metrics);
+    ``serve_http`` starts the role's own HTTP server (the indexer's API, with /metrics on its admin port);
     by default /metrics is served on the role's port. Pass ``stack`` to tie the role's own
     resources (producers, threads) to the same shutdown.
     """

@@ -65,6 +65,13 @@ class IndexerConfig:
     ready_max_lag: int = 1000           # /healthz is ready when total lag is at most this many records
     max_k: int = 1000                   # largest k a query may ask for
     max_body_bytes: int = 1 << 20       # POST bodies above this answer 413
+    max_batch: int = 256                # queries per POST /recall/batch; more answer 413
+    http_request_timeout_s: float = 10.0  # a request must arrive whole within this (else 408, closed)
+    http_idle_timeout_s: float = 5.0    # a kept-alive connection idle this long is closed
+    http_max_connections: int = 1024    # open connections per listener; more are answered 503
+    http_backlog: int = 1024            # listen backlog (capped by the kernel's net.core.somaxconn)
+    http_shutdown_timeout_s: float = 10.0  # in-flight requests get this long to finish at shutdown
+    search_threads: int = 2             # threads that run searches and query-time encodes (off the event loop)
     replay_timeout_s: float = 120.0     # bound on re-reading model updates at start-up
     ef: int = 64                        # HNSW search breadth
     M: int = 16                         # HNSW graph degree

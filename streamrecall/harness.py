@@ -104,7 +104,7 @@ class LocalSystem:
         ``group_prefix`` give it its own state (a replay into a fresh directory) and group."""
         assert self.settings is not None
         name = name or role
-        changes: dict[str, Any] = {"http_port": free_port()}
+        changes: dict[str, Any] = {"http_port": free_port(), "admin_port": free_port()}
         if state_dir is not None:
             changes["state_dir"] = state_dir
         if group_prefix is not None:
@@ -168,14 +168,16 @@ class LocalSystem:
             time.sleep(settle_s)
         return False
 
-    def api(self, name: str = "indexer") -> str:
+    def api(self, name: str = "indexer", admin: bool = False) -> str:
+        """The role's HTTP base URL; ``admin``: the indexer's admin listener (/metrics, vectors)."""
         proc = self.processes[name]
-        return f"http://{proc.settings.http_host}:{proc.settings.port_for(proc.role)}"
+        port = proc.settings.admin_port_for(proc.role) if admin else proc.settings.port_for(proc.role)
+        return f"http://{proc.settings.http_host}:{port}"
 
-    def get(self, path: str, name: str = "indexer", timeout_s: float = 5.0) -> tuple[int, Any]:
-        """GET the role's HTTP API; returns (status, decoded JSON or text)."""
+    def get(self, path: str, name: str = "indexer", timeout_s: float = 5.0, admin: bool = False) -> tuple[int, Any]:
+        """GET the role's HTTP API (``admin``: the indexer's admin port); returns (status, decoded JSON or text)."""
         try:
-            with urllib.request.urlopen(self.api(name) + path, timeout=timeout_s) as r:
+            with urllib.request.urlopen(self.api(name, admin) + path, timeout=timeout_s) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             body = e.read()

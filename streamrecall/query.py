@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import click
 
-from streamrecall.settings import DEFAULT_PORTS
+from streamrecall.settings import ADMIN_PORT_OFFSET, DEFAULT_PORTS
 
 TIMEOUT_S = 10.0
 
@@ -34,9 +34,14 @@ TIMEOUT_S = 10.0
               show_default=True, help="The indexer's HTTP host.")
 @click.option("--http-port", envvar="STREAMRECALL_HTTP_PORT", show_envvar=True, type=click.IntRange(1, 65535),
               default=DEFAULT_PORTS["indexer"], show_default=True, help="The indexer's HTTP port.")
+@click.option("--admin-url", envvar="STREAMRECALL_INDEXER_ADMIN_URL", show_envvar=True, default=None,
+              help="The indexer's admin base URL, for --item-id's vector (default: http://HTTP_HOST:ADMIN_PORT).")
+@click.option("--admin-port", envvar="STREAMRECALL_ADMIN_PORT", show_envvar=True, type=click.IntRange(1, 65535),
+              default=None, help=f"The indexer's admin port (default: the HTTP port + {ADMIN_PORT_OFFSET}).")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer instead of a table.")
 def command(user_id: str | None, vector_file: TextIO | None, item_id: str | None, k: int, exclude_seen: bool,
-            max_per_category: int | None, url: str | None, http_host: str, http_port: int, as_json: bool) -> None:
+            max_per_category: int | None, url: str | None, http_host: str, http_port: int, admin_url: str | None,
+            admin_port: int | None, as_json: bool) -> None:
     """Query the indexer's recall API and print rank, item, score and categories."""
     chosen = [name for name, v in (("--user-id", user_id), ("--vector-file", vector_file), ("--item-id", item_id))
               if v is not None]
@@ -58,7 +63,10 @@ def command(user_id: str | None, vector_file: TextIO | None, item_id: str | None
         if vector_file is not None:
             vector = _read_vector(vector_file)
         else:
-            item = _call(base, "GET", f"/items/{urllib.parse.quote(item_id or '', safe='')}?with_vector=1")
+            # Stored vectors are an admin view: the admin listener serves them, not the public port.
+            admin = (admin_url or f"http://{_connect_host(http_host)}:"
+                     f"{admin_port or http_port + ADMIN_PORT_OFFSET}").rstrip("/")
+            item = _call(admin, "GET", f"/items/{urllib.parse.quote(item_id or '', safe='')}?with_vector=1")
             vector, exclude = item["vector"], [item_id or ""]
         payload: dict[str, Any] = {"vector": vector, "k": k, "exclude": exclude}
         if max_per_category is not None:

@@ -34,6 +34,8 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
 #: Each role's default HTTP port (the indexer's API, the others' /metrics).
 DEFAULT_PORTS: dict[str, int] = {"indexer": 8470, "trainer": 8471, "publisher": 8472}
+#: The indexer's admin port (/metrics, /items/ID?with_vector=1) is its HTTP port plus this, by default.
+ADMIN_PORT_OFFSET = 1000
 #: The tables a settings file may hold besides top-level settings (``[model]``, one per role).
 TABLES: tuple[str, ...] = ("model", *ROLES)
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]*$")
@@ -82,6 +84,8 @@ class Settings:
     state_dir: Path = Path("state")
     http_host: str = "127.0.0.1"
     http_port: int | None = None  # None: the role's entry in DEFAULT_PORTS
+    # The indexer's admin listener (/metrics, vectors). None: the HTTP port + ADMIN_PORT_OFFSET.
+    admin_port: int | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_value_bytes: int = 1 << 20
     # Batching of the poll loop: a flush + commit happens at least this often.
@@ -146,6 +150,11 @@ class Settings:
         _check_range("bootstrap_timeout_ms", self.bootstrap_timeout_ms, 100, 300_000)
         if self.http_port is not None:
             _check_range("http_port", self.http_port, 0, 65535)
+        if self.admin_port is not None:
+            _check_range("admin_port", self.admin_port, 0, 65535)
+            if self.admin_port == self.http_port and self.admin_port != 0:
+                raise ConfigError(f"admin_port: {self.admin_port} is the HTTP port too; give the admin "
+                                  "listener (/metrics, vectors) a port of its own")
         check_security(self)
 
     # --- derived values -------------------------------------------------
@@ -158,6 +167,10 @@ class Settings:
 
     def port_for(self, role: str) -> int:
         return self.http_port if self.http_port is not None else DEFAULT_PORTS[role]
+
+    def admin_port_for(self, role: str) -> int:
+        """The indexer's admin listener: ``admin_port``, else the role's HTTP port + ADMIN_PORT_OFFSET."""
+        return self.admin_port if self.admin_port is not None else self.port_for(role) + ADMIN_PORT_OFFSET
 
     def role_state_dir(self, role: str) -> Path:
         return self.state_dir / role

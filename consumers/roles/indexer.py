@@ -38,7 +38,8 @@ from kafka import KafkaConsumer, TopicPartition
 from streamrecall.consumers import indexer_snapshot
 from streamrecall.consumers.app import model_config, run_handler
 from streamrecall.consumers.clients import make_consumer
-from streamrecall.consumers.http_api import RecallApi, RecallService
+from streamrecall.consumers.http_api import RecallService
+from streamrecall.consumers.http_server import RecallApi
 from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
 from streamrecall.consumers.reencoder import Job, Reencoder
 from streamrecall.consumers.runtime import HandlerBase, Record, decode_value
@@ -326,7 +327,7 @@ class IndexerRole:
 
     def serve_http(self, stack: ExitStack) -> None:
         self.api = RecallApi(self.service, self.settings.http_host, self.settings.port_for(ROLE),
-                             self.config.max_body_bytes)
+                             self.config.max_body_bytes, admin_port=self.settings.admin_port_for(ROLE))
         self.api.start()
         stack.callback(self.api.stop)
 

@@ -159,7 +159,7 @@ def wait_assigned(system: LocalSystem, names: list[str], timeout_s: float = 120.
     deadline = time.monotonic() + timeout_s
     for name in names:
         proc = system.processes[name]
-        url = f"http://{proc.settings.http_host}:{proc.settings.port_for(proc.role)}/metrics"
+        url = system.api(name, admin=proc.role == "indexer") + "/metrics"  # the indexer's is on its admin port
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:

@@ -9,7 +9,8 @@ from contextlib import ExitStack
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers.http_api import RecallApi, RecallService
+from streamrecall.consumers.http_api import RecallService
+from streamrecall.consumers.http_server import RecallApi
 from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
 from streamrecall.events import Item
 from streamrecall.index import QualityMonitor
@@ -28,7 +29,7 @@ def api():
     state.users["u1"] = UserEntry(seen, 0, 1, ("i7",))
     service = RecallService(state, state.config, QualityMonitor(state.index),
                             lambda: (True, {"ready": True, "items": len(state.index)}))
-    server = RecallApi(service, "127.0.0.1", 0, state.config.max_body_bytes, poll_interval_s=0.02)
+    server = RecallApi(service, "127.0.0.1", 0, state.config.max_body_bytes, admin_port=0)
     with ExitStack() as stack:
         server.start()
         stack.callback(server.stop)
@@ -36,8 +37,8 @@ def api():
 
 
 def call(server: RecallApi, method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
-    host, port = server.address
+         headers: dict[str, str] | None = None, admin: bool = False) -> tuple[int, dict | str]:
+    host, port = server.admin_address if admin else server.address
     conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -87,8 +88,9 @@ def test_post_vector_items_health_metrics(api):
                                       "encoded_at": state.index.meta("i11").encoded_at_ms,
                                       "event_ts": 1011, "categories": ["c2"]}
     assert call(server, "GET", "/healthz") == (200, {"ready": True, "items": 30})
-    status, text = call(server, "GET", "/metrics")
+    status, text = call(server, "GET", "/metrics", admin=True)
     assert status == 200 and "streamrecall_records_consumed_total" in text
+    assert call(server, "GET", "/healthz", admin=True) == (200, {"ready": True, "items": 30})
 
 
 @pytest.mark.parametrize("method,path,body,status,needle", [
@@ -103,7 +105,9 @@ def test_post_vector_items_health_metrics(api):
     ("POST", "/recall", b"[1, 2]", 400, "JSON object"),
     ("POST", "/recall", b'{"k": 3}', 400, "vector is required"),
     ("POST", "/recall", b'{"k": 3, "vector": [1, 2]}', 400, "holds 64-d vectors"),
-    ("POST", "/recall", ('{"k": 3, "vector": [NaN' + ", 0" * 63 + "]}").encode(), 400, "finite"),
+    ("POST", "/recall", ('{"k": 3, "vector": [NaN' + ", 0" * 63 + "]}").encode(), 400, "not valid JSON"),
+    ("POST", "/recall", ('{"k": 3, "vector": [1e400' + ", 0" * 63 + "]}").encode(), 400, "out of range"),
+    ("POST", "/recall", ('{"k": 3, "vector": [1e39' + ", 0" * 63 + "]}").encode(), 400, "finite"),
     ("POST", "/recall", ('{"vector": [' + ", ".join(["0"] * 64) + "]}").encode(), 400, "k is required"),
     ("POST", "/recall", b"x" * 5000, 413, "above the limit"),
     ("GET", "/nope", None, 404, "no such path"),
@@ -136,14 +140,15 @@ def test_query_command_prints_a_table_and_clear_errors(api, tmp_path):
     out = runner.invoke(command, ["--url", server.url, "--vector-file", str(vector), "-k", "2"])
     top = out.output.splitlines()[2].split()
     assert out.exit_code == 0 and top[1] in ("i4", "i16", "i28") and top[2] == "1.0000"  # same content: ties
-    out = runner.invoke(command, ["--url", server.url, "--item-id", "i4", "-k", "2", "--json"])
+    out = runner.invoke(command, ["--url", server.url, "--admin-url", server.admin_url, "--item-id", "i4", "-k", "2",
+                                  "--json"])
     answer = json.loads(out.output)
     assert answer["route"] == "vector" and "i4" not in [r["item_id"] for r in answer["results"]]
     host, port = server.address
     out = runner.invoke(command, ["--user-id", "u1"], env={"STREAMRECALL_HTTP_HOST": host,
                                                            "STREAMRECALL_HTTP_PORT": str(port)})
     assert out.exit_code == 0 and "route: user-vector" in out.output
-    out = runner.invoke(command, ["--url", server.url, "--item-id", "missing"])
+    out = runner.invoke(command, ["--url", server.url, "--admin-url", server.admin_url, "--item-id", "missing"])
     assert out.exit_code == 1 and "404 item 'missing' is not in the index" in out.output
     out = runner.invoke(command, ["--url", server.url])
     assert out.exit_code == 2 and "exactly one of" in out.output

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from streamrecall.settings import ROLES
+from streamrecall.settings import ADMIN_PORT_OFFSET, ROLES
 
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -144,7 +144,9 @@ def prometheus_config(base_port: int) -> dict[str, Any]:
     for job in config["scrape_configs"]:
         role = job["job_name"].removeprefix("streamrecall-")
         if role in ROLES:
-            job["static_configs"] = [{"targets": [f"127.0.0.1:{base_port + ROLES.index(role)}"]}]
+            # the indexer's /metrics is on its admin port: its HTTP port + ADMIN_PORT_OFFSET
+            port = base_port + ROLES.index(role) + (ADMIN_PORT_OFFSET if role == "indexer" else 0)
+            job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
             jobs.append(job)
     assert [j["job_name"] for j in jobs] == [f"streamrecall-{r}" for r in ROLES]
     config["scrape_configs"] = jobs

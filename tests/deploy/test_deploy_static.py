@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from streamrecall.settings import DEFAULT_PORTS, ROLES
+from streamrecall.settings import ADMIN_PORT_OFFSET, DEFAULT_PORTS, ROLES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,6 +26,11 @@ STATE_DIR = "/var/lib/streamrecall"
 PROBE_PATH = {"indexer": "/healthz", "trainer": "/metrics", "publisher": "/metrics"}
 #: The indexer's /healthz answers 503 while it lags (not ready), so liveness and start-up ask /metrics.
 LIVENESS_PATH = {"indexer": "/metrics", "trainer": "/metrics", "publisher": "/metrics"}
+#: Where each role's /metrics is: the indexer's on its admin port, apart from the recall API.
+METRICS_PORTS = {**DEFAULT_PORTS, "indexer": DEFAULT_PORTS["indexer"] + ADMIN_PORT_OFFSET}
+#: The named container port each probe asks (the indexer's /metrics is on "admin").
+PROBE_PORT = {("indexer", "readinessProbe"): "http", ("indexer", "livenessProbe"): "admin",
+              ("indexer", "startupProbe"): "admin"}
 EXPECTED_ALERTS = {
     "StreamrecallRoleDown", "StreamrecallConsumerLagHigh", "StreamrecallFreshnessSLOBreached",
     "StreamrecallDeadLetterRateHigh", "StreamrecallModelUpdatesStalled", "StreamrecallIndexRecallLow",
@@ -139,7 +144,7 @@ def test_prometheus_config_scrapes_every_role() -> None:
     for role in ROLES:
         job = jobs[f"streamrecall-{role}"]
         (static,) = job["static_configs"]
-        assert static["targets"] == [f"{role}:{DEFAULT_PORTS[role]}"]
+        assert static["targets"] == [f"{role}:{METRICS_PORTS[role]}"]
         assert role in compose["services"], f"target {role} is no compose service"
         # A target label `role` would clash with the metrics' own and rename it to exported_role.
         assert "role" not in static.get("labels", {})
@@ -216,7 +221,7 @@ def test_dockerfile() -> None:
     assert any(op == "ENV" and f"STREAMRECALL_STATE_DIR={STATE_DIR}" in rest for op, rest in runtime)
     assert ("ENTRYPOINT", '["streamrecall"]') in runtime
     exposed = {int(p) for op, rest in runtime if op == "EXPOSE" for p in rest.split()}
-    assert exposed == set(DEFAULT_PORTS.values())
+    assert exposed == set(DEFAULT_PORTS.values()) | set(METRICS_PORTS.values())
 
 
 def test_dockerignore_keeps_the_build_context_small() -> None:
@@ -256,6 +261,10 @@ def test_compose_role(compose, role: str) -> None:
     service = compose["services"][role]
     port = DEFAULT_PORTS[role]
     assert service["command"] == ["run", role]
+    if role == "indexer":  # Prometheus scrapes the admin port; it is set, and published on loopback only
+        admin = METRICS_PORTS[role]
+        assert int(service["environment"]["STREAMRECALL_ADMIN_PORT"]) == admin
+        assert f"127.0.0.1:{admin}:{admin}" in service["ports"]
     assert service["build"]["context"] == ".." and (DEPLOY.parent / service["build"]["dockerfile"]).is_file()
     env = service["environment"]
     assert env["STREAMRECALL_BOOTSTRAP_SERVERS"] == "kafka:9092"
@@ -372,10 +381,13 @@ def test_k8s_role(k8s, role: str) -> None:
     assert int(env["STREAMRECALL_HTTP_PORT"]) == port
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == port
+    if role == "indexer":
+        assert ports["admin"] == METRICS_PORTS[role] == int(env["STREAMRECALL_ADMIN_PORT"])
     for probe, paths in (("readinessProbe", PROBE_PATH), ("livenessProbe", LIVENESS_PATH),
                          ("startupProbe", LIVENESS_PATH)):
         get = container[probe]["httpGet"]
-        assert get["path"] == paths[role] and get["port"] in ("http", port), f"{role} {probe}"
+        name = PROBE_PORT.get((role, probe), "http")
+        assert get["path"] == paths[role] and get["port"] in (name, ports[name]), f"{role} {probe}"
     # State on a PersistentVolumeClaim, mounted where STREAMRECALL_STATE_DIR points.
     claims = {c["metadata"]["name"]: c for c in spec["volumeClaimTemplates"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -386,7 +398,8 @@ def test_k8s_role(k8s, role: str) -> None:
     assert set(mounts) <= volumes
     # Prometheus annotations point at the same port.
     annotations = spec["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == port
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == METRICS_PORTS[role]
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -398,8 +411,11 @@ def test_k8s_every_role_has_a_service(k8s, role: str) -> None:
                 and d["spec"]["selector"].items() <= pod_labels.items()]
     assert governing in services
     for service in services:
-        (port,) = service["spec"]["ports"]
-        assert port["targetPort"] in ("http", DEFAULT_PORTS[role])
+        targets = {p["targetPort"] for p in service["spec"]["ports"]}
+        assert targets & {"http", DEFAULT_PORTS[role]}, service["metadata"]["name"]
+    if role == "indexer":  # clients reach the recall API only: the admin port is no client Service's
+        recall = find(k8s, "Service", "streamrecall-recall")
+        assert [p["targetPort"] for p in recall["spec"]["ports"]] == ["http"]
     if role == "indexer":
         assert any(s["spec"].get("clusterIP") != "None" for s in services), "the recall API needs a ClusterIP"
 
@@ -411,7 +427,22 @@ def test_k8s_prometheus_scrape_config(k8s) -> None:
     for role in ROLES:
         keep = [r for r in jobs[f"streamrecall-{role}"]["relabel_configs"] if r.get("action") == "keep"]
         assert any(r["regex"].endswith(role) for r in keep), f"job for {role} does not keep {role} pods"
+        port_name = "admin" if role == "indexer" else "http"
+        assert any(r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"] and r["regex"] == port_name
+                   for r in keep), f"job for {role} does not scrape the {port_name} port"
     assert config["rule_files"]
+
+
+def test_k8s_network_policy_keeps_the_admin_port_for_prometheus(k8s) -> None:
+    policy = find(k8s, "NetworkPolicy", "streamrecall-indexer")["spec"]
+    sts = find(k8s, "StatefulSet", "streamrecall-indexer")
+    assert policy["podSelector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port = {p["port"]: rule for rule in policy["ingress"] for p in rule["ports"]}
+    assert set(by_port) == {"http", "admin"}
+    assert "from" not in by_port["http"], "the recall API is open to the cluster"
+    (source,) = by_port["admin"]["from"]
+    assert source["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
 
 
 def test_no_stray_files_in_deploy() -> None:

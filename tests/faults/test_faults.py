@@ -200,8 +200,8 @@ def replay_settled(system: LocalSystem) -> list[str]:
 def compare_vectors(system: LocalSystem, ledger: fk.Ledger, tolerance: float = 1e-5) -> list[str]:
     worst, worst_id = 0.0, None
     for item in sorted(ledger.live):
-        _, a = system.get(f"/items/{item}?with_vector=1", "indexer")
-        _, b = system.get(f"/items/{item}?with_vector=1", "indexer-replay")
+        _, a = system.get(f"/items/{item}?with_vector=1", "indexer", admin=True)
+        _, b = system.get(f"/items/{item}?with_vector=1", "indexer-replay", admin=True)
         diff = max(abs(x - y) for x, y in zip(a["vector"], b["vector"]))
         if diff > worst:
             worst, worst_id = diff, item

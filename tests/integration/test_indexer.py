@@ -246,10 +246,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_indexer(s: Settings, config: Path, port: int, log: Path) -> subprocess.Popen:
+def start_indexer(s: Settings, config: Path, port: int, log: Path, admin_port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "streamrecall", "run", "indexer", "--config", str(config),
            "--bootstrap-servers", s.bootstrap_servers, "--topic-prefix", s.topic_prefix,
            "--group-prefix", s.group_prefix, "--state-dir", str(s.state_dir), "--http-port", str(port),
+           "--admin-port", str(admin_port),
            "--flush-interval-ms", "100"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMRECALL_")}
     return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
@@ -283,12 +284,12 @@ def test_kill_9_and_restart_resumes_from_the_snapshot(settings_factory, tmp_path
     trainer.step(trainer.make_batch(clicks, by_id, [[] for _ in clicks]))
     produce_items(s, catalog)
     produce(s, s.topics.model_updates, [(None, trainer.export_update(full=True))])
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    port, admin_port = free_port(), free_port()
+    url, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     root = s.role_state_dir("indexer")
     log = tmp_path / "indexer.log"
 
-    first = start_indexer(s, config, port, log)
+    first = start_indexer(s, config, port, log, admin_port)
     try:
         wait_for("first process serving 30 items at v1", lambda: _health(url).get("settled_version") == 1
                  and _health(url).get("items") == 30)
@@ -306,7 +307,7 @@ def test_kill_9_and_restart_resumes_from_the_snapshot(settings_factory, tmp_path
     assert first.returncode == -signal.SIGKILL
 
     produce_items(s, items(10, start=30) + items(1, start=0, deleted=True))
-    second = start_indexer(s, config, port, log)
+    second = start_indexer(s, config, port, log, admin_port)
     try:
         wait_for("restarted process ready with 39 items",
                  lambda: _health(url).get("ready") is True and _health(url).get("items") == 39, WAIT_S)
@@ -314,7 +315,7 @@ def test_kill_9_and_restart_resumes_from_the_snapshot(settings_factory, tmp_path
         assert health["snapshot_loaded"] is True and health["model_version"] == 1
         assert get(url, "/items/i0")[0] == 404
         assert all(item_version(url, f"i{i}") == 1 for i in range(1, 40))
-        samples = scrape(url)
+        samples = scrape(admin_url)  # /metrics is on the admin port
         # only the 11 item records after the snapshot were read; the update came from the replay
         assert metric(samples, "streamrecall_records_consumed_total", role="indexer", topic="items") == 11
         assert metric(samples, "streamrecall_records_consumed_total", role="indexer", topic="model-updates") == 0

@@ -7,7 +7,8 @@ from contextlib import ExitStack
 from prometheus_client import CollectorRegistry
 
 from streamrecall.broker import free_port
-from streamrecall.consumers.http_api import RecallApi, RecallService
+from streamrecall.consumers.http_api import RecallService
+from streamrecall.consumers.http_server import RecallApi
 from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState
 from streamrecall.index import QualityMonitor
 from streamrecall.metrics import IndexerMetrics
@@ -21,7 +22,7 @@ MODEL = ModelConfig(dim=8, hidden=8, id_buckets=64, token_buckets=64, estimator_
 def serving(health: dict) -> tuple[ExitStack, Settings]:
     state = IndexerState(IndexerConfig(), MODEL, IndexerMetrics(CollectorRegistry()))
     service = RecallService(state, state.config, QualityMonitor(state.index), lambda: (True, health))
-    api = RecallApi(service, "127.0.0.1", 0, poll_interval_s=0.02)
+    api = RecallApi(service, "127.0.0.1", 0)
     stack = ExitStack()
     api.start()
     stack.callback(api.stop)
