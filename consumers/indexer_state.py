@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from streamrecall.consumers.role_options import role_options
+from streamrecall.consumers.scoring import ItemVectorCache
 from streamrecall.errors import ConfigError
 from streamrecall.events import Item, UserVector
 from streamrecall.index import EntryMeta, ItemIndex, RWLock
@@ -132,6 +133,7 @@ class IndexerState:
         # The towers: applying an update writes them, query-time encodes read them (queries never
         # take ``lock``). Writers take it inside ``lock``; it is not reentrant.
         self.model_lock = RWLock()
+        self.item_vectors = ItemVectorCache()  # current-version vectors of recent candidates
         self.epochs: list[int] = [0]    # versions that started an epoch (0: the seeded weights)
         self.served_epoch = 0           # the epoch whose re-encode into the index is complete
         self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied

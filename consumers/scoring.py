@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import numpy as np
 
 from streamrecall.index import Hit
+from streamrecall.model.features import ItemLike
 from streamrecall.model.replica import TowerReplica
 
 if TYPE_CHECKING:  # import cycle at run time: the state module does not need these
@@ -86,6 +87,36 @@ class Scored:
         return Scored(hits, self.version, self.vector)
 
 
+class ItemVectorCache:
+    """Item vectors of the current model version, so re-scoring encodes each candidate once per
+    version rather than once per query (popular candidates recur across queries; while clicks
+    flow a version lasts one trainer flush, about 200 ms, and without clicks indefinitely).
+
+    Only used with the towers held for reading, so the version cannot change while a caller
+    reads or fills it; an entry is keyed by the item object, so new content is encoded again.
+    Cleared on a new version and when it holds ``max_items``.
+    """
+
+    def __init__(self, max_items: int = 200_000) -> None:
+        self.max_items = max_items
+        self.version = -1
+        self._vectors: dict[str, tuple[object, np.ndarray]] = {}
+
+    def vectors(self, replica: TowerReplica, items: Sequence[ItemLike]) -> np.ndarray:
+        """(len(items), dim) vectors of ``items`` at ``replica.version``."""
+        if self.version != replica.version or len(self._vectors) >= self.max_items:
+            self._vectors = {}
+            self.version = replica.version
+        cached = self._vectors
+        missing = [it for it in items if (hit := cached.get(it.item_id)) is None or hit[0] is not it]
+        if missing:
+            for it, v in zip(missing, replica.encode_items(missing)):
+                cached[it.item_id] = (it, v)
+        if not items:
+            return np.zeros((0, replica.config.dim), dtype=np.float32)
+        return np.stack([cached[it.item_id][1] for it in items])
+
+
 def current_vector(state: "IndexerState", query: QueryVector) -> np.ndarray:
     """The query's vector at the replica's version now (to search the graph with)."""
     with state.model_lock.read():
@@ -98,7 +129,7 @@ def rescore(state: "IndexerState", query: QueryVector, candidates: Sequence[Hit]
     with state.model_lock.read():  # one version for the user and every item
         version = state.replica.version
         vector = query.at(state.replica)
-        item_vectors = state.replica.encode_items([it for _, it in pairs])
+        item_vectors = state.item_vectors.vectors(state.replica, [it for _, it in pairs])
     scores = item_vectors @ vector if pairs else np.zeros(0, dtype=np.float32)
     order = np.argsort(-scores, kind="stable")
     hits = [Hit(pairs[j][0].item_id, float(scores[j]), version, pairs[j][0].categories) for j in order.tolist()]

@@ -111,3 +111,24 @@ def test_the_sampler_keeps_only_the_latest_queries():
     for j in range(5):
         sampler.offer(SampledQuery(f"u{j}", (), None, 1, None, None))
     assert [q.user_id for q in sampler.take()] == ["u2", "u3", "u4"] and sampler.take() == []
+
+
+def test_item_vectors_are_encoded_once_per_version_and_again_for_new_content(monkeypatch):
+    from streamrecall.consumers.scoring import ItemVectorCache
+
+    state, _ = make_state()
+    cache = ItemVectorCache()
+    encoded: list[int] = []
+    real = state.replica.encode_items
+    monkeypatch.setattr(state.replica, "encode_items", lambda items: encoded.append(len(items)) or real(items))
+    first = cache.vectors(state.replica, ITEMS[:10])
+    again = cache.vectors(state.replica, ITEMS[5:15])
+    assert encoded == [10, 5], "only the five not seen at this version are encoded"
+    np.testing.assert_allclose(again[:5], first[5:])
+    np.testing.assert_allclose(first, real(ITEMS[:10]), rtol=1e-6)
+    changed = Item(item_id="i0", created_at=1, categories=("other",), title="new words")
+    cache.vectors(state.replica, [changed])
+    assert encoded[-1] == 1, "new content for an id is encoded again"
+    state.replica.version += 1  # as an applied update does
+    cache.vectors(state.replica, ITEMS[:3])
+    assert encoded[-1] == 3, "a new version starts empty"
