@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 def model_config(settings: Settings) -> ModelConfig:
     """The model's settings: the ``[model]`` table of the TOML settings file over the defaults.
     Every role must use the same structural fields (updates carry them and are refused otherwise)."""
+    if "signing_key" in settings.extra.get("model", {}):  # refused by name, value never echoed
+        raise ConfigError("model.signing_key: the model-update signing key is the top-level setting "
+                          "model_signing_key (STREAMRECALL_MODEL_SIGNING_KEY), a secret; move it out of [model]")
     try:
         return ModelConfig.from_dict(dict(settings.extra.get("model", {})))
     except ModelConfigError as exc:  # name it as the file does: model.dim

@@ -44,7 +44,7 @@ from streamrecall.events import Item, UserVector
 from streamrecall.index import EntryMeta, ItemIndex, RWLock
 from streamrecall.metrics import IndexerMetrics
 from streamrecall.model.config import ModelConfig
-from streamrecall.model.replica import TowerReplica
+from streamrecall.model.replica import DEFAULT_MAX_VERSION_JUMP, TowerReplica
 from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,10 @@ class IndexerState:
     """Catalog, replica, index and users of one indexer, with the writes the role makes to them."""
 
     def __init__(self, config: IndexerConfig, model: ModelConfig, metrics: IndexerMetrics,
-                 index: ItemIndex | None = None) -> None:
+                 index: ItemIndex | None = None, max_version_jump: int = DEFAULT_MAX_VERSION_JUMP) -> None:
         self.config = config
         self.metrics = metrics
-        self.replica = TowerReplica(model)
+        self.replica = TowerReplica(model, max_version_jump)
         self.index = index if index is not None else ItemIndex(
             model.dim, space="ip", M=config.M, ef_construction=config.ef_construction, ef=config.ef)
         self.catalog: dict[str, Item] = {}

@@ -50,7 +50,8 @@ class LocalSystem:
 
     def __init__(self, state_dir: Path, *, bootstrap_servers: str | None = None, roles: Iterable[str] = ROLES,
                  model: dict[str, Any] | None = None, partitions: int = 4, name: str = "sys",
-                 flush_interval_ms: int = 100, options: dict[str, dict[str, Any]] | None = None) -> None:
+                 flush_interval_ms: int = 100, options: dict[str, dict[str, Any]] | None = None,
+                 settings: dict[str, Any] | None = None) -> None:
         self.state_dir = state_dir
         self.bootstrap_servers = bootstrap_servers
         self.roles = list(roles)
@@ -59,6 +60,7 @@ class LocalSystem:
         self.name = name
         self.flush_interval_ms = flush_interval_ms
         self.options = options or {}  # role tables of the settings file: {"trainer": {...}, "indexer": {...}}
+        self.overrides = settings or {}  # top-level settings for every role, e.g. {"model_signing_key": ...}
         self.processes: dict[str, RoleProcess] = {}
         self.settings: Settings | None = None
         self.broker: EmbeddedBroker | None = None  # the embedded broker, when this system started one
@@ -89,7 +91,7 @@ class LocalSystem:
                   if self.model or self.options else None)
         base = Settings(bootstrap_servers=self.bootstrap_servers, topic_prefix=f"{tag}.", group_prefix=tag,
                         state_dir=self.state_dir, partitions=self.partitions,
-                        flush_interval_ms=self.flush_interval_ms)
+                        flush_interval_ms=self.flush_interval_ms, **self.overrides)
         self.settings = Settings.from_sources(
             {k: v for k, v in base.__dict__.items() if k not in ("extra", "config_file")}, config)
         create_topics(self.settings)

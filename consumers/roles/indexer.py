@@ -44,7 +44,7 @@ from streamrecall.consumers.reencoder import Job, Reencoder
 from streamrecall.consumers.runtime import HandlerBase, Record, decode_value
 from streamrecall.consumers.scoring import ServingMonitor
 from streamrecall.consumers.start import StartPosition
-from streamrecall.consumers.updates import decode_model_update
+from streamrecall.consumers.updates import ModelUpdateDecoder
 from streamrecall.errors import StreamrecallError
 from streamrecall.events import Decoder, Item, user_vector_decoder
 from streamrecall.index import QualityMonitor
@@ -224,7 +224,9 @@ class IndexerRole:
         if start.kind != "committed" and indexer_snapshot.exists(root):
             log.info("indexer: --from %s: ignoring the snapshot under %s, starting from an empty index", start, root)
         self.state = IndexerState(self.config, model_config(settings), self.metrics,
-                                  index=loaded.index if loaded else None)
+                                  index=loaded.index if loaded else None,
+                                  max_version_jump=settings.model_max_version_jump)
+        self.decode_update = ModelUpdateDecoder(settings.model_signing_key)  # the poll loop's and the replay's
         resume = loaded.resume if loaded else None
         if loaded:
             self.state.catalog = loaded.catalog
@@ -288,7 +290,8 @@ class IndexerRole:
                     if m.offset >= stop:
                         continue
                     try:
-                        update = decode_value(decode_model_update, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}")
+                        update = decode_value(self.decode_update, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}",
+                                              m.headers)
                         self.handler.apply_update(update, tp.partition, m.offset,
                                                   reencode_above=resume.settled_version)
                     except StreamrecallError as exc:  # dead-lettered when first read
@@ -321,7 +324,7 @@ class IndexerRole:
         t = self.settings.topics
         limit = self.settings.max_value_bytes
         return {t.items: ("items", Decoder(Item, limit).decode),
-                t.model_updates: ("model-updates", decode_model_update),
+                t.model_updates: ("model-updates", self.decode_update),
                 t.user_vectors: ("user-vectors", user_vector_decoder(limit))}
 
     def serve_http(self, stack: ExitStack) -> None:
