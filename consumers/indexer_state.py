@@ -34,13 +34,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 
 from streamrecall.consumers.role_options import role_options
 from streamrecall.errors import ConfigError
-from streamrecall.events import Item, UserVector
+from streamrecall.events import Item, UserVector, event_time
 from streamrecall.index import EntryMeta, ItemIndex, RWLock
 from streamrecall.metrics import IndexerMetrics
 from streamrecall.model.config import ModelConfig
@@ -130,8 +130,11 @@ class IndexerState:
         self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied
 
     # ------------------------------------------------------------------ items
-    def upsert_items(self, items: Sequence[Item]) -> None:
-        """Encode ``items`` with the current item tower and upsert them, in micro-batches."""
+    def upsert_items(self, items: Sequence[Item], fresh: Collection[str] = ()) -> None:
+        """Encode ``items`` with the current item tower and upsert them, in micro-batches.
+
+        Freshness (event time to searchable) is observed for the ids in ``fresh`` only: events new
+        to this indexer (see :meth:`is_new`), so replays and re-reads do not count against the SLO."""
         m = self.metrics
         for chunk in batches(items, self.config.encode_batch):
             with self.lock:
@@ -149,7 +152,15 @@ class IndexerState:
             m.upserts.labels("item").inc(len(chunk))
             searchable_ms = now_ms()
             for it in chunk:
-                m.freshness.observe(max(0.0, (searchable_ms - it.created_at) / 1000.0))
+                if it.item_id in fresh:
+                    m.freshness.observe(max(0.0, (searchable_ms - event_time(it)) / 1000.0))
+
+    def is_new(self, item: Item) -> bool:
+        """Whether ``item``'s event is a change this indexer has not applied: an id it does not hold,
+        or a later event time (``updated_at``, else ``created_at``) than the one it holds. A
+        re-read or duplicate event, and an update that carries no ``updated_at``, are not new."""
+        held = self.catalog.get(item.item_id)
+        return held is None or event_time(item) > event_time(held)
 
     def delete_items(self, item_ids: Sequence[str]) -> int:
         with self.lock:

@@ -23,6 +23,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
+from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.start import StartPosition
 from streamrecall.errors import StreamrecallError, TransientError
 from streamrecall.metrics import RUNTIME, RuntimeMetrics
@@ -139,7 +140,7 @@ class Runtime:
                  handler: Handler, topics: Mapping[str, tuple[str, Decode]],
                  start: StartPosition = StartPosition(), assign_all: bool = False,
                  flush_interval_ms: int = 200, max_poll_records: int = 2000,
-                 metrics: RuntimeMetrics = RUNTIME) -> None:
+                 metrics: RuntimeMetrics = RUNTIME, heartbeat: Heartbeat | None = None) -> None:
         self.role = role
         self.consumer = consumer
         self.deadletters = deadletters
@@ -163,7 +164,7 @@ class Runtime:
         self._flush_failing_since: float | None = None
         self._backoff_s = 0.1
         self.records_seen = 0
-        self.last_step = time.monotonic()  # liveness: when the loop last completed a step (heartbeat)
+        self.heartbeat = heartbeat if heartbeat is not None else Heartbeat()  # /livez reads it
         deadletters.declare([logical for logical, _ in self.topics.values()])
 
     # --- lifecycle ------------------------------------------------------------
@@ -219,7 +220,7 @@ class Runtime:
 
     def _beat(self) -> None:
         """Record that a step completed (also while paused on a failing flush: retrying is progress)."""
-        self.last_step = time.monotonic()
+        self.heartbeat.beat()
         self.metrics.last_step.labels(self.role).set(time.time())
 
     def caught_up(self) -> bool:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TypeVar
-from wsgiref.simple_server import WSGIServer
+import threading
+from typing import Any, Callable, Iterable, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +206,30 @@ def role_metrics(group: type[M]) -> M:
     return group()
 
 
-def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> WSGIServer:
-    """Serve ``/metrics`` on host:port in a daemon thread; returns the server (``.shutdown()`` stops it)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+#: ``livez()`` answers (status, content type, body) for ``GET /livez``.
+Livez = Callable[[], tuple[int, str, bytes]]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: not worth a log line
+        pass
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY,
+                  livez: Livez | None = None) -> WSGIServer:
+    """Serve ``/metrics`` (and, given ``livez``, ``/livez``) on host:port in a daemon thread; returns
+    the server (``.shutdown()`` stops it)."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if livez is not None and environ.get("PATH_INFO") == "/livez":
+            status, content_type, body = livez()
+            start_response(f"{status} {'OK' if status == 200 else 'Service Unavailable'}",
+                           [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+            return [body]
+        return metrics_app(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics%s", host, server.server_port, " (and /livez)" if livez else "")
     return server

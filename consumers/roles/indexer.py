@@ -32,6 +32,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -39,6 +40,7 @@ from streamrecall.consumers import indexer_snapshot
 from streamrecall.consumers.app import model_config, run_handler
 from streamrecall.consumers.clients import make_consumer
 from streamrecall.consumers.http_api import RecallApi, RecallService
+from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
 from streamrecall.consumers.reencoder import Job, Reencoder
 from streamrecall.consumers.runtime import HandlerBase, Record, decode_value
@@ -80,6 +82,7 @@ class IndexerHandler(HandlerBase):
         self.start_at: dict[TopicPartition, int] = {}
         self.assigned_partitions: set[tuple[str, int]] = set()
         self.last_snapshot = time.monotonic()
+        self.started_ms = int(time.time() * 1000)  # records appended earlier are re-reads (freshness)
         self._last_gauges = 0.0
         self.started = threading.Event()
 
@@ -127,15 +130,20 @@ class IndexerHandler(HandlerBase):
     # ------------------------------------------------------------------- steps
     def _items(self, records: list[Record]) -> None:
         latest: dict[str, Item] = {}
+        appended: dict[str, int] = {}
         for r in records:  # a later event for the same id wins
             latest.pop(r.value.item_id, None)
             latest[r.value.item_id] = r.value
+            appended[r.value.item_id] = r.timestamp_ms
         deleted = [i for i, it in latest.items() if it.deleted]
         live = [it for it in latest.values() if not it.deleted]
+        # Freshness counts events new to this indexer that reached the topic while it ran: a record
+        # appended before the process started is a replay or a restart's backlog (that shows as lag).
+        fresh = {it.item_id for it in live if appended[it.item_id] >= self.started_ms and self.state.is_new(it)}
         if deleted:
             self.state.delete_items(deleted)
         if live:
-            self.state.upsert_items(live)
+            self.state.upsert_items(live, fresh)
 
     def _user(self, r: Record) -> None:
         if r.value is None:  # tombstone
@@ -208,6 +216,19 @@ class IndexerHandler(HandlerBase):
                 return None
             out[topic] = out.get(topic, 0) + int(value)
         return out if self.assigned_partitions else None
+
+
+class LivezRecallApi(RecallApi):
+    """The indexer's API with ``/livez`` answered from the poll loop's heartbeat."""
+
+    def __init__(self, *args: Any, heartbeat: Heartbeat, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.heartbeat = heartbeat
+
+    def answer(self, method: str, target: str, body: Callable[[], bytes]) -> tuple[int, str, bytes]:
+        if urlsplit(target).path == "/livez":
+            return self.heartbeat.answer()
+        return super().answer(method, target, body)
 
 
 class IndexerRole:
@@ -327,9 +348,9 @@ class IndexerRole:
                 t.model_updates: ("model-updates", self.decode_update),
                 t.user_vectors: ("user-vectors", user_vector_decoder(limit))}
 
-    def serve_http(self, stack: ExitStack) -> None:
-        self.api = RecallApi(self.service, self.settings.http_host, self.settings.port_for(ROLE),
-                             self.config.max_body_bytes)
+    def serve_http(self, stack: ExitStack, heartbeat: Heartbeat) -> None:
+        self.api = LivezRecallApi(self.service, self.settings.http_host, self.settings.port_for(ROLE),
+                                  self.config.max_body_bytes, heartbeat=heartbeat)
         self.api.start()
         stack.callback(self.api.stop)
 
