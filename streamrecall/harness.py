@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -204,3 +209,44 @@ class LocalSystem:
                 pass
             time.sleep(0.5)
         return False
+
+
+# --- `streamrecall up` as a whole, for tests that kill it ------------------------------------
+_UP_PID_LINE = re.compile(r"(?:started (\w+)|embedded broker \(Tansu\) listening on \S+,) \(?pid (\d+)\)?")
+
+
+def pid_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (an orphan's zombie may wait for its reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def start_up(state: Path, rate: float = 0.0, timeout_s: float = 60.0) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    """`streamrecall up` as a subprocess (embedded broker, every role); returns it and its children's
+    pids (broker and roles) as it logged them once all four started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMRECALL_")}
+    env |= {"STREAMRECALL_STATE_DIR": str(state), "STREAMRECALL_HTTP_PORT": str(free_port())}
+    up = subprocess.Popen([sys.executable, "-m", "streamrecall", "up", "--rate", str(rate)], env=env, text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pids: dict[str, int] = {}
+    lines: list[str] = []
+
+    def read() -> None:
+        assert up.stderr is not None
+        for line in up.stderr:
+            lines.append(line)
+            m = _UP_PID_LINE.search(line)
+            if m:
+                pids[m.group(1) or "broker"] = int(m.group(2))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while len(pids) < 4:
+        if time.monotonic() > deadline or up.poll() is not None:
+            up.kill()
+            raise AssertionError("up did not start its broker and three roles:\n" + "".join(lines[-20:]))
+        time.sleep(0.1)
+    return up, pids

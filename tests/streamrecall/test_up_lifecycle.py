@@ -4,79 +4,36 @@ a child that keeps failing is restarted with a growing delay."""
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from streamrecall.broker import free_port
+from streamrecall.harness import pid_running, start_up
 from streamrecall.settings import Settings
 from streamrecall.supervisor import MAX_RESTART_BACKOFF_S, RoleProcess, restart_delay
-
-PID_LINE = re.compile(r"(?:started (\w+)|embedded broker \(Tansu\) listening on \S+,) \(?pid (\d+)\)?")
-
-
-def running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (an orphan's zombie may wait for its reaper)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
-
-
-def start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, int]]:
-    """`streamrecall up` as a subprocess; returns it and its children's pids (broker and roles) once started."""
-    env = {**os.environ, "STREAMRECALL_STATE_DIR": str(tmp_path / "state"),
-           "STREAMRECALL_HTTP_PORT": str(free_port())}
-    env.pop("STREAMRECALL_BOOTSTRAP_SERVERS", None)
-    up = subprocess.Popen([sys.executable, "-m", "streamrecall", "up", "--rate", "0"], env=env, text=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pids: dict[str, int] = {}
-    lines: list[str] = []
-
-    def read() -> None:
-        assert up.stderr is not None
-        for line in up.stderr:
-            lines.append(line)
-            m = PID_LINE.search(line)
-            if m:
-                pids[m.group(1) or "broker"] = int(m.group(2))
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 60
-    while len(pids) < 4:
-        if time.monotonic() > deadline or up.poll() is not None:
-            up.kill()
-            raise AssertionError("up did not start its broker and three roles:\n" + "".join(lines[-20:]))
-        time.sleep(0.1)
-    return up, pids
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["sigkill", "sigterm-then-sigkill"])
 def test_broker_and_roles_die_with_up(tmp_path: Path, how: str) -> None:
-    up, pids = start_up(tmp_path)
+    up, pids = start_up(tmp_path / "state")
     try:
         time.sleep(1.0)  # the roles are importing and connecting: mid-start-up is the hardest case
-        assert all(running(p) for p in pids.values()), pids
+        assert all(pid_running(p) for p in pids.values()), pids
         if how == "sigterm-then-sigkill":  # what service managers do: TERM, then KILL a few seconds later
             up.send_signal(signal.SIGTERM)
             time.sleep(2.0)
         up.kill()
         up.wait(timeout=10)
         deadline = time.monotonic() + 5
-        while any(running(p) for p in pids.values()) and time.monotonic() < deadline:
+        while any(pid_running(p) for p in pids.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [name for name, p in pids.items() if running(p)], f"orphans left: {pids}"
+        assert not [name for name, p in pids.items() if pid_running(p)], f"orphans left: {pids}"
     finally:
         for pid in pids.values():  # only the processes this test started
-            if running(pid):
+            if pid_running(pid):
                 os.kill(pid, signal.SIGKILL)
         if up.poll() is None:
             up.kill()
