@@ -175,6 +175,22 @@ class LocalSystem:
             time.sleep(settle_s)
         return False
 
+    def metric(self, family: str, name: str, **labels: str) -> float | None:
+        """A sample of ``family`` with ``labels`` from role process ``name``'s /metrics (None until it
+        answers or has that series)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(self.api(name) + "/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name == family and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return None
+
     def api(self, name: str = "indexer") -> str:
         proc = self.processes[name]
         return f"http://{proc.settings.http_host}:{proc.settings.port_for(proc.role)}"

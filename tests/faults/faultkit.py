@@ -16,7 +16,6 @@ import os
 import random
 import struct
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -526,22 +525,6 @@ def wait_until(what: str, check: Callable[[], list[str]], timeout_s: float, ever
             return []
         time.sleep(every_s)
     return problems
-
-
-def metric(system: LocalSystem, name: str, family: str, **labels: str) -> float | None:
-    """A sample from role process ``name``'s /metrics (None until it answers or has the series)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(system.api(name) + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return None
-    for fam in text_string_to_metric_families(text):
-        for sample in fam.samples:
-            if sample.name == family and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 def log_tail(system: LocalSystem, name: str, n: int = 3000) -> str:

@@ -446,7 +446,7 @@ def genuine_version_applied(system: LocalSystem) -> list[str]:
         consumer.close(autocommit=False)
     _, health = system.get("/healthz")
     versions = {"indexer": health.get("model_version") if isinstance(health, dict) else None,
-                "publisher": fk.metric(system, "publisher", "streamrecall_model_version", role="publisher")}
+                "publisher": system.metric("streamrecall_model_version", "publisher", role="publisher")}
     return [f"{role} at v{v}, the genuine chain is at v{newest}" for role, v in versions.items()
             if v is None or int(v) != newest]
 

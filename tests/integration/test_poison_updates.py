@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import struct
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from kafka import TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import HEADER_OFFSET, HEADER_REASON, HEADER_ROLE, HEADER_TOPIC, headers_dict
@@ -50,23 +48,9 @@ def wait_for(what: str, system: LocalSystem, condition: Callable[[], bool], time
         time.sleep(0.2)
 
 
-def metric(system: LocalSystem, name: str, role: str, **labels: str) -> float | None:
-    """A sample of ``role``'s own /metrics (None until it serves them or has the series)."""
-    try:
-        with urllib.request.urlopen(system.api(role) + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels | {"role": role}).items()):
-                return sample.value
-    return None
-
-
 def publisher_version(system: LocalSystem) -> float | None:
     """The publisher's model version, from its own /metrics (None until it serves them)."""
-    return metric(system, "streamrecall_model_version", "publisher")
+    return system.metric("streamrecall_model_version", "publisher", role="publisher")
 
 
 def indexer_version(system: LocalSystem) -> int | None:
@@ -190,7 +174,8 @@ def test_with_a_signing_key_forged_stale_and_jumping_updates_are_refused(broker:
         for role in ("indexer", "publisher"):
             got = {int(h[HEADER_OFFSET]): h[HEADER_REASON] for h in letters if h[HEADER_ROLE] == role}
             assert got == refused, (role, json.dumps(letters)[:2000])
-            counted = {reason: metric(system, "streamrecall_model_updates_refused_total", role, reason=reason)
+            counted = {reason: system.metric("streamrecall_model_updates_refused_total", role, role=role,
+                                             reason=reason)
                        for reason in ("unsigned", "bad-signature", "stale-epoch", "version-jump")}
             assert counted == {"unsigned": 1.0, "bad-signature": 2.0, "stale-epoch": 1.0, "version-jump": 1.0}, role
         system.check_alive()
