@@ -1,7 +1,7 @@
 """A phase-fair reader-writer lock.
 
 hnswlib releases the GIL inside ``knn_query`` and ``add_items``, and its own notes
-(confirmed here, see DESIGN.md) say that only searches may run concurrently with
+(confirmed here, see docs/index.md) say that only searches may run concurrently with
 each other: ``add_items``, ``mark_deleted``, ``resize_index`` and ``save_index``
 must not overlap a search. Readers share the lock; a writer holds it alone.
 

@@ -25,11 +25,13 @@ class ModelConfig:
     max_tokens: int = 64               # content tokens kept per item (categories first, then tags, title)
     history_len: int = 20              # last N clicked items pooled into the user tower
     temperature: float = 0.05          # softmax temperature τ over cosine scores
-    logq: bool = True                  # subtract log p̂ from every logit (sampling-bias correction)
+    logq: bool = True                  # subtract log q from every logit (sampling-bias correction)
+    logq_alpha: float = 1.0            # strength α: logit − α·log q (1: the full correction, 0: same as logq off)
     p_min: float = 1e-6                # p̂ is clipped to [p_min, 1] before the log
     estimator_alpha: float = 0.01      # learning rate α of the gap EMA (Yi et al. Alg. 2)
     estimator_buckets: int = 1 << 20   # size of the estimator arrays A and B
     estimator_hashes: int = 1          # >1: Algorithm 3, p̂ from the largest gap over the hashes
+    estimator_prior_gaps: float = 1.0  # weight (in gaps) of the prior gap a cold item's p̂ is shrunk toward; 0: off
     sparse_optimizer: Literal["rowwise_adagrad", "sgd"] = "rowwise_adagrad"
     lr_sparse: float = 0.05            # rate of the sparse tables' optimiser (sgd: per example, × batch size)
     lr_dense: float = 2e-3             # Adam/Adagrad on the dense layers
@@ -48,6 +50,8 @@ class ModelConfig:
             _positive_float(name, getattr(self, name))
         if not isinstance(self.logq, bool):
             raise ModelConfigError("logq", f"must be a bool, got {self.logq!r}")
+        _non_negative_float("logq_alpha", self.logq_alpha)
+        _non_negative_float("estimator_prior_gaps", self.estimator_prior_gaps)
         _positive_float("p_min", self.p_min)
         if self.p_min >= 1.0:
             raise ModelConfigError("p_min", f"must be < 1, got {self.p_min!r}")
@@ -91,6 +95,11 @@ class ModelConfig:
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ModelConfigError(name, f"must be a positive int, got {value!r}")
+
+
+def _non_negative_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ModelConfigError(name, f"must be a finite number >= 0, got {value!r}")
 
 
 def _positive_float(name: str, value: Any) -> None:

@@ -15,15 +15,25 @@ Choices made here (all documented in docs/model.md):
   is exactly Algorithm 2 run per example when the k gaps are equal.
 - **Bias-corrected start**: B starts at 0 and the estimate is B / (1 − (1−α)^n) over the
   n gaps seen (as Adam corrects its moments), so the first gaps give an unbiased
-  estimate instead of dragging B up from an arbitrary prior. An item with no gap yet
-  (seen once) gets p_min.
+  estimate instead of dragging B up from an arbitrary prior. Without a prior
+  (``prior_gaps=0``) an item with no gap yet (seen once) gets p_min.
+- **Cold-start prior** (``prior_gaps=c > 0``): the estimate is the posterior mean of a
+  Gamma–Poisson model with exponential forgetting. Before any gap, the item's rate is
+  believed to be 1/G₀ with the weight of c gaps, where G₀ is the typical gap of an item
+  seen so far (the number of distinct items seen: under a flat prior over them, each
+  occurs once per G₀ examples). The prior decays with every gap as an old gap does in
+  the EMA, so p̂ = (1 − w + cα·w) / (B + cα·w·G₀) with w = (1−α)^n. An item seen once
+  gets 1/G₀ instead of p_min (which would give it a correction larger than any real
+  tail item), its first, noisy one-gap estimates are pulled toward 1/G₀, and after a
+  few hundred gaps (w → 0) the prior is gone. c = 0 is the estimate above, exactly.
 - **Staleness**: the gap used is max(B̂, (step − A)/3): an item unseen for more than
   three times its expected gap (probability e⁻³ if its rate held) loses probability,
   though B itself only moves when the item is seen.
 - p̂ is clipped to [p_min, 1].
 
 The state (A, B, n, step) is saved with every checkpoint, so a restart keeps the
-estimate instead of re-living the cold-start bias.
+estimate instead of re-living the cold-start bias. The count of distinct items seen is
+not state of its own: it is recounted from A on load.
 """
 
 from __future__ import annotations
@@ -38,15 +48,18 @@ _STALE_FACTOR = 3.0
 
 
 class FrequencyEstimator:
-    def __init__(self, buckets: int, *, hashes: int = 1, alpha: float = 0.01, p_min: float = 1e-6) -> None:
+    def __init__(self, buckets: int, *, hashes: int = 1, alpha: float = 0.01, p_min: float = 1e-6,
+                 prior_gaps: float = 0.0) -> None:
         self.buckets = buckets
         self.hashes = hashes
         self.alpha = alpha
         self.p_min = p_min
+        self.prior_gaps = prior_gaps
         self.last_seen = torch.full((hashes, buckets), -1, dtype=torch.int64)  # A
         self.gap_ema = torch.zeros((hashes, buckets), dtype=torch.float64)     # B, before bias correction
         self.gaps_seen = torch.zeros((hashes, buckets), dtype=torch.int64)     # n
         self.step = 0                                                          # examples seen so far
+        self.distinct = torch.zeros(hashes, dtype=torch.int64)                 # buckets seen, per hash (G₀)
 
     def rows(self, keys: torch.Tensor) -> torch.Tensor:
         """(n, hashes) bucket of each 63-bit item key under each hash function."""
@@ -73,6 +86,7 @@ class FrequencyEstimator:
         first = torch.full((m,), 2**62, dtype=torch.int64).scatter_reduce_(0, inverse, positions, "amin")
         prev = self.last_seen[j, uniq]
         seen = prev >= 0
+        self.distinct[j] += int((~seen).sum())
         n_gaps = torch.where(seen, counts, counts - 1)
         span = torch.where(seen, last - prev, last - first)
         ok = n_gaps > 0
@@ -90,8 +104,15 @@ class FrequencyEstimator:
         for j in range(self.hashes):
             r = rows[:, j]
             n = self.gaps_seen[j, r]
-            corrected = self.gap_ema[j, r] / (1.0 - (1.0 - self.alpha) ** n.double()).clamp_min(1e-300)
-            corrected = torch.where(n > 0, corrected, torch.full_like(corrected, float("inf")))
+            w = (1.0 - self.alpha) ** n.double()
+            if self.prior_gaps > 0:
+                # The prior as one more (decaying) term of the EMA: see the module docstring.
+                prior = self.prior_gaps * self.alpha * w
+                g0 = float(max(int(self.distinct[j]), 1))
+                corrected = (self.gap_ema[j, r] + prior * g0) / (1.0 - w + prior)
+            else:
+                corrected = self.gap_ema[j, r] / (1.0 - w).clamp_min(1e-300)
+                corrected = torch.where(n > 0, corrected, torch.full_like(corrected, float("inf")))
             last = self.last_seen[j, r]
             stale = torch.where(last >= 0, (self.step - 1 - last).double() / _STALE_FACTOR, torch.zeros_like(corrected))
             gap = torch.maximum(gap, torch.maximum(corrected, stale))
@@ -113,3 +134,4 @@ class FrequencyEstimator:
         self.gap_ema = state["B"].clone()
         self.gaps_seen = state["n"].clone()
         self.step = int(state["step"][0])
+        self.distinct = (self.last_seen >= 0).sum(dim=1)

@@ -6,7 +6,8 @@ Shapes: B examples, M extra negatives, d embedding size.
 
 - ``user`` (B, d), ``item`` (B, d): unit vectors; row i of each is a positive pair.
 - ``item_keys`` (B,) int64: the positives' item keys; equal keys mean the same item.
-- ``log_q`` (B,) float: log of each in-batch candidate's sampling probability, or None.
+- ``log_q`` (B,) float: log of each in-batch candidate's sampling probability (units
+  below), or None.
 - ``weights`` (B,) float ≥ 0: per-example weights (a click's ``weight``), or None.
 - ``neg_item`` (M, d), ``neg_keys`` (M,), ``neg_log_q`` (M,): extra negatives (mixed
   negative sampling, Yang et al. 2020), or None.
@@ -17,8 +18,14 @@ positive (an *accidental hit*) is masked out: it is not a negative for row i. Th
 is Σ_i w_i · (−log softmax(logit[i])[i]) / Σ_i w_i.
 
 Units of log_q: the columns must agree. With in-batch negatives only, any constant
-drops out; when mixing, pass log(expected occurrences among the candidates), i.e.
-log(B·p̂) for batch columns and log(M/N) for M uniform draws from N items.
+drops out. When mixing, the B batch columns and the M extra ones are one pool of
+candidates, so every column's log_q is the log of its item's expected occurrences in the
+whole pool: log(B·q + M/N) for an item of in-batch proposal q (per column) and M uniform
+draws from N items, the same formula for the batch columns (``log_q``) and the extra
+ones (``neg_log_q``). One term per source (log(B·q) for one, log(M/N) for the other)
+under-states the proposal of every item, and most for a tail item that the uniform draws
+reach far more often than the batch. The trainer also scales log_q by its
+``logq_alpha`` (0 < α ≤ 1 weakens the correction); this function subtracts what it is given.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Parameters:
 - ``token`` (token_buckets, dim): content tokens (categories, tags, title words, numeric
   feature names), seeded-uniform in ±1 so that even an untrained model maps items with shared
   tokens to nearby vectors.
-- ``user_id`` (id_buckets, dim): one row per hashed user id, zero-initialised.
+- ``user_id`` (id_buckets, dim): one row per hashed user id, zero-initialised (cheap to
+  reproduce in every replica; the user MLP's seeded hidden bias keeps it trainable).
 - item MLP and user MLP: Linear(2·dim → hidden) → ReLU → Linear(hidden → dim).
 
 The user tower pools the user's recent history through the *item-id* table (shared
@@ -32,6 +33,8 @@ from streamrecall.model.seeded import seeded_uniform
 TABLES = ("item_id", "user_id", "token")
 #: Token rows start uniform in ±1: large enough that untrained content vectors differ.
 TOKEN_INIT_BOUND = 1.0
+#: Biases that start seeded-uniform instead of zero (see :meth:`TwoTower.reset`).
+LIVE_BIASES = ("user.mlp.0.bias",)
 
 
 def _mlp(config: ModelConfig) -> nn.Sequential:
@@ -95,7 +98,15 @@ class TwoTower(nn.Module):
         self.user.id_table.zero_()
         self.item.token_table.copy_(seeded_uniform(tuple(self.item.token_table.shape), TOKEN_INIT_BOUND, seed, "token"))
         for name, p in self.dense().items():
-            if p.dim() == 1:
+            if name in LIVE_BIASES:
+                # The user tower's inputs are all zero at init (zero id rows, and a history pooled
+                # from zero item-id rows): with zero biases its output is exactly 0, F.normalize(0)
+                # sends a huge gradient into the last bias only (ReLU'(0) = 0 blocks the rest, the
+                # user-id rows included) and Adam's second moment then freezes that bias. A seeded
+                # hidden bias (torch's default Linear range) gives every user a unit vector and a
+                # gradient path to its id row and the whole MLP from the first step.
+                p.copy_(seeded_uniform(tuple(p.shape), 1.0 / math.sqrt(2 * self.config.dim), seed, name))
+            elif p.dim() == 1:
                 p.zero_()  # zero biases: the output reflects the inputs from the first step
             else:
                 p.copy_(seeded_uniform(tuple(p.shape), 1.0 / math.sqrt(p.shape[1]), seed, name))

@@ -16,7 +16,6 @@ role that restarts should read the last version on the model-updates topic and c
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -47,7 +46,8 @@ class OnlineTrainer:
         self.model = TwoTower(config)
         self.featurizer = Featurizer(config)
         self.estimator = FrequencyEstimator(config.estimator_buckets, hashes=config.estimator_hashes,
-                                            alpha=config.estimator_alpha, p_min=config.p_min)
+                                            alpha=config.estimator_alpha, p_min=config.p_min,
+                                            prior_gaps=config.estimator_prior_gaps)
         self.trending = TrendingCounter(config.trending_size, config.trending_half_life)
         self._sparse_opt = SparseRowOptimizer(self.model.tables(), lr=config.lr_sparse, kind=config.sparse_optimizer)
         dense = list(self.model.dense().values())
@@ -84,16 +84,18 @@ class OnlineTrainer:
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimisation step on ``batch``. Returns loss, examples (trained), skipped (weight 0 or
         down-sampled), downsampled, unknown_items, steps and version."""
-        cfg = self.config
         n = len(batch)
         keys = batch.items.keys
+        # The estimator counts every click (p̂ is the click probability, which trending and
+        # down-sampling read); what the loss needs is the probability that an item occupies a
+        # column of the *trained* batch, p̂ × keep probability, computed below.
         self.estimator.update(keys)
         p = self.estimator.probability(keys)
         self.trending.add(i for i, k in zip(batch.item_ids, batch.known.tolist()) if k)
         keep = batch.weights > 0
+        keep_p = self._keep_probability(p)
         downsampled = 0
-        if cfg.downsample_top is not None:
-            keep_p = torch.sqrt(cfg.downsample_top / p).clamp(max=1.0)
+        if self.config.downsample_top is not None:
             drop = torch.rand(n, generator=self._gen) >= keep_p
             downsampled = int((drop & keep).sum())
             keep &= ~drop
@@ -102,28 +104,43 @@ class OnlineTrainer:
                    "downsampled": float(downsampled), "unknown_items": float(batch.unknown_items)}
         if idx.numel() == 0:
             return metrics | {"loss": 0.0, "steps": float(self.steps), "version": float(self.version)}
+        # Expected occurrences of each column's item among the trained batch's columns: the n
+        # clicks drawn, each of this item with probability p̂ and kept with keep_p.
+        expected = n * p * keep_p
         if idx.numel() == n:
-            users, items, weights, p_kept = batch.users, batch.items, batch.weights, p
+            users, items, weights, expected_kept = batch.users, batch.items, batch.weights, expected
         else:
-            users, items, weights, p_kept = batch.users.select(idx), batch.items.select(idx), batch.weights[idx], p[idx]
-        loss = self._optimise(users, items, weights, p_kept, batch)
+            users, items, weights, expected_kept = (batch.users.select(idx), batch.items.select(idx),
+                                                    batch.weights[idx], expected[idx])
+        loss = self._optimise(users, items, weights, expected_kept, batch)
         self.steps += 1
         return metrics | {"loss": loss, "steps": float(self.steps), "version": float(self.version)}
 
-    def _optimise(self, users: UserFeatures, items: ItemFeatures, weights: torch.Tensor, p: torch.Tensor,
+    def _keep_probability(self, p: torch.Tensor) -> torch.Tensor:
+        """(n,) probability that a click on an item of click probability ``p`` is trained on:
+        √(t/p̂) capped at 1 with ``downsample_top=t`` (word2vec-style), else 1."""
+        t = self.config.downsample_top
+        return torch.ones_like(p) if t is None else torch.sqrt(t / p).clamp(max=1.0)
+
+    def _optimise(self, users: UserFeatures, items: ItemFeatures, weights: torch.Tensor, expected: torch.Tensor,
                   batch: TrainBatch) -> float:
+        """``expected`` (B,): expected occurrences of each trained column's item among the batch columns."""
         cfg = self.config
         u = self.model.user(users)
         v = self.model.item(items)
         neg = batch.negatives
         neg_v = self.model.item(neg) if neg is not None else None
         log_q = neg_log_q = None
-        if cfg.logq:
-            # Units: expected occurrences among the candidates (see loss.py); the batch
-            # factor only matters when uniform negatives are mixed in.
-            log_q = torch.log(p * len(items))
+        if cfg.logq and cfg.logq_alpha > 0:
+            # The candidates are one pool: the batch columns and M uniform draws from N items. An
+            # item's proposal is its expected count in that pool, B·p̂·keep + M/N, whichever
+            # source a column came from (one term per source would under-state the proposal of
+            # an item that both sources can draw). See loss.py for the units.
+            uniform = len(neg) / max(batch.catalog_size, 1) if neg is not None else 0.0
+            log_q = cfg.logq_alpha * torch.log(expected + uniform)
             if neg is not None:
-                neg_log_q = torch.full((len(neg),), math.log(len(neg) / max(batch.catalog_size, 1)))
+                neg_p = self.estimator.probability(neg.keys)  # the clicks' estimate; negatives are not counted
+                neg_log_q = cfg.logq_alpha * torch.log(len(batch) * neg_p * self._keep_probability(neg_p) + uniform)
         loss = sampled_softmax_loss(u, v, temperature=cfg.temperature, item_keys=items.keys, log_q=log_q,
                                     weights=weights, neg_item=neg_v,
                                     neg_keys=neg.keys if neg is not None else None, neg_log_q=neg_log_q)

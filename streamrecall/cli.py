@@ -100,8 +100,20 @@ def with_settings(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _show_envvars(command: click.Command | None) -> click.Command | None:
+    """Show each option's environment variable in --help: the named ones (settings) and the ones
+    click derives from ``auto_envvar_prefix`` (STREAMRECALL_<COMMAND>_<PARAMETER>)."""
+    for param in getattr(command, "params", ()):
+        if isinstance(param, click.Option):
+            param.show_envvar = True
+    return command
+
+
 class _Group(click.Group):
     """Turns streamrecall's own errors into one clear line and exit status 2."""
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return _show_envvars(super().get_command(ctx, name))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -115,7 +127,10 @@ class _Group(click.Group):
             sys.exit(2)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                           # command options read STREAMRECALL_<COMMAND>_<OPTION> too
+                                           "auto_envvar_prefix": "STREAMRECALL"})
+@click.version_option(package_name="streamrecall", prog_name="streamrecall", message="%(prog)s %(version)s")
 def main() -> None:
     """streamrecall: a streaming real-time recall updater (Kafka in, fresh item index and user vectors out)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -123,9 +138,19 @@ def main() -> None:
 
 
 def require_bootstrap(settings: Settings) -> Settings:
+    """The settings with a broker: the configured one, else the one a running `up` recorded in
+    the same state dir (its embedded broker's port is picked at start)."""
     if settings.bootstrap_servers is None:
+        from streamrecall.up import running_address
+
+        running = running_address(settings.state_dir)
+        if running is not None:
+            click.echo(f"using the broker of the running `streamrecall up` (pid {running['pid']}): "
+                       f"{running['bootstrap_servers']}", err=True)
+            return settings.replace(bootstrap_servers=running["bootstrap_servers"])
         raise click.UsageError(f"no broker: pass --bootstrap-servers or set {env_name('bootstrap_servers')} "
-                               "(or use `streamrecall up`, which starts an embedded one)")
+                               f"(or run `streamrecall up`, which starts an embedded one and records it in "
+                               f"{settings.state_dir}/up.json)")
     return settings
 
 
@@ -252,7 +277,11 @@ def status(settings: Settings, wait: bool, timeout: float) -> None:
     """Committed offset and lag per partition for every role's consumer group."""
     from streamrecall.status import print_status
 
-    ok = print_status(require_bootstrap(settings), wait=wait, timeout_s=timeout)
+    from streamrecall.up import running_address
+
+    running = running_address(settings.state_dir) if settings.bootstrap_servers is None else None
+    ok = print_status(require_bootstrap(settings), wait=wait, timeout_s=timeout,
+                      ports=running["ports"] if running else None)
     sys.exit(0 if ok else 1)
 
 
@@ -315,7 +344,7 @@ class _LazyGroup(click.Group):
         if name in self.lazy:
             import importlib
 
-            return importlib.import_module(self.lazy[name]).command
+            return _show_envvars(importlib.import_module(self.lazy[name]).command)
         return super().get_command(ctx, name)
 
 

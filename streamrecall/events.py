@@ -1,4 +1,4 @@
-"""The event contract: typed, validated decoding of topic values (see DESIGN.md).
+"""The event contract: typed, validated decoding of topic values (docs/events.md).
 
 Unknown fields are ignored. Missing required fields, wrong types, non-finite
 numbers, oversized and undecodable values raise :class:`InvalidEvent`, whose

@@ -12,7 +12,7 @@ from kafka import KafkaProducer
 
 log = logging.getLogger(__name__)
 
-#: Which JSON field keys each topic's records (DESIGN.md: items by item_id, clicks and vectors by user_id).
+#: Which JSON field keys each topic's records (docs/architecture.md: items by item_id, clicks and vectors by user_id).
 KEY_FIELD = {"items": "item_id", "clicks": "user_id", "user-vectors": "user_id"}
 
 

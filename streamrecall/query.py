@@ -73,10 +73,13 @@ def command(user_id: str | None, vector_file: TextIO | None, item_id: str | None
 def format_answer(answer: dict[str, Any]) -> str:
     """The readable form: a header line with route and versions, then one row per result."""
     v = answer.get("model_versions", {})
-    head = [f"route: {answer.get('route')}", f"index v{v.get('index')} (epoch {v.get('index_epoch')})"]
+    head = [f"route: {answer.get('route')}"]
+    if v.get("scored") is not None and answer.get("route") in ("user-vector", "vector"):
+        head.append(f"scored by model v{v['scored']}")
+    head.append(f"index v{v.get('index')} (graph epoch {v.get('index_epoch')})")
     if v.get("user_vector") is not None:
-        head.append(f"user vector v{v['user_vector']}"
-                    + ("" if answer.get("compatible", True) else " (older epoch than the index)"))
+        encoded = " (re-encoded at query time)" if answer.get("user_encoded") == "query-time" else ""
+        head.append(f"stored user vector v{v['user_vector']}{encoded}")
     results = answer.get("results", [])
     rows = [("rank", "item_id", "score", "version", "categories")]
     for r in results:

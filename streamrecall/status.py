@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import click
 from kafka import TopicPartition
@@ -39,7 +39,8 @@ class PartitionLag:
 
     @property
     def lag(self) -> int:
-        return self.high - (self.committed or 0)
+        # The watermark is read before the group's commit: a commit made in between may pass it.
+        return max(0, self.high - (self.committed or 0))
 
 
 def high_watermarks(settings: Settings, topics: list[str], timeout_s: float = 15.0) -> dict[TopicPartition, int]:
@@ -77,8 +78,10 @@ def group_lags(settings: Settings) -> list[PartitionLag]:
     return rows
 
 
-def print_status(settings: Settings, wait: bool = False, timeout_s: float = 300.0) -> bool:
-    """Print lag per group and partition; with ``wait`` poll until all lags are zero. True when caught up."""
+def print_status(settings: Settings, wait: bool = False, timeout_s: float = 300.0,
+                 ports: Mapping[str, int] | None = None) -> bool:
+    """Print lag per group and partition, then whether the system is settled; with ``wait`` poll
+    until all lags are zero. True when caught up. ``ports``: where each role serves HTTP."""
     deadline = time.monotonic() + timeout_s
     while True:
         rows = group_lags(settings)
@@ -92,7 +95,7 @@ def print_status(settings: Settings, wait: bool = False, timeout_s: float = 300.
         committed = "-" if r.committed is None else str(r.committed)
         click.echo(f"{r.group:<32} {r.topic:<28} {r.partition:>4} {committed:>10} {r.high:>10} {r.lag:>8}")
     click.echo(f"total lag: {total:,}")
-    click.echo(settled_line(settings, total))
+    click.echo(settled_line(settings, total, ports))
     return total == 0
 
 
@@ -111,13 +114,38 @@ def indexer_health(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any]
         return None
 
 
-def settled_line(settings: Settings, total_lag: int) -> str:
+def role_versions(settings: Settings, ports: Mapping[str, int] | None = None,
+                  timeout_s: float = 2.0) -> dict[str, int | None]:
+    """``streamrecall_model_version`` of each role, read from its /metrics (None: no answer).
+    ``ports`` overrides where each role serves (default: ``settings.port_for(role)``)."""
+    out: dict[str, int | None] = {}
+    for role in ROLE_TOPICS:
+        port = (ports or {}).get(role, settings.port_for(role))
+        url = f"http://{settings.http_host}:{port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                text = r.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            out[role] = None
+            continue
+        prefix = f'streamrecall_model_version{{role="{role}"}} '
+        line = next((ln for ln in text.splitlines() if ln.startswith(prefix)), None)
+        out[role] = int(float(line[len(prefix):])) if line else None
+    return out
+
+
+def settled_line(settings: Settings, total_lag: int, ports: Mapping[str, int] | None = None) -> str:
     """Whether the whole system serves what the trainer knows: every group at zero lag (the
-    trainer commits a click once the update that learned from it is acknowledged) and the
-    indexer settled (every update applied, re-encode done)."""
+    trainer commits a click once the update that learned from it is acknowledged), every role
+    that answers at the same model version, and the indexer settled (every update applied,
+    re-encode done)."""
     health = indexer_health(settings)
     if health is None:
         return f"settled: unknown (no indexer answers at {settings.http_host}:{settings.port_for('indexer')})"
-    settled = total_lag == 0 and bool(health.get("settled"))
-    return (f"settled: {'yes' if settled else 'no'} (indexer at model v{health.get('model_version')}, "
-            f"re-encode pending {health.get('reencode_pending')}, total lag {total_lag:,})")
+    versions = role_versions(settings, ports)
+    versions["indexer"] = health.get("model_version")  # the version its answers are scored by
+    known = {v for v in versions.values() if v is not None}
+    settled = total_lag == 0 and bool(health.get("settled")) and len(known) <= 1
+    shown = ", ".join(f"{role} v{v}" if v is not None else f"{role} ?" for role, v in versions.items())
+    return (f"settled: {'yes' if settled else 'no'} (model versions: {shown}; "
+            f"indexer re-encode pending {health.get('reencode_pending')}, total lag {total_lag:,})")

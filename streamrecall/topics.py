@@ -1,4 +1,4 @@
-"""Topic creation: partition counts and cleanup policies as DESIGN.md specifies."""
+"""Topic creation: partition counts and cleanup policies as docs/architecture.md specifies."""
 
 from __future__ import annotations
 

@@ -8,15 +8,20 @@ if `up` itself dies (SIGKILL included) its broker and roles die with it.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
 import click
 
+from streamrecall.atomicfile import atomic_write
 from streamrecall.broker import EmbeddedBroker
 from streamrecall.consumers.roles import available_roles
 from streamrecall.supervisor import RoleProcess
@@ -63,6 +68,12 @@ def run_up(settings: Settings, roles: list[str], rate: float, duration: float | 
             generator.start()
         click.echo(f"up: roles {[c.role for c in children]}, {rate:g} clicks/s; Ctrl-C stops "
                    f"(state in {settings.state_dir}, logs in {logs})")
+        for child in children:
+            base = f"http://{child.settings.http_host}:{child.settings.port_for(child.role)}"
+            click.echo(f"  {child.role:<9} {base}/metrics" + (f"   recall API: {base}/recall?user_id=U&k=10, "
+                                                             f"{base}/healthz" if child.role == "indexer" else ""))
+        write_address(settings, {c.role: c.settings.port_for(c.role) for c in children})
+        stack.callback(clear_address, settings)
         started = time.monotonic()
         next_status = started + STATUS_EVERY_S
         while not stop.wait(0.5):
@@ -83,6 +94,31 @@ def _stop_all(children: list[RoleProcess], timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     for child in children:
         child.stop(timeout_s=max(0.1, deadline - time.monotonic()))
+
+
+ADDRESS_FILE = "up.json"
+
+
+def write_address(settings: Settings, ports: dict[str, int]) -> None:
+    """Record where this `up` serves (broker, role ports, pid) in the state dir, so `status` and
+    `query` run beside it find the embedded broker, whose port is picked at start."""
+    data = {"pid": os.getpid(), "bootstrap_servers": settings.bootstrap_servers,
+            "http_host": settings.http_host, "ports": ports}
+    atomic_write(settings.state_dir / ADDRESS_FILE, json.dumps(data).encode())
+
+
+def clear_address(settings: Settings) -> None:
+    (settings.state_dir / ADDRESS_FILE).unlink(missing_ok=True)
+
+
+def running_address(state_dir: Path) -> dict[str, Any] | None:
+    """What a running `up` with this state dir recorded (None: none, or its process is gone)."""
+    try:
+        data = json.loads((state_dir / ADDRESS_FILE).read_text())
+        os.kill(int(data["pid"]), 0)  # signal 0: only checks that the process exists
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data.get("bootstrap_servers"), str) else None
 
 
 def _live_stream(settings: Settings, rate: float, stop: threading.Event, counts: Counter[str]) -> None:

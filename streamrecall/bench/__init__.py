@@ -45,7 +45,7 @@ def peak_rss_mb() -> float:
 
 
 def report(results: Iterable[Result], as_json: bool) -> None:
-    """Print results as a table, or as the JSON array DESIGN.md specifies."""
+    """Print results as a table, or as the JSON array docs/architecture.md specifies."""
     rows = list(results)
     if as_json:
         json.dump(rows, sys.stdout, indent=2)

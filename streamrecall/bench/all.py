@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import click
 
@@ -27,13 +28,29 @@ def command(only: str, as_json: bool) -> None:
     if unknown:
         raise click.UsageError(f"--only: unknown {sorted(unknown)}; choose from {', '.join(BENCHES)}")
     results: list[Result] = []
-    for name in wanted:
-        click.echo(f"bench {name} ...", err=True)
+    failed: list[str] = []
+    started = time.monotonic()
+    for n, name in enumerate(wanted, 1):
+        click.echo(f"[{n}/{len(wanted)}] bench {name} ... (its log follows)", err=True)
+        t = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "streamrecall", "bench", name, "--json"],
                               stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            raise click.ClickException(f"bench {name} failed with status {proc.returncode}")
-        for row in json.loads(proc.stdout):
+        try:
+            rows = json.loads(proc.stdout) if proc.returncode == 0 else None
+        except ValueError:
+            rows = None
+        if rows is None:  # keep going: one failed benchmark must not lose the others' results
+            failed.append(name)
+            click.echo(f"[{n}/{len(wanted)}] bench {name} FAILED (status {proc.returncode}) after "
+                       f"{time.monotonic() - t:.0f} s", err=True)
+            continue
+        for row in rows:
             row["name"] = f"{name}: {row['name']}"
             results.append(row)
+            click.echo(f"    {row['name']}: {row['value']:.4g} {row['unit']}"
+                       + (f" (ratio to raw {row['ratio_to_raw']:.3g})" if "ratio_to_raw" in row else ""), err=True)
+        click.echo(f"[{n}/{len(wanted)}] bench {name} done in {time.monotonic() - t:.0f} s "
+                   f"({time.monotonic() - started:.0f} s so far)", err=True)
     report(results, as_json)
+    if failed:
+        raise click.ClickException(f"failed: {', '.join(failed)} (the results above are those of the others)")

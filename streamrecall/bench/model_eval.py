@@ -143,16 +143,29 @@ def _top_alive(counts: Counter, catalog: ItemCatalog, k: int) -> list[tuple[str,
 @click.option("--id-buckets", default=ModelConfig.id_buckets, show_default=True)
 @click.option("--mixed-negatives", default=0, show_default=True,
               help="If > 0, add a peer 'logq_mixed' with this many uniform negatives per batch.")
+@click.option("--downsample-top", type=float, default=None, envvar="STREAMRECALL_BENCH_DOWNSAMPLE_TOP",
+              show_envvar=True, help="downsample_top of the logQ peers (default: the ModelConfig default).")
+@click.option("--logq-alpha", type=float, default=None, envvar="STREAMRECALL_BENCH_LOGQ_ALPHA",
+              show_envvar=True, help="logq_alpha of the logQ peers (default: the ModelConfig default).")
+@click.option("--estimator-prior-gaps", type=float, default=None, envvar="STREAMRECALL_BENCH_ESTIMATOR_PRIOR_GAPS",
+              show_envvar=True, help="estimator_prior_gaps of the logQ peers (default: the ModelConfig default).")
 @json_option
 def command(n_items: int, n_users: int, n_clicks: int, seed: int, batch_size: int, k: int, eval_every: int,
-            id_buckets: int, mixed_negatives: int, as_json: bool) -> None:
-    """HR@K of most-popular, uncorrected and logQ-corrected towers, trained online in one pass."""
+            id_buckets: int, mixed_negatives: int, downsample_top: float | None, logq_alpha: float | None,
+            estimator_prior_gaps: float | None, as_json: bool) -> None:
+    """HR@K of most-popular, uncorrected and logQ-corrected towers, trained online in one pass.
+
+    The model options (--downsample-top and the like) apply to the logQ peers only, so one run
+    compares a lever against the same stream's most-popular and uncorrected figures.
+    """
     torch.manual_seed(seed)
     syn = SyntheticConfig(n_items=n_items, n_users=n_users, n_clicks=n_clicks, seed=seed)
     base = ModelConfig(id_buckets=id_buckets, seed=seed)
-    models = {"uncorrected": base.replace(logq=False), "logq": base}
+    levers = {name: value for name, value in (("downsample_top", downsample_top), ("logq_alpha", logq_alpha),
+                                              ("estimator_prior_gaps", estimator_prior_gaps)) if value is not None}
+    models = {"uncorrected": base.replace(logq=False), "logq": base.replace(**levers)}
     if mixed_negatives:
-        models["logq_mixed"] = base.replace(mixed_negatives=mixed_negatives)
+        models["logq_mixed"] = base.replace(mixed_negatives=mixed_negatives, **levers)
     res = evaluate_stream(syn, models, batch_size=batch_size, k=k, eval_every=eval_every)
     rows = []
     for name, s in res.peers.items():

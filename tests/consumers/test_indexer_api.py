@@ -128,7 +128,7 @@ def test_query_command_prints_a_table_and_clear_errors(api, tmp_path):
     out = runner.invoke(command, ["--url", server.url, "--user-id", "u1", "-k", "3", "--exclude-seen"])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
-    assert lines[0].startswith("route: user-vector | index v0 (epoch 0) | user vector v0")
+    assert lines[0].startswith("route: user-vector | scored by model v0 | index v0 (graph epoch 0) | stored user vector v0")
     assert lines[1].split() == ["rank", "item_id", "score", "version", "categories"] and len(lines) == 5
     assert "i7" not in out.output.split()
     vector = tmp_path / "v.json"

@@ -56,3 +56,15 @@ def test_documented_settings_exist(doc) -> None:
     known = {env_name(name) for _, name, _, _ in SETTING_OPTIONS} | {"STREAMRECALL_CONFIG"}
     mentioned = set(re.findall(r"STREAMRECALL_[A-Z_]+[A-Z]", doc))
     assert not mentioned - known, f"docs name settings the CLI does not read: {sorted(mentioned - known)}"
+
+
+def test_the_project_cites_no_design_file_outside_it():
+    """The design lives in docs/architecture.md; nothing in the repository points outside it."""
+    import subprocess
+
+    repo = DOC.parents[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    design = "DESIGN" + ".md"  # spelt apart so this file does not cite it either
+    citing = [p for p in tracked if (repo / p).is_file() and design in (repo / p).read_text(errors="replace")]
+    assert not citing, f"{citing} cite {design}; link docs/architecture.md instead"
+    assert (repo / "docs" / "architecture.md").is_file()

@@ -1,4 +1,4 @@
-"""Tiny runs of every benchmark and of `evaluate`: the harnesses work and print what DESIGN.md
+"""Tiny runs of every benchmark and of `evaluate`: the harnesses work and print what docs/architecture.md
 specifies. Correctness of the harness only; the figures live in docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -84,3 +84,15 @@ def test_the_live_system_serves_what_its_model_knows_and_beats_most_popular():
     assert out["scored_clicks"] == offline["scored_clicks"] == popular["scored_clicks"] > 5000
     assert out["serving_skew"] >= 0.9, out
     assert out["hr_at_k"] > popular["hr_at_k"], out
+
+
+def test_bench_all_keeps_the_results_of_the_others_when_one_fails():
+    import os
+
+    env = {**os.environ, "STREAMRECALL_BENCH_TRAIN_STEPS": "-1"}  # makes bench train fail at once
+    proc = subprocess.run([sys.executable, "-m", "streamrecall", "bench", "all", "--only", "train,ingest", "--json"],
+                          capture_output=True, text=True, timeout=420, env=env)
+    assert proc.returncode != 0 and "failed: train" in proc.stderr
+    rows = json.loads(proc.stdout)
+    assert rows and all(r["name"].startswith("ingest: ") for r in rows)
+    assert "[2/2] bench ingest done" in proc.stderr

@@ -72,3 +72,74 @@ def test_gradient_flows_and_shapes_are_checked():
     assert torch.isfinite(u.grad).all() and u.grad.abs().sum() > 0
     with pytest.raises(ModelError, match="B, d"):
         sampled_softmax_loss(U, V[:2], temperature=0.1)
+
+
+def _captured_loss_inputs(trainer, batch, monkeypatch) -> dict:
+    """The keyword arguments the trainer's step passes to the loss."""
+    import streamrecall.model.trainer as trainer_module
+    seen = {}
+
+    def spy(user, item, **kwargs):
+        seen.update(kwargs)
+        return sampled_softmax_loss(user, item, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "sampled_softmax_loss", spy)
+    trainer.step(batch)
+    return seen
+
+
+def _warm_trainer(small_config, stream, **changes):
+    from streamrecall.model import OnlineTrainer, RecentHistory
+
+    catalog, clicks = stream()
+    trainer = OnlineTrainer(small_config(**changes))
+    history = RecentHistory()
+    batches = [trainer.make_batch(clicks[i:i + 256], catalog, history.before_each(clicks[i:i + 256]))
+               for i in range(0, 2048, 256)]
+    for b in batches[:-1]:  # warm the estimator, so that p̂ and the keep probabilities vary
+        trainer.step(b)
+    return trainer, batches[-1]
+
+
+def _trained_batch_rate(trainer, keys: torch.Tensor, n: int) -> torch.Tensor:
+    """n·p̂·keep: expected occurrences of each item among the trained columns of an n-click batch."""
+    p = trainer.estimator.probability(keys).double()
+    t = trainer.config.downsample_top
+    return n * p * (torch.sqrt(t / p).clamp(max=1.0) if t is not None else 1.0)
+
+
+def test_trainer_log_q_is_the_trained_batch_proposal_under_downsampling(small_config, stream, monkeypatch):
+    trainer, batch = _warm_trainer(small_config, stream, downsample_top=2e-3)
+    seen = _captured_loss_inputs(trainer, batch, monkeypatch)
+    keys = seen["item_keys"]
+    assert len(keys) < len(batch)  # some head clicks were dropped
+    # A dropped click does not occupy a column: the proposal is p̂ × keep probability. With
+    # in-batch negatives only a constant drops out, so compare up to one.
+    expected = torch.log(_trained_batch_rate(trainer, keys, len(batch)))
+    offset = seen["log_q"].double() - expected
+    assert float(offset.max() - offset.min()) < 1e-4, "log q is not log(p̂·keep) up to a constant"
+    assert float((expected - expected.mean()).abs().max()) > 0.5  # the keep probabilities did vary
+
+
+@pytest.mark.parametrize("downsample_top", [None, 2e-3])
+def test_trainer_mixed_negatives_share_one_mixture_proposal(small_config, stream, monkeypatch, downsample_top):
+    trainer, batch = _warm_trainer(small_config, stream, mixed_negatives=64, downsample_top=downsample_top)
+    seen = _captured_loss_inputs(trainer, batch, monkeypatch)
+    uniform = 64 / batch.catalog_size  # M draws from N items
+    n = len(batch)
+    expected = torch.log(_trained_batch_rate(trainer, seen["item_keys"], n) + uniform)
+    expected_neg = torch.log(_trained_batch_rate(trainer, batch.negatives.keys, n) + uniform)
+    torch.testing.assert_close(seen["log_q"].double(), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(seen["neg_log_q"].double(), expected_neg, rtol=0, atol=1e-4)
+
+
+def test_logq_alpha_scales_the_correction_and_zero_switches_it_off(small_config, stream, monkeypatch):
+    full_trainer, batch = _warm_trainer(small_config, stream, mixed_negatives=16)
+    half_trainer, _ = _warm_trainer(small_config, stream, mixed_negatives=16, logq_alpha=0.5)
+    full = _captured_loss_inputs(full_trainer, batch, monkeypatch)
+    half = _captured_loss_inputs(half_trainer, batch, monkeypatch)
+    torch.testing.assert_close(half["log_q"], 0.5 * full["log_q"])
+    torch.testing.assert_close(half["neg_log_q"], 0.5 * full["neg_log_q"])
+    off, b = _warm_trainer(small_config, stream, logq=False)
+    zero, _ = _warm_trainer(small_config, stream, logq_alpha=0.0)
+    assert off.step(b)["loss"] == zero.step(b)["loss"]

@@ -31,11 +31,30 @@ def serving(health: dict) -> tuple[ExitStack, Settings]:
 def test_settled_needs_zero_lag_everywhere_and_the_indexer_settled():
     stack, settings = serving({"settled": True, "model_version": 7, "reencode_pending": 0})
     with stack:
-        assert settled_line(settings, 0).startswith("settled: yes (indexer at model v7")
+        assert settled_line(settings, 0).startswith("settled: yes (model versions: trainer")
         assert settled_line(settings, 3).startswith("settled: no")
     stack, settings = serving({"settled": False, "model_version": 7, "reencode_pending": 2})
     with stack:
         assert settled_line(settings, 0).startswith("settled: no") and "pending 2" in settled_line(settings, 0)
+
+
+def test_roles_at_different_versions_are_not_settled():
+    from prometheus_client import start_http_server
+
+    from streamrecall.metrics import ModelVersionMetrics
+
+    stack, settings = serving({"settled": True, "model_version": 7, "reencode_pending": 0})
+    with stack:
+        registry = CollectorRegistry()
+        ModelVersionMetrics(registry).version.labels("publisher").set(5)
+        port = free_port()
+        server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+        try:
+            ports = {"indexer": settings.http_port, "trainer": free_port(), "publisher": port}
+            line = settled_line(settings, 0, ports)
+        finally:
+            server.shutdown()
+    assert line.startswith("settled: no") and "publisher v5" in line and "trainer ?" in line
 
 
 def test_without_an_indexer_settled_is_unknown():
