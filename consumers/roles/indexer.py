@@ -356,6 +356,9 @@ class IndexerRole:
 
     def begin(self) -> None:
         """Start the background re-encoder (after the replay queued its work) and the serving monitor."""
+        # The version series exists from the start (a replica that never applies an update must show
+        # its skew against the trainer, not "no data").
+        self.handler.version_metrics.version.labels(ROLE).set(self.state.replica.version)
         self.reencoder.start()
         self.serving_monitor.start()
 
