@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from streamrecall.events import InvalidEvent
 from streamrecall.metrics import RUNTIME, RuntimeMetrics
+from streamrecall.model.errors import ModelUpdateRefused
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,18 @@ HEADER_ORIGINAL_SIZE = "streamrecall.original.size"
 #: Values above this are cut to this size in the dead letter (Kafka's default message limit is 1 MB),
 #: with the original size in a header.
 MAX_DEAD_LETTER_VALUE = 256 * 1024
+
+
+#: Why a model update is refused beyond being malformed: the signature check (with
+#: model_signing_key) and the replica's fencing (docs/security.md). Each also counts in
+#: streamrecall_model_updates_refused_total.
+UPDATE_REFUSALS: tuple[str, ...] = ("unsigned", "bad-signature", *ModelUpdateRefused.REASONS)
+
+
+def reasons_for(logical_topic: str) -> tuple[str, ...]:
+    """Every dead-letter reason a record of ``logical_topic`` can get (the metric's label values)."""
+    base = (*InvalidEvent.REASONS, "handler-error")
+    return (*base, *UPDATE_REFUSALS) if logical_topic == "model-updates" else base
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,13 @@ class DeadLetterSink:
             value = value[:MAX_DEAD_LETTER_VALUE]
         self.producer.send(self.topic, key=letter.key, value=value, headers=headers)
         self.metrics.deadlettered.labels(self.role, logical_topic or letter.topic, letter.reason).inc()
+        if logical_topic == "model-updates" and letter.reason in UPDATE_REFUSALS:
+            self.metrics.updates_refused.labels(self.role, letter.reason).inc()
+
+    def declare(self, logical_topics: list[str]) -> None:
+        """Initialise this role's dead-letter (and refusal) series for ``logical_topics`` at 0."""
+        refusals = UPDATE_REFUSALS if "model-updates" in logical_topics else ()
+        self.metrics.declare(self.role, {t: reasons_for(t) for t in logical_topics}, refusals)
 
     def flush(self, timeout_s: float) -> None:
         self.producer.flush(timeout=timeout_s)

@@ -40,6 +40,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from streamrecall.consumers import http_requests as req
 from streamrecall.consumers.http_api import ApiError, RecallService
 from streamrecall.consumers.indexer_state import IndexerConfig
+from streamrecall.metrics import Livez
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +181,18 @@ def _protocol_class(limits: ServerLimits) -> type[_BoundedProtocol]:
 class _App:
     """One listener's routes; ``admin`` selects the admin set."""
 
-    def __init__(self, service: RecallService, limits: ServerLimits, pool: ThreadPoolExecutor, admin: bool) -> None:
+    def __init__(self, service: RecallService, limits: ServerLimits, pool: ThreadPoolExecutor, admin: bool,
+                 livez: Livez | None = None) -> None:
         self.service = service
         self.limits = limits
         self.pool = pool
         self.admin = admin
+        self.livez = livez
         self.routes: dict[str, tuple[str, ...]] = (
             {"/metrics": ("GET",), "/healthz": ("GET",)} if admin
             else {"/recall": ("GET", "POST"), "/recall/batch": ("POST",), "/healthz": ("GET",)})
+        if livez is not None:  # liveness from the poll loop's heartbeat, on both listeners
+            self.routes["/livez"] = ("GET",)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; nothing else is served
@@ -228,6 +233,9 @@ class _App:
         service = self.service
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST.encode(), await self._off_loop(generate_latest, REGISTRY), "metrics"
+        if path == "/livez" and self.livez is not None:
+            status, ctype, body = self.livez()
+            return status, ctype.encode(), body, "livez"
         if path == "/healthz":
             ready, health = service.health()
             return (200 if ready else 503), JSON, msgspec.json.encode(health), "healthz"
@@ -349,7 +357,8 @@ class RecallApi:
     """
 
     def __init__(self, service: RecallService, host: str, port: int, max_body_bytes: int = 1 << 20,
-                 *, admin_port: int | None = None, limits: ServerLimits | None = None) -> None:
+                 *, admin_port: int | None = None, limits: ServerLimits | None = None,
+                 livez: Livez | None = None) -> None:
         self.service = service
         base = limits or ServerLimits.of(service.config)
         self.limits = ServerLimits(**{**base.__dict__, "max_body_bytes": max_body_bytes})
@@ -358,7 +367,7 @@ class RecallApi:
         self._sockets = [_listen(host, port, self.limits.backlog)]
         if admin_port is not None:
             self._sockets.append(_listen(host, admin_port, self.limits.backlog))
-        self._servers = [self._server(_App(service, self.limits, self._pool, admin=i == 1))
+        self._servers = [self._server(_App(service, self.limits, self._pool, admin=i == 1, livez=livez))
                          for i in range(len(self._sockets))]
         self._thread = threading.Thread(target=self._run, name="indexer-http", daemon=True)
         self._started = threading.Event()

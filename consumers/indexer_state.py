@@ -34,18 +34,18 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 
 from streamrecall.consumers.role_options import role_options
 from streamrecall.consumers.scoring import ItemVectorCache
 from streamrecall.errors import ConfigError
-from streamrecall.events import Item, UserVector
+from streamrecall.events import Item, UserVector, event_time
 from streamrecall.index import EntryMeta, ItemIndex, RWLock
 from streamrecall.metrics import IndexerMetrics
 from streamrecall.model.config import ModelConfig
-from streamrecall.model.replica import TowerReplica
+from streamrecall.model.replica import DEFAULT_MAX_VERSION_JUMP, TowerReplica
 from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,10 @@ class IndexerState:
     """Catalog, replica, index and users of one indexer, with the writes the role makes to them."""
 
     def __init__(self, config: IndexerConfig, model: ModelConfig, metrics: IndexerMetrics,
-                 index: ItemIndex | None = None) -> None:
+                 index: ItemIndex | None = None, max_version_jump: int = DEFAULT_MAX_VERSION_JUMP) -> None:
         self.config = config
         self.metrics = metrics
-        self.replica = TowerReplica(model)
+        self.replica = TowerReplica(model, max_version_jump)
         self.index = index if index is not None else ItemIndex(
             model.dim, space="ip", M=config.M, ef_construction=config.ef_construction, ef=config.ef)
         self.catalog: dict[str, Item] = {}
@@ -139,8 +139,11 @@ class IndexerState:
         self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied
 
     # ------------------------------------------------------------------ items
-    def upsert_items(self, items: Sequence[Item]) -> None:
-        """Encode ``items`` with the current item tower and upsert them, in micro-batches."""
+    def upsert_items(self, items: Sequence[Item], fresh: Collection[str] = ()) -> None:
+        """Encode ``items`` with the current item tower and upsert them, in micro-batches.
+
+        Freshness (event time to searchable) is observed for the ids in ``fresh`` only: events new
+        to this indexer (see :meth:`is_new`), so replays and re-reads do not count against the SLO."""
         m = self.metrics
         for chunk in batches(items, self.config.encode_batch):
             with self.lock:
@@ -158,7 +161,15 @@ class IndexerState:
             m.upserts.labels("item").inc(len(chunk))
             searchable_ms = now_ms()
             for it in chunk:
-                m.freshness.observe(max(0.0, (searchable_ms - it.created_at) / 1000.0))
+                if it.item_id in fresh:
+                    m.freshness.observe(max(0.0, (searchable_ms - event_time(it)) / 1000.0))
+
+    def is_new(self, item: Item) -> bool:
+        """Whether ``item``'s event is a change this indexer has not applied: an id it does not hold,
+        or a later event time (``updated_at``, else ``created_at``) than the one it holds. A
+        re-read or duplicate event, and an update that carries no ``updated_at``, are not new."""
+        held = self.catalog.get(item.item_id)
+        return held is None or event_time(item) > event_time(held)
 
     def delete_items(self, item_ids: Sequence[str]) -> int:
         with self.lock:

@@ -23,6 +23,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
+from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.start import StartPosition
 from streamrecall.errors import StreamrecallError, TransientError
 from streamrecall.metrics import RUNTIME, RuntimeMetrics
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 
 #: Decodes a topic's value bytes into an event; raises an error with a ``reason`` attribute
 #: (``streamrecall.events.InvalidEvent``, ``ModelUpdateError``...) for values that break the contract.
-Decode = Callable[[bytes | None], Any]
+#: A decoder with a true ``uses_headers`` attribute is called with the record's headers too
+#: (the model-updates decoder checks a signature header).
+Decode = Callable[..., Any]
 
 MAX_BACKOFF_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
@@ -44,11 +47,12 @@ class DecoderBug(StreamrecallError):
     reason = "invalid"
 
 
-def decode_value(decode: Decode, value: bytes | None, where: str) -> Any:
+def decode_value(decode: Decode, value: bytes | None, where: str,
+                 headers: list[tuple[str, bytes | None]] | None = None) -> Any:
     """``decode(value)`` for the record at ``where`` (``topic[partition]@offset``), raising only
     :class:`StreamrecallError` (with a ``reason``): every reader of a topic decodes through here."""
     try:
-        return decode(value)
+        return decode(value, headers) if getattr(decode, "uses_headers", False) else decode(value)
     except StreamrecallError:
         raise
     except Exception as exc:  # the backstop: never let a decoder's bug stop the role
@@ -136,7 +140,7 @@ class Runtime:
                  handler: Handler, topics: Mapping[str, tuple[str, Decode]],
                  start: StartPosition = StartPosition(), assign_all: bool = False,
                  flush_interval_ms: int = 200, max_poll_records: int = 2000,
-                 metrics: RuntimeMetrics = RUNTIME) -> None:
+                 metrics: RuntimeMetrics = RUNTIME, heartbeat: Heartbeat | None = None) -> None:
         self.role = role
         self.consumer = consumer
         self.deadletters = deadletters
@@ -160,6 +164,8 @@ class Runtime:
         self._flush_failing_since: float | None = None
         self._backoff_s = 0.1
         self.records_seen = 0
+        self.heartbeat = heartbeat if heartbeat is not None else Heartbeat()  # /livez reads it
+        deadletters.declare([logical for logical, _ in self.topics.values()])
 
     # --- lifecycle ------------------------------------------------------------
     def stop(self) -> None:
@@ -198,6 +204,7 @@ class Runtime:
         """One iteration: poll, decode, handle, maybe flush and commit, then the handler's tick."""
         if self._flush_failing_since is not None:
             self._retry_flush()
+            self._beat()
             return
         polled = self.consumer.poll(timeout_ms=100, max_records=self.max_poll_records)
         if polled:
@@ -209,6 +216,12 @@ class Runtime:
         if time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush_and_commit()
         self._update_lag()
+        self._beat()
+
+    def _beat(self) -> None:
+        """Record that a step completed (also while paused on a failing flush: retrying is progress)."""
+        self.heartbeat.beat()
+        self.metrics.last_step.labels(self.role).set(time.time())
 
     def caught_up(self) -> bool:
         """True when every assigned partition was read to its high watermark and committed."""
@@ -295,7 +308,7 @@ class Runtime:
                 messages = self._skip_early(tp, messages)
             for m in messages:
                 try:
-                    value = decode_value(decode, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}")
+                    value = decode_value(decode, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}", m.headers)
                 except StreamrecallError as exc:
                     self._deadletter(tp, m, getattr(exc, "reason", "invalid"), str(exc))
                     continue
@@ -348,8 +361,10 @@ class Runtime:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def _deadletter_record(self, record: Record, exc: BaseException) -> None:
+        # A handler's refusal may name its reason (a model update from a stale epoch); anything else
+        # is a handler error.
         letter = DeadLetter(self._physical(record.topic), record.partition, record.offset, record.key, record.raw,
-                            "handler-error", f"{type(exc).__name__}: {exc}")
+                            getattr(exc, "reason", "handler-error"), f"{type(exc).__name__}: {exc}")
         self.deadletters.send(letter, record.topic)
 
     def _deadletter(self, tp: TopicPartition, m: Any, reason: str, error: str) -> None:

@@ -53,6 +53,7 @@ class TopicReader:
         if not self.partitions:
             raise StreamrecallError(f"topic {topic} has no partitions; run `streamrecall topics create`")
         self.records_read = 0
+        deadletters.declare([logical])
 
     def start(self, offsets: Mapping[int, int] | None = None) -> None:
         """Assign the partitions and seek: to ``offsets[partition]`` where given, else the beginning."""
@@ -77,7 +78,7 @@ class TopicReader:
 
     def _apply(self, tp: TopicPartition, m: Any) -> None:
         try:
-            value = decode_value(self.decode, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}")
+            value = decode_value(self.decode, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}", m.headers)
             self.on_record(Record(self.logical, tp.partition, m.offset, m.key, value, m.timestamp, m.value))
         except StreamrecallError as exc:
             letter = DeadLetter(tp.topic, tp.partition, m.offset, m.key, m.value,

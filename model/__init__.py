@@ -6,7 +6,7 @@ Pure PyTorch; no Kafka here (see docs/model.md).
 from streamrecall.model.batch import ClickLike, TrainBatch
 from streamrecall.model.catalog import ItemCatalog
 from streamrecall.model.config import ModelConfig
-from streamrecall.model.errors import CheckpointError, ModelConfigError, ModelError, ModelUpdateError
+from streamrecall.model.errors import CheckpointError, ModelConfigError, ModelError, ModelUpdateError, ModelUpdateRefused
 from streamrecall.model.features import Featurizer, ItemFeatures, ItemLike, UserFeatures, hash64, item_key
 from streamrecall.model.frequency import FrequencyEstimator
 from streamrecall.model.history import RecentHistory
@@ -19,7 +19,7 @@ from streamrecall.model.update import ModelUpdate, SparseRows, decode_update, en
 
 __all__ = [
     "Applied", "CheckpointError", "ClickLike", "Featurizer", "FrequencyEstimator", "ItemCatalog", "ItemFeatures",
-    "ItemLike", "ItemTower", "ModelConfig", "ModelConfigError", "ModelError", "ModelUpdate", "ModelUpdateError",
+    "ItemLike", "ItemTower", "ModelConfig", "ModelConfigError", "ModelError", "ModelUpdate", "ModelUpdateError", "ModelUpdateRefused",
     "OnlineTrainer", "RecentHistory", "SparseRows", "TABLES", "TowerReplica", "TrainBatch", "TrendingCounter",
     "TwoTower", "UserFeatures", "UserTower", "decode_update", "encode_update", "hash64", "item_key",
     "sampled_softmax_loss",

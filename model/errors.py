@@ -23,3 +23,15 @@ class CheckpointError(ModelError):
 
 class ModelUpdateError(ModelError):
     """A model-update payload is malformed, unsafe, or does not fit this model."""
+
+
+class ModelUpdateRefused(ModelUpdateError):
+    """A well-formed update this replica will not apply: from an older fencing epoch than one it
+    applied (``stale-epoch``) or an implausible version jump (``version-jump``). ``reason`` is the
+    dead-letter reason and metric label."""
+
+    REASONS = ("stale-epoch", "version-jump")
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

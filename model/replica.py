@@ -12,6 +12,15 @@ Apply rules:
 - delta with version ≤ current, or full with version ≤ current: ``duplicate`` (skipped).
 - delta whose base_version ≠ current version: ``gap`` (nothing applied); the caller keeps
   its vectors and waits for the next full update.
+
+Fencing (docs/security.md), checked before the rules above, raise :class:`ModelUpdateRefused`:
+
+- an update whose ``trainer_epoch`` is below the highest epoch applied: ``stale-epoch`` (a trainer
+  process that a newer one replaced, still publishing);
+- an update more than ``max_version_jump`` versions above the current one, once a version is
+  applied: ``version-jump`` (a forged version 10^18 would otherwise make every genuine update
+  a duplicate and freeze the replica). A fresh replica takes its first update at any version:
+  it is the last full update on the topic, wherever the version chain stands.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import numpy as np
 import torch
 
 from streamrecall.model.config import ModelConfig
-from streamrecall.model.errors import ModelUpdateError
+from streamrecall.model.errors import ModelUpdateError, ModelUpdateRefused
 from streamrecall.model.features import Featurizer, ItemLike
 from streamrecall.model.towers import TwoTower
 from streamrecall.model.update import ModelUpdate
@@ -40,12 +49,21 @@ class Applied:
     reencode_all: bool
 
 
+#: Default bound on how far above the current version an update may be (see the module docstring):
+#: versions count updates, about 5 a second at the trainer's default flush, so this is weeks of them.
+DEFAULT_MAX_VERSION_JUMP = 10_000_000
+
+
 class TowerReplica:
-    def __init__(self, config: ModelConfig | None = None) -> None:
+    def __init__(self, config: ModelConfig | None = None, max_version_jump: int = DEFAULT_MAX_VERSION_JUMP) -> None:
+        if max_version_jump < 1:
+            raise ValueError(f"max_version_jump must be >= 1, got {max_version_jump}")
         self.config = config or ModelConfig()
+        self.max_version_jump = max_version_jump
         self.model = TwoTower(self.config).eval()
         self.featurizer = Featurizer(self.config)
         self.version = 0
+        self.trainer_epoch = 0  # the highest fencing epoch applied (docs/security.md)
         self.trained_through_ms = 0  # newest click event time the applied model trained on
         self.trending: list[tuple[str, float]] = []
 
@@ -54,6 +72,12 @@ class TowerReplica:
         if update.model != self.config.structural():
             raise ModelUpdateError(f"update was made for model {update.model}, this replica is "
                                    f"{self.config.structural()}")
+        if update.trainer_epoch < self.trainer_epoch:
+            raise ModelUpdateRefused("stale-epoch", f"update v{update.version} is from trainer epoch {update.trainer_epoch}; "
+                                     f"this replica applied epoch {self.trainer_epoch} (a replaced trainer still publishing?)")
+        if self.version and update.version > self.version + self.max_version_jump:
+            raise ModelUpdateRefused("version-jump", f"update v{update.version} is more than {self.max_version_jump} "
+                                     f"versions above v{self.version} (model_max_version_jump)")
         if update.version <= self.version:
             return Applied("duplicate", self.version, update.kind, False)
         if update.kind == "delta" and update.base_version != self.version:
@@ -68,6 +92,7 @@ class TowerReplica:
                 for name, p in self.model.dense().items():
                     p.copy_(update.dense[name])
         self.version = update.version
+        self.trainer_epoch = update.trainer_epoch
         self.trained_through_ms = max(self.trained_through_ms, update.trained_through_ms)
         self.trending = list(update.trending)
         return Applied("applied", self.version, update.kind, update.kind == "full" or update.dense_changed)

@@ -168,14 +168,15 @@ class OnlineTrainer:
             self._needs_full = True
 
     def export_update(self, full: bool = False, *, dense: bool = False, now_ms: int | None = None,
-                      trained_through_ms: int = 0) -> bytes:
+                      trained_through_ms: int = 0, trainer_epoch: int = 0) -> bytes:
         """The next model update as bytes (see :mod:`streamrecall.model.update`).
 
         A delta carries the sparse rows touched since the previous export, and the dense
         layers only when ``dense`` is true (a dense change makes consumers re-encode
         everything). The first export after construction or restore is full whatever
         ``full`` says. ``trained_through_ms`` (the newest click event time trained on) travels
-        in the header, so consumers can tell how fresh the model they serve is.
+        in the header, so consumers can tell how fresh the model they serve is; ``trainer_epoch`` is the
+        writing process's fencing epoch (replicas refuse updates from an older one).
         """
         full = full or self._needs_full
         masks = self._ever if full else self._touched
@@ -191,7 +192,7 @@ class OnlineTrainer:
                              model=self.config.structural(), dense=dense_t, sparse=sparse,
                              trending=self.trending.top(), steps=self.steps,
                              created_at_ms=int(time.time() * 1000) if now_ms is None else now_ms,
-                             trained_through_ms=trained_through_ms)
+                             trained_through_ms=trained_through_ms, trainer_epoch=trainer_epoch)
         data = encode_update(update)
         self.version += 1
         self._needs_full = False

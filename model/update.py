@@ -7,7 +7,11 @@ header::
      "version": 7, "base_version": 6, "kind": "delta", "dense_changed": false,
      "model": {"dim": 64, "hidden": 128, "id_buckets": ..., "token_buckets": ..., "max_tokens": 64, "seed": 0},
      "steps": 12345, "created_at_ms": 1700000000000, "trained_through_ms": 1700000000000,
-     "trending": [["item-42", 0.0123], ...]}
+     "trainer_epoch": 3, "trending": [["item-42", 0.0123], ...]}
+
+``trainer_epoch`` is the fencing epoch of the trainer process that wrote the update (docs/security.md):
+replicas refuse updates from an older epoch than one they applied. It is inside the payload, so
+a signature over the payload's bytes covers it.
 
 Tensors: ``dense/<name>`` (float32, every dense parameter) when ``dense_changed``;
 ``rows/<table>`` (int64, n) and ``values/<table>`` (float32, n × dim) for each sparse
@@ -62,6 +66,7 @@ class ModelUpdate:
     steps: int = 0
     created_at_ms: int = 0
     trained_through_ms: int = 0  # newest click event time the model has trained on (0: unknown)
+    trainer_epoch: int = 0  # the writing trainer process's fencing epoch (0: written before epochs existed)
 
     def changed_rows(self, table: str) -> torch.Tensor:
         """(n,) int64 rows of ``table`` carried by this update (empty if none)."""
@@ -93,7 +98,7 @@ def encode_update(update: ModelUpdate) -> bytes:
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": update.version,
               "base_version": update.base_version, "kind": update.kind, "dense_changed": update.dense_changed,
               "model": dict(update.model), "steps": update.steps, "created_at_ms": update.created_at_ms,
-              "trained_through_ms": update.trained_through_ms,
+              "trained_through_ms": update.trained_through_ms, "trainer_epoch": update.trainer_epoch,
               "trending": [[k, float(v)] for k, v in update.trending]}
     data = dumps(tensors, header)
     decode_update(data)  # refuse to publish what a consumer would refuse
@@ -129,7 +134,7 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_UPDATE_BYTES) -> 
     return ModelUpdate(version=h["version"], base_version=h["base_version"], kind=h["kind"],
                        dense_changed=h["dense_changed"], model=model, dense=dense, sparse=sparse,
                        trending=h["trending"], steps=h["steps"], created_at_ms=h["created_at_ms"],
-                       trained_through_ms=h["trained_through_ms"])
+                       trained_through_ms=h["trained_through_ms"], trainer_epoch=h["trainer_epoch"])
 
 
 #: Header integers must fit a signed 64-bit value (Kafka headers, metrics and checkpoints carry them).
@@ -196,7 +201,8 @@ def _check_header(header: dict[str, Any]) -> dict[str, Any]:
             "model": checked, "trending": pairs, "steps": _int(header, "steps", 0),
             "created_at_ms": _int(header, "created_at_ms", 0),
             # optional: updates written before the field existed read as 0 (unknown)
-            "trained_through_ms": _int(header, "trained_through_ms", 0) if "trained_through_ms" in header else 0}
+            "trained_through_ms": _int(header, "trained_through_ms", 0) if "trained_through_ms" in header else 0,
+            "trainer_epoch": _int(header, "trainer_epoch", 0) if "trainer_epoch" in header else 0}
 
 
 def _check_dense(tensors: dict[str, torch.Tensor], model: dict[str, int], dense_changed: bool) -> dict[str, torch.Tensor]:

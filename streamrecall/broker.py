@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 from streamrecall.errors import StreamrecallError
+from streamrecall.lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,8 @@ class EmbeddedBroker:
                  "--storage-engine", "memory://tansu/"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 # Its own session: a terminal's Ctrl-C reaches only us, so we stop the broker last,
-                # after the roles have flushed and committed against it.
-                start_new_session=True,
+                # after the roles have flushed and committed against it. It dies with us, however we die.
+                start_new_session=True, preexec_fn=die_with_parent(),
             )
         finally:
             if self.log_path:

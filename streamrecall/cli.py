@@ -55,6 +55,11 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--ssl-ciphers", "ssl_ciphers", str, "OpenSSL cipher list for SSL connections."),
     ("--ssl-check-hostname/--no-ssl-check-hostname", "ssl_check_hostname", bool,
      "Check that the broker's certificate names its host (default: check)."),
+    ("--model-signing-key", "model_signing_key", str,
+     "HMAC-SHA256 key for model updates: the trainer signs, replicas refuse unsigned or badly signed ones "
+     "(never logged; prefer the environment variable, flags show in ps)."),
+    ("--model-max-version-jump", "model_max_version_jump", int,
+     "Replicas refuse a model update more than this many versions above theirs (default 10000000)."),
 ]
 
 

@@ -41,10 +41,12 @@ def _require_finite(name: str, *values: float) -> None:
 
 
 class Item(msgspec.Struct, frozen=True, kw_only=True):
-    """A catalog item. A later event for the same id updates it; ``deleted`` removes it."""
+    """A catalog item. A later event for the same id updates it; ``deleted`` removes it.
+    ``updated_at`` (optional) is when this change was made; freshness is measured from it."""
 
     item_id: Id
     created_at: Millis
+    updated_at: Millis | None = None
     title: Text | None = None
     categories: Annotated[tuple[Token, ...], msgspec.Meta(max_length=64)] = ()
     tags: Annotated[tuple[Token, ...], msgspec.Meta(max_length=256)] = ()
@@ -53,6 +55,11 @@ class Item(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _require_finite("features", *self.features.values())
+
+
+def event_time(item: Item) -> int:
+    """When the change an item event carries happened: ``updated_at``, else ``created_at`` (ms)."""
+    return item.updated_at if item.updated_at is not None else item.created_at
 
 
 class Click(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -50,7 +55,8 @@ class LocalSystem:
 
     def __init__(self, state_dir: Path, *, bootstrap_servers: str | None = None, roles: Iterable[str] = ROLES,
                  model: dict[str, Any] | None = None, partitions: int = 4, name: str = "sys",
-                 flush_interval_ms: int = 100, options: dict[str, dict[str, Any]] | None = None) -> None:
+                 flush_interval_ms: int = 100, options: dict[str, dict[str, Any]] | None = None,
+                 settings: dict[str, Any] | None = None) -> None:
         self.state_dir = state_dir
         self.bootstrap_servers = bootstrap_servers
         self.roles = list(roles)
@@ -59,6 +65,7 @@ class LocalSystem:
         self.name = name
         self.flush_interval_ms = flush_interval_ms
         self.options = options or {}  # role tables of the settings file: {"trainer": {...}, "indexer": {...}}
+        self.overrides = settings or {}  # top-level settings for every role, e.g. {"model_signing_key": ...}
         self.processes: dict[str, RoleProcess] = {}
         self.settings: Settings | None = None
         self.broker: EmbeddedBroker | None = None  # the embedded broker, when this system started one
@@ -89,7 +96,7 @@ class LocalSystem:
                   if self.model or self.options else None)
         base = Settings(bootstrap_servers=self.bootstrap_servers, topic_prefix=f"{tag}.", group_prefix=tag,
                         state_dir=self.state_dir, partitions=self.partitions,
-                        flush_interval_ms=self.flush_interval_ms)
+                        flush_interval_ms=self.flush_interval_ms, **self.overrides)
         self.settings = Settings.from_sources(
             {k: v for k, v in base.__dict__.items() if k not in ("extra", "config_file")}, config)
         create_topics(self.settings)
@@ -168,6 +175,22 @@ class LocalSystem:
             time.sleep(settle_s)
         return False
 
+    def metric(self, family: str, name: str, **labels: str) -> float | None:
+        """A sample of ``family`` with ``labels`` from role process ``name``'s /metrics (None until it
+        answers or has that series)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(self.api(name, admin=self.processes[name].role == "indexer") + "/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name == family and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return None
+
     def api(self, name: str = "indexer", admin: bool = False) -> str:
         """The role's HTTP base URL; ``admin``: the indexer's admin listener (/metrics, vectors)."""
         proc = self.processes[name]
@@ -204,3 +227,44 @@ class LocalSystem:
                 pass
             time.sleep(0.5)
         return False
+
+
+# --- `streamrecall up` as a whole, for tests that kill it ------------------------------------
+_UP_PID_LINE = re.compile(r"(?:started (\w+)|embedded broker \(Tansu\) listening on \S+,) \(?pid (\d+)\)?")
+
+
+def pid_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (an orphan's zombie may wait for its reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def start_up(state: Path, rate: float = 0.0, timeout_s: float = 60.0) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    """`streamrecall up` as a subprocess (embedded broker, every role); returns it and its children's
+    pids (broker and roles) as it logged them once all four started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMRECALL_")}
+    env |= {"STREAMRECALL_STATE_DIR": str(state), "STREAMRECALL_HTTP_PORT": str(free_port())}
+    up = subprocess.Popen([sys.executable, "-m", "streamrecall", "up", "--rate", str(rate)], env=env, text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pids: dict[str, int] = {}
+    lines: list[str] = []
+
+    def read() -> None:
+        assert up.stderr is not None
+        for line in up.stderr:
+            lines.append(line)
+            m = _UP_PID_LINE.search(line)
+            if m:
+                pids[m.group(1) or "broker"] = int(m.group(2))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while len(pids) < 4:
+        if time.monotonic() > deadline or up.poll() is not None:
+            up.kill()
+            raise AssertionError("up did not start its broker and three roles:\n" + "".join(lines[-20:]))
+        time.sleep(0.1)
+    return up, pids

@@ -3,20 +3,30 @@
 Each group of families is a class built against a registry; a role builds its
 group once at start-up on the default registry, tests build their own.
 Label values are bounded: topic names, partition numbers and the fixed reasons in
-:data:`streamrecall.events.InvalidEvent.REASONS` plus "handler-error".
+:data:`streamrecall.events.InvalidEvent.REASONS` plus "handler-error" (and the model-update
+refusals). Every label value known in advance is initialised to 0 where the group is built, or,
+for the per-role families, by :meth:`RuntimeMetrics.declare` when a role's runtime starts: a
+dashboard shows 0, not "no data", and ``rate()`` sees the first increment.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import TypeVar
-from wsgiref.simple_server import WSGIServer
+import threading
+from typing import Any, Callable, Iterable, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
+#: Label values known in advance (initialised at 0): the indexer's upsert causes, the recall API's
+#: answered routes, and the statuses of refused /recall requests (counted under route "invalid").
+UPSERT_CAUSES = ("item", "reencode", "rebuild")
+QUERY_ROUTES = ("user-vector", "vector", "trending", "recent")
+QUERY_ERROR_STATUSES = ("400", "404", "405", "411", "413")
 #: Buckets for latencies that should stay well under a second.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Buckets for event-time-to-effect delays; the SLO is 1 s.
@@ -50,6 +60,32 @@ class RuntimeMetrics:
         self.transient_retries = Counter(
             "streamrecall_transient_retries_total", "Retries after transient broker errors.",
             ["role"], registry=registry)
+        self.updates_refused = Counter(
+            "streamrecall_model_updates_refused_total",
+            "Model updates a replica refused and dead-lettered: unsigned, bad-signature (model_signing_key "
+            "set), stale-epoch (from a replaced trainer), version-jump.", ["role", "reason"], registry=registry)
+        self.last_step = Gauge(
+            "streamrecall_runtime_last_step_timestamp_seconds",
+            "Unix time the role's poll loop last completed a step (liveness: it stops moving when the loop is stuck).",
+            ["role"], registry=registry)
+
+    def declare(self, role: str, deadletter_reasons: dict[str, tuple[str, ...]],
+                refusal_reasons: tuple[str, ...] = ()) -> None:
+        """Create ``role``'s series at 0: dead letters per logical topic and reason, the poll
+        loop's counters and histograms, and (for a model-update reader) the refusals."""
+        for topic, reasons in deadletter_reasons.items():
+            self.records_consumed.labels(role, topic)
+            for reason in reasons:
+                self.deadlettered.labels(role, topic, reason)
+        for outcome in ("ok", "failed"):
+            self.commits.labels(role, outcome)
+        for kind in ("assigned", "revoked"):
+            self.rebalances.labels(role, kind)
+        self.transient_retries.labels(role)
+        self.batch_seconds.labels(role)
+        self.flush_seconds.labels(role)
+        for reason in refusal_reasons:
+            self.updates_refused.labels(role, reason)
 
 
 class ModelVersionMetrics:
@@ -76,7 +112,15 @@ class TrainerMetrics:
                                         "Median estimated probability over items seen in recent batches.",
                                         registry=registry)
         self.updates_published = Counter("streamrecall_trainer_updates_published_total",
-                                         "Model updates published, by kind.", ["kind"], registry=registry)
+                                         "Model updates sent, by kind.", ["kind"], registry=registry)
+        for kind in ("full", "delta"):
+            self.updates_published.labels(kind)
+        self.publish_failures = Counter("streamrecall_trainer_update_publish_failures_total",
+                                        "Model updates the broker did not acknowledge.", registry=registry)
+        self.acked_version = Gauge("streamrecall_trainer_acked_model_version",
+                                   "Newest model version the broker acknowledged on model-updates.", registry=registry)
+        self.acked_time = Gauge("streamrecall_trainer_last_acked_update_timestamp_seconds",
+                                "Unix time the broker last acknowledged a model update.", registry=registry)
         self.update_bytes = Histogram("streamrecall_trainer_update_bytes", "Size of published model updates.",
                                       buckets=(1e4, 1e5, 1e6, 4e6, 16e6, 64e6), registry=registry)
         self.checkpoint_time = Gauge("streamrecall_trainer_checkpoint_timestamp_seconds",
@@ -90,13 +134,16 @@ class IndexerMetrics:
                                    "Share of index slots marked deleted (awaiting reuse).", registry=registry)
         self.upserts = Counter("streamrecall_index_upserts_total", "Item vectors upserted, by cause.",
                                ["cause"], registry=registry)
+        for cause in UPSERT_CAUSES:
+            self.upserts.labels(cause)
         self.deletes = Counter("streamrecall_index_deletes_total", "Items deleted.", registry=registry)
         self.encode_seconds = Histogram("streamrecall_index_encode_seconds", "Item tower time per micro-batch.",
                                         buckets=LATENCY_BUCKETS, registry=registry)
         self.upsert_seconds = Histogram("streamrecall_index_upsert_seconds", "HNSW upsert time per micro-batch.",
                                         buckets=LATENCY_BUCKETS, registry=registry)
         self.freshness = Histogram("streamrecall_index_freshness_seconds",
-                                   "Item event time (created_at) to searchable in the index.",
+                                   "Item event time (updated_at, else created_at) to searchable in the index, "
+                                   "for events new to this indexer (docs/api.md).",
                                    buckets=FRESHNESS_BUCKETS, registry=registry)
         self.stale_share = Gauge("streamrecall_index_stale_ratio",
                                  "Share of indexed items encoded by an older model version.", registry=registry)
@@ -107,6 +154,11 @@ class IndexerMetrics:
                                ["route", "status"], registry=registry)
         self.query_seconds = Histogram("streamrecall_query_seconds", "Recall query latency, by route.",
                                        ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        for route in QUERY_ROUTES:
+            self.queries.labels(route, "200")
+            self.query_seconds.labels(route)
+        for status in QUERY_ERROR_STATUSES:
+            self.queries.labels("invalid", status)
         self.user_vectors = Gauge("streamrecall_index_user_vectors", "User vectors held for /recall.",
                                   registry=registry)
         self.snapshot_time = Gauge("streamrecall_index_snapshot_timestamp_seconds",
@@ -131,6 +183,8 @@ class PublisherMetrics:
         self.published = Counter("streamrecall_publisher_vectors_published_total",
                                  "User vectors published, by cause (click or model update).", ["cause"],
                                  registry=registry)
+        for cause in ("click", "model_update"):
+            self.published.labels(cause)
         self.click_to_vector = Histogram("streamrecall_publisher_click_to_vector_seconds",
                                          "Click event time (ts) to its user's vector published.",
                                          buckets=FRESHNESS_BUCKETS, registry=registry)
@@ -152,8 +206,30 @@ def role_metrics(group: type[M]) -> M:
     return group()
 
 
-def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> WSGIServer:
-    """Serve ``/metrics`` on host:port in a daemon thread; returns the server (``.shutdown()`` stops it)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+#: ``livez()`` answers (status, content type, body) for ``GET /livez``.
+Livez = Callable[[], tuple[int, str, bytes]]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: not worth a log line
+        pass
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY,
+                  livez: Livez | None = None) -> WSGIServer:
+    """Serve ``/metrics`` (and, given ``livez``, ``/livez``) on host:port in a daemon thread; returns
+    the server (``.shutdown()`` stops it)."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if livez is not None and environ.get("PATH_INFO") == "/livez":
+            status, content_type, body = livez()
+            start_response(f"{status} {'OK' if status == 200 else 'Service Unavailable'}",
+                           [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+            return [body]
+        return metrics_app(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics%s", host, server.server_port, " (and /livez)" if livez else "")
     return server

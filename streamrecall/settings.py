@@ -39,10 +39,16 @@ ADMIN_PORT_OFFSET = 1000
 #: The tables a settings file may hold besides top-level settings (``[model]``, one per role).
 TABLES: tuple[str, ...] = ("model", *ROLES)
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]*$")
+#: Shortest model_signing_key accepted: an HMAC key guessable by brute force authenticates nothing.
+MIN_SIGNING_KEY_CHARS = 16
 
 
 class Secret(str):
     """A string that prints as ``***`` (passwords, keys)."""
+
+    def __new__(cls, value: str = "") -> "Secret":
+        # str(secret) is "***": wrapping a Secret again must keep the value, not that text
+        return super().__new__(cls, value.reveal() if isinstance(value, Secret) else value)
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -113,11 +119,15 @@ class Settings:
     ssl_crlfile: Path | None = None
     ssl_ciphers: str | None = None
     ssl_check_hostname: bool = True
+    # Model-update trust (docs/security.md). Top-level, not in [model]: the [model] table holds the
+    # structural fields every role shares and is logged as it is; a key must be a Secret.
+    model_signing_key: Secret | None = None  # HMAC-SHA256 key: the trainer signs, replicas refuse the rest
+    model_max_version_jump: int = 10_000_000  # replicas refuse an update this many versions above theirs
     extra: Mapping[str, Any] = field(default_factory=dict)  # the [model] and role tables of the TOML file
     config_file: Path | None = None  # the TOML file these settings were read from (children re-read it)
 
     def __post_init__(self) -> None:
-        for name in ("sasl_plain_password", "ssl_password"):  # a plain str given in code is still a secret
+        for name in ("sasl_plain_password", "ssl_password", "model_signing_key"):  # a plain str is still a secret
             value = getattr(self, name)
             if isinstance(value, str) and not isinstance(value, Secret):
                 object.__setattr__(self, name, Secret(value))
@@ -148,6 +158,11 @@ class Settings:
         _check_range("flush_interval_ms", self.flush_interval_ms, 1, 60_000)
         _check_range("torch_threads", self.torch_threads, 1, 1024)
         _check_range("bootstrap_timeout_ms", self.bootstrap_timeout_ms, 100, 300_000)
+        _check_range("model_max_version_jump", self.model_max_version_jump, 1, 2**62)
+        if self.model_signing_key is not None and len(self.model_signing_key.reveal()) < MIN_SIGNING_KEY_CHARS:
+            # the length is safe to say; the key is not
+            raise ConfigError(f"model_signing_key: must be at least {MIN_SIGNING_KEY_CHARS} characters, got "
+                              f"{len(self.model_signing_key.reveal())} (e.g. `openssl rand -hex 32`)")
         if self.http_port is not None:
             _check_range("http_port", self.http_port, 0, 65535)
         if self.admin_port is not None:

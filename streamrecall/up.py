@@ -1,8 +1,9 @@
 """`streamrecall up`: the whole system on one machine, with a live status line.
 
 Broker (embedded unless bootstrap servers are configured) → topics → one child
-process per role (`streamrecall run ROLE`, restarted if it dies) → a live
-synthetic stream → a status line every few seconds. Ctrl-C stops it all cleanly.
+process per role (`streamrecall run ROLE`, restarted with a backoff if it dies) → a live
+synthetic stream → a status line every few seconds. Ctrl-C or SIGTERM stops it all cleanly;
+if `up` itself dies (SIGKILL included) its broker and roles die with it.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ def run_up(settings: Settings, roles: list[str], rate: float, duration: float | 
                              else settings.replace(http_port=settings.http_port + ROLES.index(role)))
             child = RoleProcess(role, role_settings, logs / f"{role}.log")
             child.start()
-            stack.callback(child.stop)
             children.append(child)
+        # Roles stop together (each flushes in parallel), before the broker they flush to. Should
+        # `up` itself be killed meanwhile, the children die with it (streamrecall/lifeline.py).
+        stack.callback(_stop_all, children)
         counts: Counter[str] = Counter()
         if rate > 0:
             generator = threading.Thread(target=_live_stream, args=(settings, rate, stop, counts),
@@ -83,6 +86,14 @@ def run_up(settings: Settings, roles: list[str], rate: float, duration: float | 
                 break
         stop.set()
         click.echo("stopping: roles flush, snapshot and commit")
+
+
+def _stop_all(children: list[RoleProcess], timeout_s: float = 20.0) -> None:
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        child.stop(timeout_s=max(0.1, deadline - time.monotonic()))
 
 
 ADDRESS_FILE = "up.json"

@@ -32,6 +32,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -40,12 +41,13 @@ from streamrecall.consumers.app import model_config, run_handler
 from streamrecall.consumers.clients import make_consumer
 from streamrecall.consumers.http_api import RecallService
 from streamrecall.consumers.http_server import RecallApi
+from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
 from streamrecall.consumers.reencoder import Job, Reencoder
 from streamrecall.consumers.runtime import HandlerBase, Record, decode_value
 from streamrecall.consumers.scoring import ServingMonitor
 from streamrecall.consumers.start import StartPosition
-from streamrecall.consumers.updates import decode_model_update
+from streamrecall.consumers.updates import ModelUpdateDecoder
 from streamrecall.errors import StreamrecallError
 from streamrecall.events import Decoder, Item, user_vector_decoder
 from streamrecall.index import QualityMonitor
@@ -81,6 +83,7 @@ class IndexerHandler(HandlerBase):
         self.start_at: dict[TopicPartition, int] = {}
         self.assigned_partitions: set[tuple[str, int]] = set()
         self.last_snapshot = time.monotonic()
+        self.started_ms = int(time.time() * 1000)  # records appended earlier are re-reads (freshness)
         self._last_gauges = 0.0
         self.started = threading.Event()
 
@@ -128,15 +131,20 @@ class IndexerHandler(HandlerBase):
     # ------------------------------------------------------------------- steps
     def _items(self, records: list[Record]) -> None:
         latest: dict[str, Item] = {}
+        appended: dict[str, int] = {}
         for r in records:  # a later event for the same id wins
             latest.pop(r.value.item_id, None)
             latest[r.value.item_id] = r.value
+            appended[r.value.item_id] = r.timestamp_ms
         deleted = [i for i, it in latest.items() if it.deleted]
         live = [it for it in latest.values() if not it.deleted]
+        # Freshness counts events new to this indexer that reached the topic while it ran: a record
+        # appended before the process started is a replay or a restart's backlog (that shows as lag).
+        fresh = {it.item_id for it in live if appended[it.item_id] >= self.started_ms and self.state.is_new(it)}
         if deleted:
             self.state.delete_items(deleted)
         if live:
-            self.state.upsert_items(live)
+            self.state.upsert_items(live, fresh)
 
     def _user(self, r: Record) -> None:
         if r.value is None:  # tombstone
@@ -225,7 +233,9 @@ class IndexerRole:
         if start.kind != "committed" and indexer_snapshot.exists(root):
             log.info("indexer: --from %s: ignoring the snapshot under %s, starting from an empty index", start, root)
         self.state = IndexerState(self.config, model_config(settings), self.metrics,
-                                  index=loaded.index if loaded else None)
+                                  index=loaded.index if loaded else None,
+                                  max_version_jump=settings.model_max_version_jump)
+        self.decode_update = ModelUpdateDecoder(settings.model_signing_key)  # the poll loop's and the replay's
         resume = loaded.resume if loaded else None
         if loaded:
             self.state.catalog = loaded.catalog
@@ -289,7 +299,8 @@ class IndexerRole:
                     if m.offset >= stop:
                         continue
                     try:
-                        update = decode_value(decode_model_update, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}")
+                        update = decode_value(self.decode_update, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}",
+                                              m.headers)
                         self.handler.apply_update(update, tp.partition, m.offset,
                                                   reencode_above=resume.settled_version)
                     except StreamrecallError as exc:  # dead-lettered when first read
@@ -322,17 +333,21 @@ class IndexerRole:
         t = self.settings.topics
         limit = self.settings.max_value_bytes
         return {t.items: ("items", Decoder(Item, limit).decode),
-                t.model_updates: ("model-updates", decode_model_update),
+                t.model_updates: ("model-updates", self.decode_update),
                 t.user_vectors: ("user-vectors", user_vector_decoder(limit))}
 
-    def serve_http(self, stack: ExitStack) -> None:
+    def serve_http(self, stack: ExitStack, heartbeat: Heartbeat) -> None:
         self.api = RecallApi(self.service, self.settings.http_host, self.settings.port_for(ROLE),
-                             self.config.max_body_bytes, admin_port=self.settings.admin_port_for(ROLE))
+                             self.config.max_body_bytes, admin_port=self.settings.admin_port_for(ROLE),
+                             livez=heartbeat.answer)
         self.api.start()
         stack.callback(self.api.stop)
 
     def begin(self) -> None:
         """Start the background re-encoder (after the replay queued its work) and the serving monitor."""
+        # The version series exists from the start (a replica that never applies an update must show
+        # its skew against the trainer, not "no data").
+        self.handler.version_metrics.version.labels(ROLE).set(self.state.replica.version)
         self.reencoder.start()
         self.serving_monitor.start()
 

@@ -362,7 +362,7 @@ def run(settings: Settings, start: StartPosition) -> None:
     """Run the publisher until SIGTERM/SIGINT."""
     options = PublisherOptions.from_settings(settings)
     topics = settings.topics
-    replica = TowerReplica(model_config(settings))
+    replica = TowerReplica(model_config(settings), settings.model_max_version_jump)
     with ExitStack() as stack:
         side_producer = make_producer(settings)
         stack.callback(side_producer.close, 10)
@@ -383,7 +383,8 @@ def run(settings: Settings, start: StartPosition) -> None:
         handler = PublisherHandler(replica, KafkaVectorSink(vector_producer, topics.user_vectors), vectors.load,
                                    topics.clicks, options, side_flush=lambda: side_deadletters.flush(30))
         feed = ModelUpdateFeed(make_consumer(settings, None, max_partition_fetch_bytes=MAX_UPDATE_BYTES),
-                               topics.model_updates, replica, side_deadletters, on_applied=handler.on_model_update)
+                               topics.model_updates, replica, side_deadletters, on_applied=handler.on_model_update,
+                               signing_key=settings.model_signing_key)
         stack.callback(feed.close)
         handler.poll_updates = feed.poll
         feed.start(options.startup_timeout_s)

@@ -37,13 +37,13 @@ from streamrecall.consumers.role_options import role_options
 from streamrecall.consumers.runtime import HandlerBase, Record
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import ItemTable, TopicReader
-from streamrecall.consumers.updates import MAX_UPDATE_BYTES, last_version, update_headers
+from streamrecall.consumers.updates import MAX_UPDATE_BYTES, last_published, sign_update, update_headers
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Decoder, Item
 from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, TrainerMetrics, role_metrics
 from streamrecall.model import ItemLike, OnlineTrainer, RecentHistory
 from streamrecall.model.safeio import read_layout
-from streamrecall.settings import Settings
+from streamrecall.settings import Secret, Settings
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +83,39 @@ class UpdateSink(Protocol):
 
 
 class KafkaUpdateSink:
-    """Sends updates to the one-partition model-updates topic, with kind/version headers."""
+    """Sends updates to the one-partition model-updates topic, with kind/version/epoch headers and,
+    with a ``signing_key``, the payload's HMAC signature (docs/security.md).
 
-    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+    The "last acknowledged" gauges move only when the broker acknowledged a send (checked in
+    :meth:`failed`, which the handler calls after every flush): an alert on them means updates
+    are not *arriving*, not merely not being sent."""
+
+    def __init__(self, producer: KafkaProducer, topic: str, trainer_epoch: int = 0,
+                 signing_key: Secret | None = None, metrics: TrainerMetrics | None = None) -> None:
         self.producer = producer
         self.topic = topic
-        self._futures: list[Any] = []
+        self.trainer_epoch = trainer_epoch
+        self.signing_key = signing_key
+        self.metrics = metrics or role_metrics(TrainerMetrics)
+        self._futures: list[tuple[Any, int]] = []
 
     def send(self, data: bytes, kind: str, version: int) -> None:
-        self._futures.append(self.producer.send(self.topic, value=data, partition=0,
-                                                headers=update_headers(kind, version)))
+        signature = sign_update(self.signing_key, data) if self.signing_key is not None else None
+        future = self.producer.send(self.topic, value=data, partition=0,
+                                    headers=update_headers(kind, version, self.trainer_epoch, signature))
+        self._futures.append((future, version))
 
     def failed(self) -> bool:
-        done = [f for f in self._futures if f.is_done]
-        self._futures = [f for f in self._futures if not f.is_done]
-        bad = [f for f in done if f.failed()]
+        done = [(f, v) for f, v in self._futures if f.is_done]
+        self._futures = [(f, v) for f, v in self._futures if not f.is_done]
+        bad = [f for f, _ in done if f.failed()]
         for f in bad:
             log.error("publishing a model update failed: %s; the next update will be full", f.exception)
+        self.metrics.publish_failures.inc(len(bad))
+        acked = [v for f, v in done if not f.failed()]
+        if acked:
+            self.metrics.acked_version.set(max(acked))
+            self.metrics.acked_time.set(time.time())
         return bool(bad)
 
     def flush(self) -> None:
@@ -114,8 +130,9 @@ class TrainerHandler(HandlerBase):
                  options: TrainerOptions = TrainerOptions(), metrics: TrainerMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION,
                  poll_items: Callable[[], Any] = lambda: None, side_flush: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, trainer_epoch: int = 0) -> None:
         self.trainer = trainer
+        self.trainer_epoch = trainer_epoch  # this process's fencing epoch, in every update
         self.items = items
         self.sink = sink
         self.checkpoint_path = Path(checkpoint_path)
@@ -253,7 +270,8 @@ class TrainerHandler(HandlerBase):
         now = self.clock()
         full = self._force_full or now - self._last_full >= self.options.full_every_s
         dense = now - self._last_dense >= self.options.dense_every_s
-        data = self.trainer.export_update(full=full, dense=dense, trained_through_ms=self.trained_through_ms)
+        data = self.trainer.export_update(full=full, dense=dense, trained_through_ms=self.trained_through_ms,
+                                          trainer_epoch=self.trainer_epoch)
         kind = _kind_of(data)  # the trainer may decide full itself (first export after start/restore)
         self.sink.send(data, kind, self.trainer.version)
         if kind == "full":
@@ -310,17 +328,23 @@ def run(settings: Settings, start: StartPosition) -> None:
         if not clicks_partitions:
             raise ConfigError(f"topic {topics.clicks} does not exist; run `streamrecall topics create`")
 
-        handler = TrainerHandler(trainer, table.catalog, KafkaUpdateSink(update_producer, topics.model_updates),
+        # The fencing epoch: one past the highest on the topic (verified records only, with a key), so
+        # replicas refuse a trainer this one replaces if it keeps publishing (docs/security.md).
+        scan = make_consumer(settings, None, max_partition_fetch_bytes=MAX_UPDATE_BYTES)
+        published = last_published(scan, topics.model_updates, settings.model_signing_key)
+        scan.close(autocommit=False)
+        epoch = published.trainer_epoch + 1
+        sink = KafkaUpdateSink(update_producer, topics.model_updates, epoch, settings.model_signing_key)
+        handler = TrainerHandler(trainer, table.catalog, sink,
                                  settings.role_state_dir(ROLE) / CHECKPOINT_FILE, topics.clicks, clicks_partitions,
                                  options, role_metrics(TrainerMetrics), poll_items=items.poll,
-                                 side_flush=lambda: side_deadletters.flush(30))
+                                 side_flush=lambda: side_deadletters.flush(30), trainer_epoch=epoch)
         handler.restore()
-        scan = make_consumer(settings, None, max_partition_fetch_bytes=MAX_UPDATE_BYTES)
-        published = last_version(scan, topics.model_updates)
-        scan.close(autocommit=False)
-        if published > trainer.version:
-            log.info("model-updates already holds v%d; the next update goes past it", published)
-        trainer.advance_version(published)
+        if published.version > trainer.version:
+            log.info("model-updates already holds v%d; the next update goes past it", published.version)
+        trainer.advance_version(published.version)
+        log.info("trainer epoch %d (model updates %s)", epoch,
+                 "signed" if settings.model_signing_key is not None else "unsigned: no model_signing_key")
 
         items.start()
         items.catch_up(options.startup_timeout_s)

@@ -50,10 +50,12 @@ class Scale:
     hostile: int             # bad records (refused) in the hostile corpus
     hostile_valid: int       # odd-but-valid records (unknown ids, early clicks, duplicates, out of order)
     converge_s: float        # bound on catch-up after the last fault
+    forged: int = 30         # forged model updates (unsigned, badly signed, tampered) with a signing key set
+    up_kills: int = 1        # `streamrecall up` processes SIGKILLed
 
 
 FULL = Scale("full", items=10_000, users=5_000, clicks=100_000, chunks=50, chunk_pause_s=2.0, kills_per_role=5,
-             broker_pause_s=20.0, hostile=5_000, hostile_valid=1_000, converge_s=420.0)
+             broker_pause_s=20.0, hostile=5_000, hostile_valid=1_000, converge_s=420.0, forged=300, up_kills=5)
 REDUCED = Scale("reduced", items=800, users=300, clicks=3_000, chunks=8, chunk_pause_s=1.0, kills_per_role=1,
                 broker_pause_s=5.0, hostile=300, hostile_valid=100, converge_s=180.0)
 
@@ -145,8 +147,10 @@ def produce_events(system: LocalSystem, ledger: Ledger, events: Iterable[tuple[s
     return system.produce(events)
 
 
-def produce_bad(system: LocalSystem, ledger: Ledger, records: list[tuple[str, bytes | None, bytes | None, Any]]) -> None:
-    """(logical topic, key, value, headers) → produced, each with its coordinates in the ledger."""
+def produce_bad(system: LocalSystem, ledger: Ledger, records: list[tuple[str, bytes | None, bytes | None, Any]],
+                reasons: list[str] | None = None) -> None:
+    """(logical topic, key, value, headers) → produced, each with its coordinates in the ledger;
+    ``reasons`` (one per record) names the dead-letter reason expected where it is known."""
     topics = system.settings.topics
     physical = {"items": topics.items, "clicks": topics.clicks, "user-vectors": topics.user_vectors,
                 "model-updates": topics.model_updates}
@@ -155,9 +159,10 @@ def produce_bad(system: LocalSystem, ledger: Ledger, records: list[tuple[str, by
         partition = 0 if topic == "model-updates" else None
         sent.append((topic, key, value, system.produce_raw(physical[topic], key, value, headers, partition)))
     system.flush()
-    for topic, key, value, future in sent:
+    for i, (topic, key, value, future) in enumerate(sent):
         md = future.get(timeout=60)
         reason, must, may = expectation(topic, value)
+        reason = reasons[i] if reasons is not None else reason
         ledger.bad.append(Bad(topic, physical[topic], md.partition, md.offset, key, reason, must, may))
 
 
@@ -262,6 +267,34 @@ def hostile_bad(rng: random.Random, n: int, other_model_update: Callable[[], byt
             headers = [(HEADER_KIND, rng.choice([b"delta", b"full"])), (HEADER_VERSION, b"1")]
         out.append((topic, f"bad-{topic}-{i}".encode(), make(i), headers))
     rng.shuffle(out)
+    return out
+
+
+def forged_updates(rng: random.Random, n: int, key: str,
+                   make_update: Callable[[int], bytes]) -> list[tuple[tuple[str, bytes | None, bytes | None, Any], str]]:
+    """``n`` well-formed model updates that a replica with ``key`` must refuse, each with its expected
+    reason: unsigned (one claims version 10^18), signed with another key, a genuine signature over
+    bytes changed afterwards, and an empty signature. ``make_update(version)`` makes a payload."""
+    from streamrecall.consumers.updates import HEADER_SIGNATURE, sign_update, update_headers
+    from streamrecall.settings import Secret
+
+    other = Secret("f" * 32)
+    out = []
+    for i in range(n):
+        version = 10**18 if i % 4 == 0 else rng.randrange(1, 10**6)
+        data = make_update(version)
+        kind = "full"
+        case = i % 4
+        if case == 0:
+            headers, reason = update_headers(kind, version, 10**6), "unsigned"
+        elif case == 1:
+            headers, reason = update_headers(kind, version, 10**6, sign_update(other, data)), "bad-signature"
+        elif case == 2:
+            headers = update_headers(kind, version, 10**6, sign_update(Secret(key), data))
+            data, reason = data[:-1] + bytes([data[-1] ^ 0xFF]), "bad-signature"
+        else:
+            headers, reason = update_headers(kind, version, 10**6) + [(HEADER_SIGNATURE, b"")], "unsigned"
+        out.append((("model-updates", f"forged-{i}".encode(), data, headers), reason))
     return out
 
 

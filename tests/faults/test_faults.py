@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -24,7 +25,7 @@ from typing import Iterator
 import pytest
 
 import faultkit as fk
-from streamrecall.harness import LocalSystem
+from streamrecall.harness import LocalSystem, pid_running, start_up
 from streamrecall.status import high_watermarks
 
 S = fk.scale()
@@ -35,8 +36,9 @@ SEED = int(os.environ.get("STREAMRECALL_FAULTS_SEED", "20240917"))
 
 @contextmanager
 def local_system(tmp_path: Path, name: str, roles: tuple[str, ...] = fk.ROLES,
-                 before_roles: "callable | None" = None) -> Iterator[LocalSystem]:
-    system = LocalSystem(tmp_path / "state", model=fk.MODEL, options=fk.OPTIONS, name=name, roles=())
+                 before_roles: "callable | None" = None, settings: dict | None = None) -> Iterator[LocalSystem]:
+    system = LocalSystem(tmp_path / "state", model=fk.MODEL, options=fk.OPTIONS, name=name, roles=(),
+                         settings=settings)
     with system:
         if before_roles is not None:
             before_roles(system)
@@ -365,16 +367,152 @@ def test_state_dir_full_then_read_only(tmp_path: Path) -> None:
             problems += converge(system, checks, S.converge_s)
             problems += checks.deadletters()[0]
             assert_alive(system)
-            restored = "restored" in fk.log_tail(system, "trainer", 200_000) and \
-                "snapshot loaded" in fk.log_tail(system, "indexer", 200_000)
-            if not restored:
-                problems.append("a role did not restore its snapshot after the disk faults")
+            # The restarted roles log their restore once they have read it (the trainer ~5 s after
+            # start on two busy cores): wait for the lines, bounded, rather than read them at once.
+            problems += fk.wait_until("restore logged", lambda: [
+                f"{role} did not log {text!r} after the disk faults"
+                for role, text in (("trainer", "restored"), ("indexer", "snapshot loaded"))
+                if text not in fk.log_tail(system, role, 200_000)], 60, every_s=0.5)
     fk.record("state dir full (ENOSPC) then read-only (EROFS), trainer and indexer (tmpfs mounts)", injected,
               ["a clear error logged, consumption paused, no role exited",
                "the last checkpoint/snapshot stays loadable during the fault",
                "resumes by itself when fixed; a SIGKILL after restores", "index = live items, users have vectors"],
               "nothing" if not problems else "; ".join(problems[:3]), "state_dir",
               stream=fk.user_counts(ledger))
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- forged model updates
+SIGNING_KEY = "fault-suite-signing-key-0123456789"
+
+
+def test_forged_model_updates_with_a_signing_key(tmp_path: Path) -> None:
+    """Every role holds model_signing_key; forged updates (unsigned, one claiming version 10^18,
+    signed with another key, tampered after signing) are mixed into model-updates, and the trainer
+    is SIGKILLed once in the middle (its restart scans past the forged records). Each forged record
+    is dead-lettered by the indexer (and the publisher where it reads it) with its reason; the
+    replicas follow the genuine chain to its end; nothing else changes."""
+    from streamrecall.model import ModelConfig, OnlineTrainer
+
+    rng = random.Random(SEED + 4)
+    ledger = fk.Ledger()
+    parts = fk.chunks(fk.synthetic(S, SEED + 4), max(6, S.chunks // 4))
+
+    def make_update(version: int) -> bytes:
+        trainer = OnlineTrainer(ModelConfig(**fk.MODEL))
+        trainer.advance_version(version - 1)
+        return trainer.export_update(trainer_epoch=10**6)
+
+    forged = fk.chunks(fk.forged_updates(rng, S.forged, SIGNING_KEY, make_update), len(parts))
+    kill_at = len(parts) // 2
+    with local_system(tmp_path, "forged", settings={"model_signing_key": SIGNING_KEY}) as system:
+        checks = fk.Checks(system, ledger)
+        for i, part in enumerate(parts):
+            fk.produce_events(system, ledger, part)
+            if i < len(forged):
+                fk.produce_bad(system, ledger, [r for r, _ in forged[i]], [reason for _, reason in forged[i]])
+            if i == kill_at:
+                system.processes["trainer"].kill()
+                system.processes["trainer"].start()
+            time.sleep(S.chunk_pause_s)
+        problems = converge(system, checks, S.converge_s)
+        dl_problems, per_role = checks.deadletters()
+        problems += dl_problems + checks.model_updates([])
+        problems += fk.wait_until("replicas at the genuine version", lambda: genuine_version_applied(system),
+                                  S.converge_s)
+        assert_alive(system)
+        fk.record("forged model updates with a signing key set (unsigned, other key, tampered, v10^18)",
+                  len(ledger.bad) + 1,
+                  [f"{len(ledger.bad)} forged updates: each dead-lettered by the indexer (and the publisher where "
+                   "it reads it) as unsigned/bad-signature, once", "the trainer SIGKILLed once: its restart "
+                   "resumes past the genuine versions only", "indexer and publisher reach the trainer's newest "
+                   "version", "index = live items; every user with clicks has a vector", "no role exited"],
+                  "nothing" if not problems else "; ".join(problems[:3]), "forged",
+                  deadletters_per_role=dict(per_role), roles_alive=len(system.processes),
+                  stream=fk.user_counts(ledger))
+        assert not problems, "\n".join(problems)
+
+
+def genuine_version_applied(system: LocalSystem) -> list[str]:
+    """The indexer and the publisher hold the newest genuine (signed) version on model-updates."""
+    from streamrecall.consumers.updates import last_published
+    from streamrecall.consumers.clients import make_consumer
+    from streamrecall.settings import Secret
+
+    consumer = make_consumer(system.settings, None, max_partition_fetch_bytes=64 << 20)
+    try:
+        newest = last_published(consumer, system.settings.topics.model_updates, Secret(SIGNING_KEY)).version
+    finally:
+        consumer.close(autocommit=False)
+    _, health = system.get("/healthz")
+    versions = {"indexer": health.get("model_version") if isinstance(health, dict) else None,
+                "publisher": system.metric("streamrecall_model_version", "publisher", role="publisher")}
+    return [f"{role} at v{v}, the genuine chain is at v{newest}" for role, v in versions.items()
+            if v is None or int(v) != newest]
+
+
+# --------------------------------------------------------------------------- SIGKILL of `up`
+def test_sigkill_of_up_leaves_no_orphans(tmp_path: Path) -> None:
+    """`streamrecall up` (embedded broker, three roles, live stream) SIGKILLed while running: its
+    broker and every role are gone within 5 s; also when SIGTERM came a moment before (a service
+    manager's stop)."""
+    gone_s: list[float] = []
+    orphans: list[str] = []
+    children = 0
+    for i in range(S.up_kills):
+        up, pids = start_up(tmp_path / f"up-{i}", rate=50)
+        children += len(pids)
+        try:
+            time.sleep(3.0 + i)  # the roles are starting, then running
+            if i % 2 == 1:
+                up.send_signal(signal.SIGTERM)
+                time.sleep(1.0)
+            killed = time.monotonic()
+            up.kill()
+            up.wait(timeout=10)
+            while any(pid_running(p) for p in pids.values()) and time.monotonic() - killed < 5:
+                time.sleep(0.05)
+            gone_s.append(time.monotonic() - killed)
+            orphans += [f"{name} (pid {p})" for name, p in pids.items() if pid_running(p)]
+        finally:
+            for pid in pids.values():  # only what this test started
+                if pid_running(pid):
+                    os.kill(pid, signal.SIGKILL)
+    problems = [f"orphans after up was killed: {orphans}"] if orphans else []
+    fk.record("SIGKILL of `streamrecall up` (every other time after a SIGTERM)", S.up_kills,
+              [f"{children} children (broker + three roles per run) gone within 5 s "
+               f"(worst {max(gone_s):.2f} s)", "no orphan left"],
+              "nothing" if not problems else "; ".join(problems[:3]), "sigkill_of_up", roles_alive=0)
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- unreachable broker
+def test_unreachable_broker_at_start(tmp_path: Path) -> None:
+    """Every entry point started against a broker that does not answer exits non-zero within the
+    bootstrap timeout with one line that says what to do, and no traceback."""
+    from streamrecall.broker import free_port
+
+    port = free_port()  # nothing listens there
+    commands = [["run", role] for role in fk.ROLES] + [["topics", "create"], ["status"],
+                                                       ["up", "--duration", "5"]]
+    problems = []
+    worst = 0.0
+    for args in commands:
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "streamrecall", *args, "--bootstrap-servers",
+                                 f"127.0.0.1:{port}", "--bootstrap-timeout-ms", "2000", "--state-dir",
+                                 str(tmp_path / "state")], capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+        worst = max(worst, took)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        if result.returncode == 0 or "Traceback" in result.stderr or len(errors) != 1 or \
+                "127.0.0.1:%d" % port not in errors[0] or took > 60:
+            problems.append(f"{' '.join(args)}: exit {result.returncode} in {took:.0f}s, stderr "
+                            f"{result.stderr[-500:]!r}")
+    fk.record("unreachable broker at start (every role, topics create, status, up)", len(commands),
+              [f"each exits non-zero with one `error:` line naming the broker, no traceback (worst {worst:.1f} s "
+               "with a 2 s bootstrap timeout)"],
+              "nothing" if not problems else "; ".join(problems[:3]), "unreachable", roles_alive=0)
     assert not problems, "\n".join(problems)
 
 

@@ -61,7 +61,7 @@ def running_indexer(s: Settings) -> Iterator[tuple[IndexerRole, str]]:
                           deadletters=DeadLetterSink(producer, s.topics.deadletter, "indexer"),
                           handler=role.handler, topics=role.topics(), assign_all=True,
                           flush_interval_ms=s.flush_interval_ms, max_poll_records=s.max_poll_records)
-        role.serve_http(stack)
+        role.serve_http(stack, runtime.heartbeat)
         role.begin()
         thread = threading.Thread(target=runtime.run, kwargs={"max_seconds": 300}, daemon=True)
         thread.start()
