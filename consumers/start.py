@@ -60,7 +60,7 @@ def parse_start(text: str) -> StartPosition:
 
 
 def _parse_time(arg: str) -> int:
-    if arg.isdigit():
+    if arg.isascii() and arg.isdigit():  # str.isdigit() alone accepts '²', which int() refuses
         return int(arg)
     try:
         dt = datetime.fromisoformat(arg.replace("Z", "+00:00"))

@@ -26,3 +26,13 @@ def test_explicit_offsets_with_dotted_topic_names():
 def test_bad_positions_are_refused(bad):
     with pytest.raises(ConfigError, match="^from:"):
         parse_start(bad)
+
+
+def test_a_timestamp_with_a_non_ascii_digit_is_a_config_error_not_a_crash():
+    import pytest
+
+    from streamrecall.consumers.start import parse_start
+    from streamrecall.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="timestamp"):
+        parse_start("timestamp:²")
