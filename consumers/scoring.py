@@ -234,7 +234,8 @@ class ServingMonitor:
             with state.model_lock.read():
                 if state.replica.version != served.version:
                     continue
-                vectors = state.replica.encode_items(items) if items else None
+                # the re-scoring cache: candidates already encoded at this version are not again
+                vectors = state.item_vectors.vectors(state.replica, items) if items else None
                 vector = query.at(state.replica)
             if vectors is None:
                 return None

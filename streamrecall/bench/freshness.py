@@ -40,7 +40,7 @@ from kafka import TopicPartition
 from streamrecall.bench import Result, json_option, report, result
 from streamrecall.consumers.clients import make_consumer
 from streamrecall.harness import LocalSystem
-from streamrecall.status import group_lags, high_watermarks
+from streamrecall.status import group_lags, high_watermarks, indexer_health
 
 MODEL = {"id_buckets": 1 << 17, "estimator_buckets": 1 << 17}
 #: The clicks phase also reports latencies without its first seconds (the first full model
@@ -285,16 +285,12 @@ def model_phase(system: LocalSystem, click_rate: float, seconds: float, n_users:
     seen_at: list[float] = []
     started = time.monotonic()
     stop = threading.Event()
-    url = system.api() + "/healthz"
+    indexer = system.processes["indexer"].settings
 
     def poll() -> None:
         while not stop.wait(0.05):
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    body = json.loads(r.read())
-            except urllib.error.HTTPError as e:  # 503 while lagging: the body still says what is served
-                body = json.loads(e.read())
-            except OSError:
+            body = indexer_health(indexer)  # 503 while lagging still says what is served
+            if body is None:
                 continue
             through = int(body.get("model_trained_through_ms") or 0)
             now_ms = time.time() * 1000
