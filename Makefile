@@ -6,15 +6,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+TORCH_INDEX ?=
 
 .PHONY: run test setup test-fast faults bench evaluate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first and pinned: the CPU wheel; a looser spec would pull a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	# torch first and pinned. TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build
+	# from PyTorch's own index (PyPI's Linux x86_64 wheel bundles CUDA libraries, several GB).
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -e '.[dev,plot]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -203,14 +203,15 @@ def produce(settings: Settings, topic: str, file: Path, rate: float | None) -> N
     from streamrecall.consumers.clients import make_producer
     from streamrecall.produce import KEY_FIELD, produce_values, read_jsonl
 
+    from streamrecall.progress import track
+
     require_bootstrap(settings)
     physical = settings.topics.all()[topic.replace("-", "_")]
     producer = make_producer(settings)
-    n = produce_values(producer, physical, read_jsonl(file), KEY_FIELD.get(topic),
-                       progress=lambda n: click.echo(f"\r{physical}: {n:,} records", nl=False, err=True),
+    n = produce_values(producer, physical, track(read_jsonl(file), desc=physical), KEY_FIELD.get(topic),
                        rate_per_s=rate)
     producer.close()
-    click.echo(f"\nproduced {n:,} records to {physical}", err=True)
+    click.echo(f"produced {n:,} records to {physical}", err=True)
 
 
 @main.command()
@@ -226,17 +227,19 @@ def produce(settings: Settings, topic: str, file: Path, rate: float | None) -> N
 def generate(settings: Settings, n_items: int, n_users: int, n_clicks: int, seed: int, out: Path | None,
              to_kafka: bool, rate: float | None) -> None:
     """Generate a seeded synthetic stream of items and clicks (files, or straight to Kafka)."""
+    from streamrecall.livestream import produce_stream, write_jsonl
+    from streamrecall.progress import track
     from streamrecall.synthetic import SyntheticConfig, generate as gen
-    from streamrecall.livestream import write_jsonl, produce_stream
 
     config = SyntheticConfig(n_items=n_items, n_users=n_users, n_clicks=n_clicks, seed=seed)
     if out is None and not to_kafka:
         raise click.UsageError("say where the stream goes: --out DIR or --produce")
     if out is not None:
-        counts = write_jsonl(gen(config), out)
+        counts = write_jsonl(track(gen(config), desc=f"writing {out}", unit="events"), out)
         click.echo(f"wrote {counts} to {out}")
     if to_kafka:
-        counts = produce_stream(require_bootstrap(settings), gen(config), rate_per_s=rate)
+        counts = produce_stream(require_bootstrap(settings), track(gen(config), desc="producing", unit="events"),
+                                rate_per_s=rate)
         click.echo(f"produced {counts}")
 
 

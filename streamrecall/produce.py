@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import msgspec
 from kafka import KafkaProducer
@@ -40,7 +40,7 @@ def key_of(value: bytes, key_field: str | None) -> bytes | None:
 
 
 def produce_values(producer: KafkaProducer, topic: str, values: Iterable[bytes], key_field: str | None,
-                   progress: Callable[[int], None] | None = None, rate_per_s: float | None = None) -> int:
+                   rate_per_s: float | None = None) -> int:
     """Produce values (keyed by ``key_field``) and flush; returns the count. ``rate_per_s`` paces sends."""
     n = 0
     started = time.monotonic()
@@ -51,9 +51,5 @@ def produce_values(producer: KafkaProducer, topic: str, values: Iterable[bytes],
             ahead = n / rate_per_s - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
-        if progress is not None and n % 10_000 == 0:
-            progress(n)
     producer.flush(timeout=60)
-    if progress is not None:
-        progress(n)
     return n

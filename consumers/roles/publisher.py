@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict, deque
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -150,18 +150,19 @@ class PartitionState:
 class PublisherHandler(HandlerBase):
     """Keeps user histories, publishes user vectors. Kafka-free: the role wires the edges.
 
-    ``load_partition(p)`` returns the latest vector per user in ``user-vectors`` partition p.
+    ``load_partitions(ps)`` returns the latest vector per user in each ``user-vectors`` partition
+    of ``ps`` (one read of them all: a rebalance that moves several partitions waits once).
     """
 
     def __init__(self, replica: TowerReplica, sink: VectorSink,
-                 load_partition: Callable[[int], Iterable[UserVector]], clicks_topic: str,
+                 load_partitions: Callable[[list[int]], Mapping[int, Iterable[UserVector]]], clicks_topic: str,
                  options: PublisherOptions = PublisherOptions(), metrics: PublisherMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION,
                  poll_updates: Callable[[], object] = lambda: None, side_flush: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
         self.replica = replica
         self.sink = sink
-        self.load_partition = load_partition
+        self.load_partitions = load_partitions
         self.clicks_topic = clicks_topic
         self.options = options
         self.metrics = metrics or role_metrics(PublisherMetrics)
@@ -195,10 +196,11 @@ class PublisherHandler(HandlerBase):
         self._gauges()
 
     def _load_pending(self) -> None:
-        for p in sorted(self.loading):
+        pending = sorted(self.loading)
+        loaded = self.load_partitions(pending)
+        for p in pending:
             state = PartitionState(self.replica.config.history_len, self.options.history_users)
-            vectors = list(self.load_partition(p))
-            state.load(vectors, self.clock(), self.wall_ms())
+            state.load(list(loaded.get(p, ())), self.clock(), self.wall_ms())
             self.states[p] = state
             self.loading.discard(p)
             log.info("clicks[%d]: rebuilt %d users from user-vectors[%d]", p, len(state.users), p)
@@ -328,7 +330,7 @@ class PublisherHandler(HandlerBase):
 
 
 class VectorTable:
-    """Reads one partition of the compacted user-vectors topic: the latest vector per user."""
+    """Reads partitions of the compacted user-vectors topic: the latest vector per user in each."""
 
     def __init__(self, consumer: KafkaConsumer, topic: str, deadletters: DeadLetterSink, max_value_bytes: int,
                  timeout_s: float) -> None:
@@ -338,21 +340,23 @@ class VectorTable:
         self.decode = user_vector_decoder(max_value_bytes)  # None: a tombstone deletes the user
         self.timeout_s = timeout_s
 
-    def load(self, partition: int) -> list[UserVector]:
-        latest: dict[str, UserVector] = {}
+    def load(self, partitions: list[int]) -> dict[int, list[UserVector]]:
+        latest: dict[int, dict[str, UserVector]] = {p: {} for p in partitions}
 
         def on_record(r: Record) -> None:
             if r.value is not None:
-                latest[r.value.user_id] = r.value
+                latest[r.partition][r.value.user_id] = r.value
             elif r.key is not None:
-                latest.pop(r.key.decode("utf-8", "replace"), None)
+                latest[r.partition].pop(r.key.decode("utf-8", "replace"), None)
 
+        if not partitions:
+            return {}
         reader = TopicReader(self.consumer, self.topic, "user-vectors", self.decode, on_record, self.deadletters,
-                             partitions=[partition])
+                             partitions=partitions)
         reader.start()
         if not reader.catch_up(self.timeout_s):
-            raise TransientError(f"could not read {self.topic}[{partition}] to its end in {self.timeout_s:.0f}s")
-        return list(latest.values())
+            raise TransientError(f"could not read {self.topic}{partitions} to their end in {self.timeout_s:.0f}s")
+        return {p: list(users.values()) for p, users in latest.items()}
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)

@@ -10,18 +10,23 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 
 from streamrecall.bench import Result, json_option, report
+from streamrecall.bench.plots import plot_option
 
 BENCHES = ("ingest", "index", "train", "model-eval", "query", "freshness")
+#: The benchmarks that draw pictures with ``--plot DIR``.
+PLOTTING = ("index", "freshness")
 
 
 @click.command("all")
 @click.option("--only", default=",".join(BENCHES), show_default=True, help="Comma-separated benchmarks to run.")
+@plot_option
 @json_option
-def command(only: str, as_json: bool) -> None:
+def command(only: str, plot_dir: Path | None, as_json: bool) -> None:
     """Run every benchmark at its defaults (tens of minutes on two cores)."""
     wanted = [b for b in only.split(",") if b]
     unknown = set(wanted) - set(BENCHES)
@@ -33,7 +38,8 @@ def command(only: str, as_json: bool) -> None:
     for n, name in enumerate(wanted, 1):
         click.echo(f"[{n}/{len(wanted)}] bench {name} ... (its log follows)", err=True)
         t = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "streamrecall", "bench", name, "--json"],
+        plot = ["--plot", str(plot_dir)] if plot_dir is not None and name in PLOTTING else []
+        proc = subprocess.run([sys.executable, "-m", "streamrecall", "bench", name, "--json", *plot],
                               stdout=subprocess.PIPE, text=True)
         try:
             rows = json.loads(proc.stdout) if proc.returncode == 0 else None

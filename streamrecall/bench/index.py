@@ -31,7 +31,8 @@ import click
 import hnswlib
 import numpy as np
 
-from streamrecall.bench import Result, json_option, peak_rss_mb, report, result
+from streamrecall.bench import Result, json_option, peak_rss_mb, plots, report, result
+from streamrecall.bench.plots import plot_option
 from streamrecall.index import EntryMeta, ItemIndex
 
 M = 16
@@ -183,17 +184,60 @@ def bench_churn(index: ItemIndex, raw: hnswlib.Index, tower: Tower, latent: np.n
                       extra=f"slots {st['slots']:.0f} for {st['live']:.0f} live, capacity {st['capacity']:.0f}"))
 
 
-def bench_reencode(index: ItemIndex, tower: Tower, out: list[Result]) -> None:
+def bench_reencode(index: ItemIndex, tower: Tower, threads: int, out: list[Result]) -> None:
+    """A changed tower re-encodes every item: rebuild-and-swap against raw hnswlib building a
+    fresh graph of the same new vectors on the same threads; in-place updates are extrapolated
+    from a sample and carry no ratio (hnswlib has no re-encode of its own to compare with)."""
     n = len(index)
+    ids = index.ids()
+    fresh = dict(zip(ids, tower.encode(tower.latent(n))))
+    encode = lambda item_ids: np.stack([fresh[i] for i in item_ids])  # noqa: E731  a changed tower
     sample = max(1, n // 20)
-    encode = lambda item_ids: tower.encode(tower.latent(len(item_ids)))  # noqa: E731  a changed tower
     inplace_s = timed(lambda: index.reencode(encode, 2, 1024, max_items=sample))
-    inplace_total = inplace_s / sample * n
     rebuild_s = timed(lambda: index.reencode(encode, 3, 4096, rebuild_threshold=0.5))
-    out.append(result("index/reencode_rebuild_swap", "s", rebuild_s,
-                      extra=f"re-encode all {n} items into a fresh graph, swap"))
-    out.append(result("index/reencode_in_place", "s", inplace_total, ratio_to_raw=rebuild_s / inplace_total,
-                      extra=f"extrapolated from {sample} in-place updates; ratio = rebuild / in-place"))
+    vectors = np.stack([fresh[i] for i in ids])
+
+    def raw_build() -> None:
+        raw = hnswlib.Index(space="ip", dim=vectors.shape[1])
+        raw.init_index(max_elements=n, M=M, ef_construction=EF_CONSTRUCTION, random_seed=100)
+        raw.add_items(vectors, np.arange(n), num_threads=threads)
+
+    raw_s = timed(raw_build)
+    out.append(result("index/reencode_raw_rebuild", "s", raw_s,
+                      extra=f"hnswlib: a fresh graph of the same {n} new vectors, {threads} thread(s)"))
+    out.append(result("index/reencode_rebuild_swap", "s", rebuild_s, ratio_to_raw=raw_s / rebuild_s,
+                      extra=f"re-encode all {n} items into a fresh graph beside the live one, swap"))
+    out.append(result("index/reencode_in_place", "s", inplace_s / sample * n,
+                      extra=f"extrapolated from {sample} in-place updates (no raw counterpart)"))
+
+
+def bench_ef_sweep(index: ItemIndex, raw: hnswlib.Index, ids: list[str], vectors: np.ndarray,
+                   queries: np.ndarray, out: list[Result], k: int = 10) -> list[dict[str, float]]:
+    """recall@10 and single-query queries/s (k=100) at several ef, ours and raw hnswlib on the
+    same graph contents; returns the points for ``--plot``."""
+    exact = exact_top(vectors, queries, k)
+    base = index.ef
+    for q in queries:  # warm both (caches, branch predictors) before the first timed ef
+        index.query(q, 100)
+        raw.knn_query(q, k=100, num_threads=1)
+    points = []
+    for ef in (base // 2, base, 2 * base, 4 * base):
+        index.ef = ef
+        raw.set_ef(ef)
+        ours_s = timed(lambda: [index.query(q, 100) for q in queries])
+        raw_s = timed(lambda: [raw.knn_query(q, k=100, num_threads=1) for q in queries])
+        got = index.query(queries, k)
+        r = sum(len({h.item_id for h in g} & {ids[j] for j in e}) for g, e in zip(got, exact)) / (k * len(queries))
+        raw_labels, _ = raw.knn_query(queries, k=k)
+        r_raw = sum(len(set(lab.tolist()) & set(e.tolist())) for lab, e in zip(raw_labels, exact)) / (k * len(queries))
+        points.append({"ef": ef, "recall": r, "qps": len(queries) / ours_s, "raw_recall": r_raw,
+                       "raw_qps": len(queries) / raw_s})
+        out.append(result(f"index/queries_per_s_k100_ef{ef}", "queries/s", len(queries) / ours_s,
+                          ratio_to_raw=raw_s / ours_s,
+                          extra=f"recall@10 {r:.3f} (raw {r_raw:.3f}); raw knn_query {len(queries) / raw_s:,.0f}/s"))
+    index.ef = base
+    raw.set_ef(base)
+    return points
 
 
 def bench_query_during_writes(index: ItemIndex, ids: list[str], vectors: np.ndarray, queries: np.ndarray,
@@ -260,8 +304,10 @@ def bench_random(n: int, dim: int, n_queries: int, threads: int, ef: int, rng: n
 @click.option("--random-items", type=int, default=50_000, show_default=True,
               envvar="STREAMRECALL_BENCH_RANDOM_ITEMS",
               help="Items for the random-vector worst case (capped at --items) [env STREAMRECALL_BENCH_RANDOM_ITEMS].")
+@plot_option
 @json_option
-def command(items: int, dim: int, queries: int, seed: int, threads: int, random_items: int, as_json: bool) -> None:
+def command(items: int, dim: int, queries: int, seed: int, threads: int, random_items: int, plot_dir: Path | None,
+            as_json: bool) -> None:
     """Measure the updatable HNSW index: throughput, recall, latency, re-encode cost, memory."""
     if items < 200 or dim < 2 or queries < 1:
         raise click.BadParameter("need --items >= 200, --dim >= 2, --queries >= 1")
@@ -275,10 +321,14 @@ def command(items: int, dim: int, queries: int, seed: int, threads: int, random_
     index, raw = bench_throughput(items, dim, vectors, threads, ef, out)
     ids = [f"item-{j}" for j in range(items)]
     bench_fresh_quality(index, ids, vectors, user_queries, "fresh", out)
+    points = bench_ef_sweep(index, raw, ids, vectors, user_queries[:300], out)
+    if plot_dir is not None:
+        plots.recall_vs_qps(plot_dir / "index-recall-vs-qps.png", points,
+                            title=f"recall@10 against single-query speed over ef ({items:,} items, dim {dim})")
     bench_churn(index, raw, tower, latent, vectors, ids, user_queries, threads, out)
     del raw
     bench_snapshot(index, out)
-    bench_reencode(index, tower, out)
+    bench_reencode(index, tower, threads, out)
     del index
     bench_random(min(items, random_items), dim, min(queries, 500), threads, ef, rng, out)
     out.append(result("index/peak_rss", "MiB", peak_rss_mb(), extra=f"{items} items, dim {dim}"))

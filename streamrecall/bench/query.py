@@ -35,6 +35,7 @@ from streamrecall.bench import Result, json_option, peak_rss_mb, report, result
 from streamrecall.bench.freshness import MODEL, _item, percentiles
 from streamrecall.consumers.indexer_state import IndexerConfig
 from streamrecall.harness import LocalSystem
+from streamrecall.progress import track
 
 
 def _load(system: LocalSystem, n: int) -> list[dict]:
@@ -42,7 +43,7 @@ def _load(system: LocalSystem, n: int) -> list[dict]:
     now = int(time.time() * 1000)
     values = [_item(i, now, rng) for i in range(n)]
     topic = system.settings.topics.items  # type: ignore[union-attr]
-    for v in values:
+    for v in track(values, len(values), "loading items"):
         system.produce_raw(topic, v["item_id"].encode(), msgspec.json.encode(v))
     system.flush()
     deadline = time.monotonic() + 600

@@ -53,7 +53,7 @@ def make_handler():
              partitions=(0, 1), **options):
         sink, clock = ListSink(), Clock()
         registry = CollectorRegistry()
-        handler = PublisherHandler(replica or TowerReplica(CONFIG), sink, lambda p: (stored or {}).get(p, []),
+        handler = PublisherHandler(replica or TowerReplica(CONFIG), sink, lambda ps: {p: (stored or {}).get(p, []) for p in ps},
                                    TOPIC, PublisherOptions(**options), PublisherMetrics(registry),
                                    ModelVersionMetrics(registry), clock=clock, wall_ms=lambda: TS + 5_000)
         handler.assigned({TopicPartition(TOPIC, p) for p in partitions})
