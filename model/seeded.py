@@ -27,11 +27,24 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def seeded_uniform(shape: tuple[int, ...], bound: float, seed: int, name: str) -> torch.Tensor:
-    """A float32 tensor uniform in [-bound, bound), a pure function of (seed, name, shape)."""
-    n = int(np.prod(shape))
+def seeded_uniform(shape: tuple[int, ...], bound: float, seed: int, name: str,
+                   rows: np.ndarray | None = None) -> torch.Tensor:
+    """A float32 tensor uniform in [-bound, bound), a pure function of (seed, name, shape).
+
+    With ``rows`` (indices along the first dimension), only those rows of that same tensor:
+    ``seeded_uniform(shape, b, s, n, rows=r)`` equals ``seeded_uniform(shape, b, s, n)[r]``, at
+    the cost of the rows asked for (a replica restores a few rows, not a 2^18-row table).
+    """
+    row_len = int(np.prod(shape[1:]))
     start = np.uint64(hash64(f"{seed}:{name}", "init"))
+    if rows is None:
+        index = np.arange(int(np.prod(shape)), dtype=np.uint64)
+        out_shape = shape
+    else:
+        rows = np.asarray(rows, dtype=np.uint64).reshape(-1)
+        index = (rows[:, None] * np.uint64(row_len) + np.arange(row_len, dtype=np.uint64)).reshape(-1)
+        out_shape = (len(rows), *shape[1:])
     with np.errstate(over="ignore"):
-        bits = splitmix64(np.arange(n, dtype=np.uint64) + start)
+        bits = splitmix64(index + start)
     unit = (bits >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24))  # [0, 1), exact
-    return torch.from_numpy(((unit * 2.0 - 1.0) * bound).astype(np.float32).reshape(shape))
+    return torch.from_numpy(((unit * 2.0 - 1.0) * bound).astype(np.float32).reshape(out_shape))

@@ -93,10 +93,23 @@ class TwoTower(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Back to the initial weights: a pure function of the config (seed included)."""
+        for name, table in self.tables().items():
+            table.copy_(self.initial_rows(name))
+        self.reset_dense()
+
+    def initial_rows(self, table: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The initial values of sparse ``table`` (the id tables zero, the token table seeded),
+        all of it or only ``rows``."""
+        t = self.tables()[table]
+        if table != "token":
+            return torch.zeros((t.shape[0] if rows is None else len(rows), t.shape[1]))
+        return seeded_uniform(tuple(t.shape), TOKEN_INIT_BOUND, self.config.seed, "token",
+                              rows=None if rows is None else rows.numpy())
+
+    @torch.no_grad()
+    def reset_dense(self) -> None:
+        """The dense layers back to their initial weights."""
         seed = self.config.seed
-        self.item.id_table.zero_()
-        self.user.id_table.zero_()
-        self.item.token_table.copy_(seeded_uniform(tuple(self.item.token_table.shape), TOKEN_INIT_BOUND, seed, "token"))
         for name, p in self.dense().items():
             if name in LIVE_BIASES:
                 # The user tower's inputs are all zero at init (zero id rows, and a history pooled

@@ -145,3 +145,45 @@ def test_bad_tensors_and_oversized_payloads_are_refused(small_config):
             decode_update(dumps(tensors, header))
     with pytest.raises(ModelUpdateError, match="limit"):
         decode_update(_valid(small_config), max_bytes=100)
+
+
+def test_a_full_update_restores_exactly_the_rows_written_since_the_last_one(small_config, stream, monkeypatch):
+    """A full update from another trainer (a restart from an older checkpoint, a replaced trainer)
+    leaves the replica equal to a fresh one that applied only it; and the reset costs the rows
+    written since, not a regeneration of every seeded row (which held the towers ~1 s per full
+    update at the default size)."""
+    import streamrecall.model.towers as towers
+
+    catalog, clicks = stream()
+    config = small_config()
+    items = list(catalog.values())
+    first, history = OnlineTrainer(config), RecentHistory(config.history_len)
+    _train(first, catalog, clicks[:2048], history)
+    replica = TowerReplica(config)
+    replica.apply(decode_update(first.export_update()))
+    _train(first, catalog, clicks[2048:3072], history)
+    replica.apply(decode_update(first.export_update()))  # a delta
+    other, other_history = OnlineTrainer(config), RecentHistory(config.history_len)
+    _train(other, catalog, clicks[3072:3584], other_history)  # trained on fewer clicks: fewer rows
+    generated = []
+    real = towers.seeded_uniform
+
+
+    def counting(shape, *args, rows=None, **kwargs):
+        generated.append(int(np.prod(shape)) if rows is None else len(rows) * int(np.prod(shape[1:])))
+        return real(shape, *args, **kwargs) if rows is None else real(shape, *args, rows=rows, **kwargs)
+
+    monkeypatch.setattr(towers, "seeded_uniform", counting)
+    other.advance_version(replica.version)
+    full = decode_update(other.export_update())
+    assert full.kind == "full" and replica.apply(full).status == "applied"
+    token_rows = first.model.tables()["token"].shape[0]
+    assert sum(generated) < token_rows * config.dim  # not the whole table
+    fresh = TowerReplica(config)
+    fresh.apply(full)
+    np.testing.assert_array_equal(replica.encode_items(items), fresh.encode_items(items))
+    users = [c.user_id for c in clicks[:50]]
+    hists = [history.get(u) for u in users]
+    np.testing.assert_array_equal(replica.encode_users(users, hists), fresh.encode_users(users, hists))
+    for name, table in replica.model.tables().items():
+        assert torch.equal(table, fresh.model.tables()[name]), name
