@@ -5,9 +5,10 @@
   end of each polled batch by default, at most ``flush_ms`` later, or as soon as
   ``flush_users`` are pending) and sent to the compacted ``user-vectors`` topic.
 - ``model-updates`` (a side reader: every publisher applies every update, from the last
-  full one): on a new version, recently active users are re-published in the background,
-  ``refresh_per_tick`` at a time (only those the update touches, for a sparse delta), in
-  rounds at most every ``refresh_interval_s``. The indexer does not wait for them: it encodes
+  full one): on a new version, recently active users are re-published in the background, most
+  recently active first (only those the update touches, for a sparse delta), in rounds at most
+  every ``refresh_interval_s``: at most ``refresh_per_s`` users a second while clicks flow,
+  ``refresh_per_tick`` per loop iteration when they pause. The indexer does not wait for them: it encodes
   a user whose stored vector is of another version at query time.
 - State moves with a partition: a newly assigned clicks partition is rebuilt from the
   same-numbered partition of ``user-vectors`` (its ``recent_items`` are the history), and
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 ROLE = "publisher"
 #: Freshness bound: pending users are never held longer than this (ms).
 MAX_FLUSH_MS = 200
+#: While clicks flow, re-publication never bursts more than this many seconds of its rate at once.
+REFRESH_BURST_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,8 @@ class PublisherOptions:
     flush_users: int = 1024            # publish as soon as this many users are pending
     history_users: int = 200_000       # users kept per clicks partition (least recently active forgotten)
     refresh_active_s: float = 3600.0   # after a model update, re-publish users active this recently
-    refresh_per_tick: int = 256        # users checked and re-published per loop iteration (1/8 while clicks flow)
+    refresh_per_tick: int = 256        # users checked and re-published per loop iteration while no clicks flow
+    refresh_per_s: float = 200.0       # while clicks flow: at most this many users re-published per second
     refresh_interval_s: float = 10.0   # re-publication rounds start at most this often (updates come every flush)
     startup_timeout_s: float = 120.0   # bound on catching up with model-updates at start
     rebuild_timeout_s: float = 120.0   # bound on rebuilding one partition from user-vectors
@@ -179,6 +184,8 @@ class PublisherHandler(HandlerBase):
         self._refresh: dict[tuple[int, str], None] = {}    # users to re-publish at the current version
         self._scans: deque[tuple[ModelUpdate, deque[tuple[int, str]]]] = deque()  # deltas to check users against
         self._last_round = float("-inf")  # when the last re-publication round started (clock s)
+        self._refresh_tokens = 0.0        # re-publications allowed now while clicks flow (a token bucket)
+        self._last_tick = clock()
         self._round_due = False           # an update arrived since, within refresh_interval_s of it
 
     # --- partitions -------------------------------------------------------------------------
@@ -232,10 +239,19 @@ class PublisherHandler(HandlerBase):
             self._load_pending()
         if self._dirty and self.clock() - self._dirty_since >= self.options.flush_ms / 1000:
             self._publish_dirty()
-        # Fresh clicks first: while they keep coming, re-publication after a model update goes on
-        # at a trickle (it still always progresses), and at full speed once the clicks pause.
+        # Fresh clicks first: while they keep coming, re-publication after a model update is held
+        # to refresh_per_s (a token bucket, so it is smooth: bursts of it after each round doubled
+        # the click → vector p99), and goes at refresh_per_tick per loop once the clicks pause.
+        now = self.clock()
+        elapsed, self._last_tick = max(0.0, now - self._last_tick), now
         busy, self._fresh_published = self._fresh_published, False
-        self._refresh_some(self.options.refresh_per_tick // 8 if busy else self.options.refresh_per_tick)
+        if not busy:
+            self._refresh_some(self.options.refresh_per_tick)
+            return
+        burst = min(float(self.options.refresh_per_tick), max(1.0, self.options.refresh_per_s * REFRESH_BURST_S))
+        self._refresh_tokens = min(burst, self._refresh_tokens + elapsed * self.options.refresh_per_s)
+        if self._refresh_tokens >= 1.0 and (self._refresh or self._scans):
+            self._refresh_tokens -= self._refresh_some(int(self._refresh_tokens))
 
     def flush(self, offsets: object) -> None:
         """Publish what is pending and wait until it is durable; a failed send blocks the commit."""
@@ -274,7 +290,8 @@ class PublisherHandler(HandlerBase):
             self._scans.append((update, deque(active)))
         self._gauges()
 
-    def _refresh_some(self, budget: int) -> None:
+    def _refresh_some(self, budget: int) -> int:
+        """Check and re-publish up to ``budget`` users; returns how many were re-published."""
         budget = max(1, budget)
         limit = budget
         while self._scans and budget > 0:
@@ -287,13 +304,15 @@ class PublisherHandler(HandlerBase):
             budget -= max(1, len(chunk))
             if not candidates:
                 self._scans.popleft()
+        published = 0
         if self._refresh:
-            keys = list(self._refresh)[:limit]
+            keys = list(itertools.islice(self._refresh, limit))
             for k in keys:
                 del self._refresh[k]
-            self._publish(keys, "model_update")
+            published = self._publish(keys, "model_update")
         if self._scans or self._refresh:
             self._gauges()
+        return published
 
     # --- publishing -------------------------------------------------------------------------
     def _publish_dirty(self) -> None:
@@ -308,10 +327,10 @@ class PublisherHandler(HandlerBase):
             self._publish(keys[i:i + size], "click")
         self._gauges()
 
-    def _publish(self, keys: list[tuple[int, str]], cause: str) -> None:
+    def _publish(self, keys: list[tuple[int, str]], cause: str) -> int:
         keys = [(p, u) for p, u in keys if p in self.states and u in self.states[p].users]
         if not keys:
-            return
+            return 0
         histories = [self.states[p].history.get(u) for p, u in keys]
         vectors = self.replica.encode_users([u for _, u in keys], histories)
         published_at = self.wall_ms()
@@ -323,6 +342,7 @@ class PublisherHandler(HandlerBase):
             if cause == "click":
                 self.metrics.click_to_vector.observe(max(0, published_at - event_ts) / 1000)
         self.metrics.published.labels(cause).inc(len(keys))
+        return len(keys)
 
     def _gauges(self) -> None:
         self.metrics.users.set(sum(len(st.users) for st in self.states.values()))

@@ -419,22 +419,29 @@ def trainer_phase(system: LocalSystem, n: int) -> list[Result]:
 @click.option("--backlog", default=50_000, show_default=True, help="Backlog size (indexing, trainer phases).")
 @click.option("--sample-every", default=10, show_default=True, help="Poll every Nth item for freshness.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--option", "options", multiple=True, metavar="TABLE.KEY=VALUE",
+              help="A role setting for every phase (repeatable), e.g. publisher.refresh_interval_s=30: "
+                   "measures a lever against the defaults in the same conditions.")
 @plot_option
 @json_option
 def command(phases: str, seconds: float, item_rate: float, query_rate: float, click_rate: float,
-            model_click_rate: float, backlog: int, sample_every: int, work_dir: Path | None, plot_dir: Path | None,
-            as_json: bool) -> None:
+            model_click_rate: float, backlog: int, sample_every: int, work_dir: Path | None, options: tuple[str, ...],
+            plot_dir: Path | None, as_json: bool) -> None:
     """Freshness (item → searchable, click → user vector) and role throughput against the raw libraries."""
     wanted = [p for p in phases.split(",") if p]
     unknown = set(wanted) - {"items", "indexing", "clicks", "model", "trainer"}
     if unknown:
         raise click.UsageError(f"--phases: unknown {sorted(unknown)}")
+    from streamrecall.evaluate import parse_options
+
+    role_options = parse_options(options)
     results: list[Result] = []
     samples: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="streamrecall-bench-") as tmp:
         root = work_dir or Path(tmp)
         if {"items", "indexing"} & set(wanted):
-            with LocalSystem(root / "items", roles=["indexer"], model=MODEL, name="fresh-items") as system:
+            with LocalSystem(root / "items", roles=["indexer"], model=MODEL, options=role_options,
+                             name="fresh-items") as system:
                 system.wait_healthy(120)
                 wait_assigned(system, ["indexer"])
                 if "items" in wanted:
@@ -442,19 +449,20 @@ def command(phases: str, seconds: float, item_rate: float, query_rate: float, cl
                 if "indexing" in wanted:
                     results += indexing_phase(system, backlog)
         if "clicks" in wanted:
-            with LocalSystem(root / "clicks", roles=["trainer", "publisher"], model=MODEL,
+            with LocalSystem(root / "clicks", roles=["trainer", "publisher"], model=MODEL, options=role_options,
                              name="fresh-clicks") as system:
                 wait_assigned(system, ["trainer", "publisher"])
                 results += clicks_phase(system, click_rate, seconds, n_users=20_000, n_items=2_000, samples=samples)
         if "model" in wanted:
-            with LocalSystem(root / "model", model=MODEL, name="fresh-model") as system:
+            with LocalSystem(root / "model", model=MODEL, options=role_options, name="fresh-model") as system:
                 system.wait_healthy(120)
                 wait_assigned(system, ["trainer", "publisher", "indexer"])
                 results += model_phase(system, model_click_rate, seconds, n_users=20_000, n_items=2_000,
                                        samples=samples)
         if "trainer" in wanted:
             # The trainer alone: on two cores a publisher beside it would halve its share.
-            with LocalSystem(root / "trainer", roles=["trainer"], model=MODEL, name="fresh-trainer") as system:
+            with LocalSystem(root / "trainer", roles=["trainer"], model=MODEL, options=role_options,
+                             name="fresh-trainer") as system:
                 wait_assigned(system, ["trainer"])
                 results += trainer_phase(system, backlog)
     if plot_dir is not None:

@@ -135,13 +135,35 @@ def test_a_full_update_republishes_active_users_in_bounded_chunks(make_handler):
     full = _updates(0)[0]
     handler.on_model_update(full, replica.apply(full))
     assert handler.metrics.pending_refresh._value.get() == 5
-    # The first tick follows fresh clicks: re-publication trickles (1/8 of 2, at least 1); then
-    # with no fresh clicks it goes at full speed (2 per tick).
-    for expected in (1, 3, 5):
+    # Right after fresh clicks, re-publication waits for its rate budget (none has accrued
+    # yet); with no fresh clicks it goes at full speed (2 per tick).
+    for expected in (0, 2, 4, 5):
         handler.tick()
         assert sum(1 for v, _ in sink.sent if v.model_version == 1) == expected
     assert handler.metrics.published.labels("model_update")._value.get() == 5
     assert all(v.model_version == 1 for v in sink.latest().values())
+
+
+def test_while_clicks_flow_republication_keeps_to_its_rate(make_handler):
+    """Fresh clicks first: re-publication after an update is held to refresh_per_s while clicks
+    keep coming (bursts of it after each round doubled the click → vector p99), most recently
+    active users first."""
+    replica = TowerReplica(CONFIG)
+    handler, sink, clock = make_handler(replica=replica, refresh_per_tick=1000, refresh_per_s=100)
+    users = [f"u{i}" for i in range(500)]
+    for i, u in enumerate(users):
+        clock.t += 0.001
+        handler.handle([click(u, "i1", TS + i)])
+    full = _updates(0)[0]
+    handler.on_model_update(full, replica.apply(full))
+    refreshed = []
+    for step in range(100):  # 2 s of a busy loop: a click and a tick every 20 ms
+        clock.t += 0.02
+        handler.handle([click(users[step], "i2", TS + 1000 + step)])
+        handler.tick()
+    refreshed = [v.user_id for v, _ in sink.sent if v.model_version == 1 and v.user_id not in users[:100]]
+    assert 195 <= len(refreshed) <= 211  # 100 users/s for 2 s, plus at most 0.1 s of it at once
+    assert refreshed[:5] == users[-1:-6:-1]  # the most recently active first
 
 
 def test_a_delta_republishes_only_the_users_it_touches(make_handler):
@@ -151,7 +173,8 @@ def test_a_delta_republishes_only_the_users_it_touches(make_handler):
     handler, sink, _ = make_handler(replica=replica)
     handler.handle([click("t0", "i1", TS), click("q", "i1", TS), click("r", "x0", TS)])
     handler.on_model_update(delta, replica.apply(delta))
-    handler.tick()
+    handler.tick()  # right after fresh clicks: waits for its rate budget
+    handler.tick()  # no fresh clicks since: full speed
     refreshed = {v.user_id for v, _ in sink.sent if v.model_version == 2}
     assert refreshed == {"t0", "r"}, "t0's id row and r's history item x0 changed; q's did not"
 
