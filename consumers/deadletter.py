@@ -45,12 +45,16 @@ MAX_DEAD_LETTER_VALUE = 256 * 1024
 #: model_signing_key) and the replica's fencing (docs/security.md). Each also counts in
 #: streamrecall_model_updates_refused_total.
 UPDATE_REFUSALS: tuple[str, ...] = ("unsigned", "bad-signature", *ModelUpdateRefused.REASONS)
+#: Why a model update's chunk sequence (consumers/update_chunks.py) cannot be assembled, beside
+#: ``oversized`` and ``invalid``: a chunk missing, repeated or out of order, or a sequence that never
+#: committed (interleaved with the next update, or a chunk without its first).
+CHUNK_REASONS: tuple[str, ...] = ("incomplete", "out-of-order")
 
 
 def reasons_for(logical_topic: str) -> tuple[str, ...]:
     """Every dead-letter reason a record of ``logical_topic`` can get (the metric's label values)."""
     base = (*InvalidEvent.REASONS, "handler-error")
-    return (*base, *UPDATE_REFUSALS) if logical_topic == "model-updates" else base
+    return (*base, *UPDATE_REFUSALS, *CHUNK_REASONS) if logical_topic == "model-updates" else base
 
 
 @dataclass(frozen=True)

@@ -134,13 +134,19 @@ class Runtime:
     ``assign_all`` assigns every partition of the topics to this process (no group
     rebalancing; used by roles whose every replica needs the whole stream, such as
     the indexer); offsets are still committed under ``group_id`` so lag shows up.
+
+    A failing ``flush`` is retried with back-off (0.1 s doubling to 5 s) and nothing is
+    committed until one succeeds. With ``pause_on_flush_failure`` (the default) consumption is
+    paused meanwhile; without it the loop keeps polling and handling (the trainer goes on
+    training while a model update waits to be acknowledged).
     """
 
     def __init__(self, *, role: str, consumer: KafkaConsumer, deadletters: DeadLetterSink,
                  handler: Handler, topics: Mapping[str, tuple[str, Decode]],
                  start: StartPosition = StartPosition(), assign_all: bool = False,
                  flush_interval_ms: int = 200, max_poll_records: int = 2000,
-                 metrics: RuntimeMetrics = RUNTIME, heartbeat: Heartbeat | None = None) -> None:
+                 metrics: RuntimeMetrics = RUNTIME, heartbeat: Heartbeat | None = None,
+                 pause_on_flush_failure: bool = True) -> None:
         self.role = role
         self.consumer = consumer
         self.deadletters = deadletters
@@ -151,6 +157,7 @@ class Runtime:
         self.flush_interval_s = flush_interval_ms / 1000.0
         self.max_poll_records = max_poll_records
         self.metrics = metrics
+        self.pause_on_flush_failure = pause_on_flush_failure
         self._stop = threading.Event()
         self._lock = threading.RLock()  # handle/flush vs. the rebalance listener on kafka's IO thread
         self._pending: dict[TopicPartition, int] = {}  # next offsets handled but not yet committed
@@ -164,6 +171,7 @@ class Runtime:
         self.catch_up = CatchUpLog(role)
         self._flush_failing_since: float | None = None
         self._backoff_s = 0.1
+        self._retry_flush_at = 0.0  # without pausing: the next flush attempt after a failure (monotonic s)
         self.records_seen = 0
         self.heartbeat = heartbeat if heartbeat is not None else Heartbeat()  # /livez reads it
         deadletters.declare([logical for logical, _ in self.topics.values()])
@@ -203,7 +211,7 @@ class Runtime:
 
     def step(self) -> None:
         """One iteration: poll, decode, handle, maybe flush and commit, then the handler's tick."""
-        if self._flush_failing_since is not None:
+        if self._flush_failing_since is not None and self.pause_on_flush_failure:
             self._retry_flush()
             self._beat()
             return
@@ -214,10 +222,15 @@ class Runtime:
                 self._handle(self._decode(polled))
             self.metrics.batch_seconds.labels(self.role).observe(time.perf_counter() - started)
         self.handler.tick()
-        if time.monotonic() - self._last_flush >= self.flush_interval_s:
+        if self._flush_due():
             self.flush_and_commit()
         self._update_lag()
         self._beat()
+
+    def _flush_due(self) -> bool:
+        if self._flush_failing_since is not None:  # not pausing: retry on the back-off's schedule
+            return time.monotonic() >= self._retry_flush_at
+        return time.monotonic() - self._last_flush >= self.flush_interval_s
 
     def _beat(self) -> None:
         """Record that a step completed (also while paused on a failing flush: retrying is progress)."""
@@ -388,6 +401,9 @@ class Runtime:
             except Exception as exc:
                 self._enter_flush_failure(exc)
                 return False
+        if self._flush_failing_since is not None and not self.pause_on_flush_failure:
+            log.info("%s: flush recovered after %.1fs", self.role, time.monotonic() - self._flush_failing_since)
+            self._flush_failing_since = None
         if offsets:
             self._commit(offsets)
         self.metrics.flush_seconds.labels(self.role).observe(time.perf_counter() - started)
@@ -412,6 +428,18 @@ class Runtime:
                     del self._pending[tp]
 
     def _enter_flush_failure(self, exc: BaseException) -> None:
+        if not self.pause_on_flush_failure:
+            if self._flush_failing_since is None:
+                self._flush_failing_since = time.monotonic()
+                self._backoff_s = 0.1
+                log.error("%s: flush failed; consuming on, committing nothing until a flush succeeds: %s: %s",
+                          self.role, type(exc).__name__, exc)
+            else:
+                log.warning("%s: flush still failing after %.0fs: %s", self.role,
+                            time.monotonic() - self._flush_failing_since, exc)
+            self._retry_flush_at = time.monotonic() + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, MAX_BACKOFF_S)
+            return
         if self._flush_failing_since is None:
             self._flush_failing_since = time.monotonic()
             self._backoff_s = 0.1

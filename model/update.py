@@ -88,6 +88,19 @@ def table_rows(model: dict[str, int], table: str) -> int:
     return model["token_buckets"] if table == "token" else model["id_buckets"]
 
 
+#: Room for the safetensors tensor table and our JSON header (trending holds up to MAX_TRENDING pairs).
+HEADER_ALLOWANCE = 16 * 1024 * 1024
+
+
+def max_update_bytes(model: dict[str, int]) -> int:
+    """The largest payload a model of structural settings ``model`` can produce: a full update
+    holding every row of every table (int64 index + float32 values) and the dense layers."""
+    row_bytes = 8 + 4 * model["dim"]
+    rows = sum(table_rows(model, table) for table in TABLES)
+    dense = sum(math.prod(shape) for shape in dense_shapes(model).values())
+    return rows * row_bytes + 4 * dense + HEADER_ALLOWANCE
+
+
 def encode_update(update: ModelUpdate) -> bytes:
     """Serialise ``update`` (validated the same way decoding validates it)."""
     tensors: dict[str, torch.Tensor] = {f"dense/{k}": v.float() for k, v in update.dense.items()}
@@ -101,7 +114,8 @@ def encode_update(update: ModelUpdate) -> bytes:
               "trained_through_ms": update.trained_through_ms, "trainer_epoch": update.trainer_epoch,
               "trending": [[k, float(v)] for k, v in update.trending]}
     data = dumps(tensors, header)
-    decode_update(data)  # refuse to publish what a consumer would refuse
+    # Refuse to publish what a consumer would refuse; the size limit is the reader's setting.
+    decode_update(data, max_bytes=len(data))
     return data
 
 

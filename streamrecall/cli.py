@@ -60,6 +60,12 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
      "(never logged; prefer the environment variable, flags show in ps)."),
     ("--model-max-version-jump", "model_max_version_jump", int,
      "Replicas refuse a model update more than this many versions above theirs (default 10000000)."),
+    ("--model-update-chunk-bytes", "model_update_chunk_bytes", int,
+     "Model updates travel in chunks of at most this many bytes, one record each "
+     "(default and maximum 1040384: no record above 1 MiB)."),
+    ("--model-update-max-bytes", "model_update_max_bytes", int,
+     "Readers assemble at most this many bytes of one model update; larger ones are dead-lettered "
+     "(default: the largest update the [model] can produce)."),
 ]
 
 

@@ -122,7 +122,10 @@ class TrainerMetrics:
         self.acked_time = Gauge("streamrecall_trainer_last_acked_update_timestamp_seconds",
                                 "Unix time the broker last acknowledged a model update.", registry=registry)
         self.update_bytes = Histogram("streamrecall_trainer_update_bytes", "Size of published model updates.",
-                                      buckets=(1e4, 1e5, 1e6, 4e6, 16e6, 64e6), registry=registry)
+                                      buckets=(1e4, 1e5, 1e6, 4e6, 16e6, 64e6, 256e6, 1e9), registry=registry)
+        self.update_chunks = Histogram("streamrecall_trainer_update_chunks",
+                                       "Records (chunks of at most 1 MiB) per published model update.",
+                                       buckets=(1, 2, 4, 16, 64, 256, 1024), registry=registry)
         self.checkpoint_time = Gauge("streamrecall_trainer_checkpoint_timestamp_seconds",
                                      "Unix time of the last durable checkpoint.", registry=registry)
 

@@ -39,6 +39,11 @@ ADMIN_PORT_OFFSET = 1000
 #: The tables a settings file may hold besides top-level settings (``[model]``, one per role).
 TABLES: tuple[str, ...] = ("model", *ROLES)
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]*$")
+#: No model-updates record is larger than this (Kafka's default message.max.bytes is about 1 MB).
+MODEL_UPDATE_RECORD_BYTES = 1 << 20
+#: Payload bytes per model-update chunk, at most and by default: 8 KiB of a record stay for its
+#: headers (under 300 bytes) and Kafka's framing.
+MODEL_UPDATE_CHUNK_BYTES = MODEL_UPDATE_RECORD_BYTES - (8 << 10)
 #: Shortest model_signing_key accepted: an HMAC key guessable by brute force authenticates nothing.
 MIN_SIGNING_KEY_CHARS = 16
 
@@ -123,6 +128,11 @@ class Settings:
     # structural fields every role shares and is logged as it is; a key must be a Secret.
     model_signing_key: Secret | None = None  # HMAC-SHA256 key: the trainer signs, replicas refuse the rest
     model_max_version_jump: int = 10_000_000  # replicas refuse an update this many versions above theirs
+    # Model updates travel in chunks of at most this many payload bytes (consumers/update_chunks.py).
+    model_update_chunk_bytes: int = MODEL_UPDATE_CHUNK_BYTES
+    # Readers assemble at most this many bytes of one update. None: the largest update the [model]
+    # table's model can produce (every row of every table and the dense layers; model/update.py).
+    model_update_max_bytes: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # the [model] and role tables of the TOML file
     config_file: Path | None = None  # the TOML file these settings were read from (children re-read it)
 
@@ -159,6 +169,9 @@ class Settings:
         _check_range("torch_threads", self.torch_threads, 1, 1024)
         _check_range("bootstrap_timeout_ms", self.bootstrap_timeout_ms, 100, 300_000)
         _check_range("model_max_version_jump", self.model_max_version_jump, 1, 2**62)
+        _check_range("model_update_chunk_bytes", self.model_update_chunk_bytes, 1024, MODEL_UPDATE_CHUNK_BYTES)
+        if self.model_update_max_bytes is not None:
+            _check_range("model_update_max_bytes", self.model_update_max_bytes, 1 << 20, 1 << 40)
         if self.model_signing_key is not None and len(self.model_signing_key.reveal()) < MIN_SIGNING_KEY_CHARS:
             # the length is safe to say; the key is not
             raise ConfigError(f"model_signing_key: must be at least {MIN_SIGNING_KEY_CHARS} characters, got "

@@ -29,8 +29,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.clicks, n, {}),
         # Compacted: the latest vector per user wins, so a new reader gets every user once.
         TopicSpec(t.user_vectors, n, {"cleanup.policy": "compact"}),
-        # One partition: updates must be applied in version order.
-        TopicSpec(t.model_updates, 1, {"max.message.bytes": str(64 << 20)}),
+        # One partition: updates must be applied in version order. No size override: updates travel
+        # in chunks of at most 1 MiB (consumers/update_chunks.py), within the broker's default.
+        TopicSpec(t.model_updates, 1, {}),
         TopicSpec(t.deadletter, n, {}),
     ]
 

@@ -15,10 +15,16 @@ still committed by the runtime after every flush, but only feed lag monitoring
 covers — and a crash loses nothing: the records after the last snapshot are read again
 (upserts and deletes are idempotent).
 
+**Model updates** arrive in chunks (``consumers/update_chunks.py``) and go through the one
+:class:`~streamrecall.consumers.updates.ModelUpdateStream`: a version is applied when its last
+chunk is read, never in part. The model-updates offset a snapshot records is the next one to
+read *that loses nothing*: the first record of a sequence still being read, else the runtime's
+next offset. So a snapshot or a kill -9 in the middle of a sequence re-reads the whole version.
+
 **Restart.** With ``--from committed`` (the default) the current snapshot is loaded, then the
-model updates from the last *full* update the replica applied up to the snapshot's
-model-updates offset are re-read before the poll loop starts, so the replica is rebuilt
-exactly; updates up to the snapshot's ``settled_version`` re-encode nothing (the index
+model updates from the first record of the last *full* update the replica applied up to the
+snapshot's model-updates offset are re-read before the poll loop starts, so the replica is
+rebuilt exactly; updates up to the snapshot's ``settled_version`` re-encode nothing (the index
 already holds their vectors), later ones re-encode as usual. Items resume at the
 snapshot's offsets; ``user-vectors`` is re-read from the beginning. Any other ``--from``
 starts from an empty index and reads as told.
@@ -37,8 +43,9 @@ from urllib.parse import urlsplit
 from kafka import KafkaConsumer, TopicPartition
 
 from streamrecall.consumers import indexer_snapshot
-from streamrecall.consumers.app import model_config, run_handler
-from streamrecall.consumers.clients import make_consumer
+from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
+from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
 from streamrecall.consumers.http_api import RecallService
 from streamrecall.consumers.http_server import RecallApi
 from streamrecall.consumers.liveness import Heartbeat
@@ -47,7 +54,8 @@ from streamrecall.consumers.reencoder import Job, Reencoder
 from streamrecall.consumers.runtime import HandlerBase, Record, decode_value
 from streamrecall.consumers.scoring import ServingMonitor
 from streamrecall.consumers.start import StartPosition
-from streamrecall.consumers.updates import ModelUpdateDecoder
+from streamrecall.consumers.update_chunks import ChunkReader
+from streamrecall.consumers.updates import ModelUpdateStream, update_max_bytes
 from streamrecall.errors import StreamrecallError
 from streamrecall.events import Decoder, Item, user_vector_decoder
 from streamrecall.index import QualityMonitor
@@ -65,8 +73,9 @@ class IndexerHandler(HandlerBase):
 
     def __init__(self, settings: Settings, state: IndexerState, reencoder: Reencoder,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION, resume: indexer_snapshot.Resume | None = None,
-                 snapshot_loaded: bool = False) -> None:
+                 snapshot_loaded: bool = False, deadletters: DeadLetterSink | None = None) -> None:
         self.settings = settings
+        self.deadletters = deadletters  # broken or refused model updates (None: logged only, in unit tests)
         self.state = state
         self.reencoder = reencoder
         self.version_metrics = version_metrics
@@ -86,6 +95,8 @@ class IndexerHandler(HandlerBase):
         self.started_ms = int(time.time() * 1000)  # records appended earlier are re-reads (freshness)
         self._last_gauges = 0.0
         self.started = threading.Event()
+        self.updates = self.update_stream(lambda update, offset: self.apply_update(update, 0, offset),
+                                          self._deadletter)
 
     # ---------------------------------------------------------- Handler protocol
     def start_offsets(self) -> Mapping[TopicPartition, int]:
@@ -107,7 +118,7 @@ class IndexerHandler(HandlerBase):
         items = [r for r in records if r.topic == "items"]
         users = [r for r in records if r.topic == "user-vectors"]
         for r in updates:
-            self.apply_update(r.value, r.partition, r.offset)
+            self.updates.add(r.offset, r.value, r.key)
         if items:
             self._items(items)
         for r in users:
@@ -117,8 +128,12 @@ class IndexerHandler(HandlerBase):
         """Cheap: note what the next snapshot covers; snapshot when the interval is up."""
         for tp, offset in offsets.items():
             logical = self._logical[tp.topic]
+            if logical == "model-updates":  # never the middle of a chunk sequence
+                offset = self.updates.resume_offset(offset)
             if logical != "user-vectors":
                 self.next_offsets[(logical, tp.partition)] = offset
+        if self.deadletters is not None:
+            self.deadletters.flush(30)
         if time.monotonic() - self.last_snapshot >= self.state.config.snapshot_interval_s:
             self.snapshot()
 
@@ -129,6 +144,19 @@ class IndexerHandler(HandlerBase):
             self.state.update_gauges()
 
     # ------------------------------------------------------------------- steps
+    def update_stream(self, apply: Callable[[ModelUpdate, int], None],
+                      deadletter: Callable[[DeadLetter], None]) -> ModelUpdateStream:
+        """A model-update stream with this indexer's limits and key (the poll loop's, the replay's)."""
+        return ModelUpdateStream(self.topics.model_updates, apply, deadletter,
+                                 max_bytes=update_max_bytes(self.settings, self.state.replica.config),
+                                 signing_key=self.settings.model_signing_key)
+
+    def _deadletter(self, letter: DeadLetter) -> None:
+        if self.deadletters is not None:
+            self.deadletters.send(letter, "model-updates")
+        else:
+            log.error("model update at %s refused (%s): %s", letter.where, letter.reason, letter.error)
+
     def _items(self, records: list[Record]) -> None:
         latest: dict[str, Item] = {}
         appended: dict[str, int] = {}
@@ -154,7 +182,7 @@ class IndexerHandler(HandlerBase):
         self.state.users[r.value.user_id] = UserEntry.of(r.value)
 
     def apply_update(self, update: ModelUpdate, partition: int, offset: int, *, reencode_above: int = -1) -> None:
-        """Apply one model update to the replica and queue the re-encode it causes.
+        """Apply one model update (``offset``: its first record's) to the replica and queue the re-encode it causes.
 
         Updates with ``version <= reencode_above`` re-encode nothing (replay after a restart:
         the snapshot's index already holds their vectors).
@@ -225,6 +253,10 @@ class IndexerRole:
     def __init__(self, settings: Settings, start: StartPosition, metrics: IndexerMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION) -> None:
         self.settings = settings
+        # Its own producer for the dead letters of model updates: a broken chunk sequence is found
+        # by the handler, after the runtime's decode (closed last, in close()).
+        self.producer = make_producer(settings)
+        self.deadletters = deadletter_sink(settings, ROLE, self.producer)
         self.start = start
         self.config = IndexerConfig.from_settings(settings)
         self.metrics = metrics if metrics is not None else role_metrics(IndexerMetrics)
@@ -235,7 +267,6 @@ class IndexerRole:
         self.state = IndexerState(self.config, model_config(settings), self.metrics,
                                   index=loaded.index if loaded else None,
                                   max_version_jump=settings.model_max_version_jump)
-        self.decode_update = ModelUpdateDecoder(settings.model_signing_key)  # the poll loop's and the replay's
         resume = loaded.resume if loaded else None
         if loaded:
             self.state.catalog = loaded.catalog
@@ -246,7 +277,7 @@ class IndexerRole:
         self.monitor = QualityMonitor(self.state.index)
         self.reencoder = Reencoder(self.state, self.monitor, settled_version=resume.settled_version if resume else 0)
         self.handler = IndexerHandler(settings, self.state, self.reencoder, version_metrics, resume,
-                                      snapshot_loaded=loaded is not None)
+                                      snapshot_loaded=loaded is not None, deadletters=self.deadletters)
         self.api: RecallApi | None = None
         self.service = RecallService(self.state, self.config, self.monitor, self.health)
         self.serving_monitor = ServingMonitor(self.service, self.service.sampler, self.config.overlap_interval_s,
@@ -286,6 +317,19 @@ class IndexerRole:
         consumer.seek(tp, start)
         deadline = time.monotonic() + self.config.replay_timeout_s
         replayed = 0
+
+        def apply(update: ModelUpdate, offset: int) -> None:
+            nonlocal replayed
+            self.handler.apply_update(update, tp.partition, offset, reencode_above=resume.settled_version)
+            replayed += 1
+
+        def skipped(letter: DeadLetter) -> None:  # dead-lettered when first read
+            log.info("indexer: model update at %s skipped on replay (%s): %s", letter.where, letter.reason,
+                     letter.error)
+
+        # stop is a sequence boundary (the snapshot's resume offset), so every update before it is whole
+        stream = self.handler.update_stream(apply, skipped)
+        read_chunk = ChunkReader()
         while True:
             position = consumer.position(tp, timeout_ms=5000)
             high = consumer.highwater(tp)
@@ -299,15 +343,12 @@ class IndexerRole:
                     if m.offset >= stop:
                         continue
                     try:
-                        update = decode_value(self.decode_update, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}",
-                                              m.headers)
-                        self.handler.apply_update(update, tp.partition, m.offset,
-                                                  reencode_above=resume.settled_version)
+                        chunk = decode_value(read_chunk, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}", m.headers)
                     except StreamrecallError as exc:  # dead-lettered when first read
                         log.info("indexer: model update at %s[%d]@%d skipped on replay: %s",
                                  tp.topic, tp.partition, m.offset, exc)
                         continue
-                    replayed += 1
+                    stream.add(m.offset, chunk, m.key)
         if self.state.replica.version != resume.replica_version:
             log.warning("indexer: replayed model updates reach v%d, the snapshot was at v%d (topic truncated?)",
                         self.state.replica.version, resume.replica_version)
@@ -333,7 +374,7 @@ class IndexerRole:
         t = self.settings.topics
         limit = self.settings.max_value_bytes
         return {t.items: ("items", Decoder(Item, limit).decode),
-                t.model_updates: ("model-updates", self.decode_update),
+                t.model_updates: ("model-updates", ChunkReader()),
                 t.user_vectors: ("user-vectors", user_vector_decoder(limit))}
 
     def serve_http(self, stack: ExitStack, heartbeat: Heartbeat) -> None:
@@ -359,6 +400,8 @@ class IndexerRole:
             self.handler.snapshot()
         except Exception:
             log.exception("indexer: final snapshot failed; the previous one stays current")
+        finally:
+            self.producer.close(10)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         state = self.state

@@ -35,7 +35,7 @@ from streamrecall.consumers.role_options import role_options
 from streamrecall.consumers.runtime import HandlerBase, Record
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import TopicReader
-from streamrecall.consumers.updates import MAX_UPDATE_BYTES, ModelUpdateFeed
+from streamrecall.consumers.updates import ModelUpdateFeed, update_max_bytes
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Decoder, UserVector, encode, user_vector_decoder
 from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, PublisherMetrics, role_metrics
@@ -386,7 +386,8 @@ def run(settings: Settings, start: StartPosition) -> None:
     """Run the publisher until SIGTERM/SIGINT."""
     options = PublisherOptions.from_settings(settings)
     topics = settings.topics
-    replica = TowerReplica(model_config(settings), settings.model_max_version_jump)
+    config = model_config(settings)
+    replica = TowerReplica(config, settings.model_max_version_jump)
     with ExitStack() as stack:
         side_producer = make_producer(settings)
         stack.callback(side_producer.close, 10)
@@ -406,8 +407,8 @@ def run(settings: Settings, start: StartPosition) -> None:
 
         handler = PublisherHandler(replica, KafkaVectorSink(vector_producer, topics.user_vectors), vectors.load,
                                    topics.clicks, options, side_flush=lambda: side_deadletters.flush(30))
-        feed = ModelUpdateFeed(make_consumer(settings, None, max_partition_fetch_bytes=MAX_UPDATE_BYTES),
-                               topics.model_updates, replica, side_deadletters, on_applied=handler.on_model_update,
+        feed = ModelUpdateFeed(make_consumer(settings, None), topics.model_updates, replica, side_deadletters,
+                               on_applied=handler.on_model_update, max_bytes=update_max_bytes(settings, config),
                                signing_key=settings.model_signing_key)
         stack.callback(feed.close)
         handler.poll_updates = feed.poll

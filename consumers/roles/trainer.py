@@ -8,12 +8,17 @@
   (every ``flush_interval_ms``, 200 ms by default), and every ``publish_every_steps`` steps
   while a backlog is trained. Each carries the sparse rows touched since the previous one and,
   at most every ``dense_every_s``, the dense layers; one every ``full_every_s`` is full, and so
-  is the first one of each process (at start when a checkpoint was restored).
+  is the first one of each process (at start when a checkpoint was restored). Each travels in
+  chunks of at most ``model_update_chunk_bytes`` (``consumers/update_chunks.py``: no record
+  above 1 MiB; a small update is one record).
 - **What a commit means.** ``flush`` trains what is buffered, publishes and waits for the
   broker's acknowledgement before the runtime commits the click offsets, so a committed click
   is one whose learning is on ``model-updates``: zero lag on the trainer's group means
-  replicas can have everything the trainer knows. A failed publish blocks the commit
-  (``TransientError``: the runtime pauses and retries) and makes the next update full.
+  replicas can have everything the trainer knows. A failed publish (refused by the producer or
+  not acknowledged) is logged and counted and blocks the commit (``TransientError``), but the
+  trainer keeps consuming and training (the runtime retries the flush with back-off, without
+  pausing), waits ``publish_backoff_s``, doubling up to ``publish_backoff_max_s``, before the
+  next attempt, and makes that one full, which heals the chain. It never crash-loops.
 - Model, estimator, optimiser state, trending, histories and the next click offsets to read
   are one checkpoint file, written atomically every ``checkpoint_every_s`` (from the
   runtime's ``flush``) and at shutdown. A restart resumes clicks from the checkpoint's
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from kafka import KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
 from streamrecall.consumers.clients import make_consumer, make_producer
@@ -37,7 +43,8 @@ from streamrecall.consumers.role_options import role_options
 from streamrecall.consumers.runtime import HandlerBase, Record
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import ItemTable, TopicReader
-from streamrecall.consumers.updates import MAX_UPDATE_BYTES, last_published, sign_update, update_headers
+from streamrecall.consumers.update_chunks import DEFAULT_CHUNK_BYTES, MAX_RECORD_BYTES, split_update
+from streamrecall.consumers.updates import last_published, sign_update, update_max_bytes
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Decoder, Item
 from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, TrainerMetrics, role_metrics
@@ -64,6 +71,8 @@ class TrainerOptions:
     full_every_s: float = 60.0         # a full update (dense layers + every trained row) at most this often
     checkpoint_every_s: float = 30.0   # checkpoint at the first flush this long after the last one
     history_users: int = 500_000       # users whose recent clicks are kept (LRU beyond)
+    publish_backoff_s: float = 1.0     # after a failed publish, wait this long before the next attempt...
+    publish_backoff_max_s: float = 60.0  # ...doubling with each failure in a row, up to this
     startup_timeout_s: float = 120.0   # bound on reading the items table at start
 
     @classmethod
@@ -83,36 +92,61 @@ class UpdateSink(Protocol):
 
 
 class KafkaUpdateSink:
-    """Sends updates to the one-partition model-updates topic, with kind/version/epoch headers and,
-    with a ``signing_key``, the payload's HMAC signature (docs/security.md).
+    """Sends updates to the one-partition model-updates topic in chunks of at most ``chunk_bytes``
+    (kind/version/epoch/chunk headers and, with a ``signing_key``, the HMAC of the whole payload on
+    the last chunk; docs/security.md).
 
-    The "last acknowledged" gauges move only when the broker acknowledged a send (checked in
-    :meth:`failed`, which the handler calls after every flush): an alert on them means updates
-    are not *arriving*, not merely not being sent."""
+    A send the producer refuses at once (a record over its limit, no metadata or buffer space
+    within ``max_block_ms``) is not raised: it counts as a failed update, like one the broker did
+    not acknowledge, and :meth:`failed` reports it. An update counts as acknowledged when every
+    chunk is; the "last acknowledged" gauges move only then (checked in :meth:`failed`, which the
+    handler calls after every flush): an alert on them means updates are not *arriving*, not
+    merely not being sent."""
 
     def __init__(self, producer: KafkaProducer, topic: str, trainer_epoch: int = 0,
-                 signing_key: Secret | None = None, metrics: TrainerMetrics | None = None) -> None:
+                 signing_key: Secret | None = None, metrics: TrainerMetrics | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.producer = producer
         self.topic = topic
         self.trainer_epoch = trainer_epoch
         self.signing_key = signing_key
+        self.chunk_bytes = chunk_bytes
         self.metrics = metrics or role_metrics(TrainerMetrics)
-        self._futures: list[tuple[Any, int]] = []
+        self._pending: dict[int, list[Any]] = {}  # version → its chunks' futures
+        self._refused = 0  # updates the producer refused since the last failed()
 
     def send(self, data: bytes, kind: str, version: int) -> None:
         signature = sign_update(self.signing_key, data) if self.signing_key is not None else None
-        future = self.producer.send(self.topic, value=data, partition=0,
-                                    headers=update_headers(kind, version, self.trainer_epoch, signature))
-        self._futures.append((future, version))
+        chunks = split_update(data, kind, version, self.trainer_epoch, self.chunk_bytes, signature)
+        futures = self._pending.setdefault(version, [])
+        try:
+            for value, headers in chunks:
+                futures.append(self.producer.send(self.topic, value=value, partition=0, headers=headers))
+        except KafkaError as exc:
+            # The chunks already queued make an incomplete sequence: readers dead-letter it when
+            # the next update (full) starts.
+            del self._pending[version]
+            self._refused += 1
+            log.error("model update v%d (%d bytes, %d chunks) refused by the producer after %d chunk(s): %s: %s",
+                      version, len(data), len(chunks), len(futures), type(exc).__name__, exc)
+        else:
+            self.metrics.update_chunks.observe(len(chunks))
 
     def failed(self) -> bool:
-        done = [(f, v) for f, v in self._futures if f.is_done]
-        self._futures = [(f, v) for f, v in self._futures if not f.is_done]
-        bad = [f for f, _ in done if f.failed()]
-        for f in bad:
-            log.error("publishing a model update failed: %s; the next update will be full", f.exception)
-        self.metrics.publish_failures.inc(len(bad))
-        acked = [v for f, v in done if not f.failed()]
+        bad, self._refused = self._refused, 0
+        acked = []
+        for version, futures in list(self._pending.items()):
+            if not all(f.is_done for f in futures):
+                continue
+            del self._pending[version]
+            errors = [f.exception for f in futures if f.failed()]
+            if errors:
+                bad += 1
+                log.error("model update v%d was not acknowledged (%d of %d chunks failed): %s", version,
+                          len(errors), len(futures), errors[0])
+            else:
+                acked.append(version)
+        self.metrics.publish_failures.inc(bad)
         if acked:
             self.metrics.acked_version.set(max(acked))
             self.metrics.acked_time.set(time.time())
@@ -153,6 +187,8 @@ class TrainerHandler(HandlerBase):
         self._buffer_since = 0.0
         self._steps_since_publish = 0
         self._force_full = False
+        self._failures_in_a_row = 0         # failed publishes since the last acknowledged one
+        self._publish_after = float("-inf")  # no publish attempt before this (clock s): the back-off
         self._checkpointed: tuple[int, dict[int, int]] | None = None  # (clicks trained, offsets) last stored
         now = clock()
         self._last_full = now
@@ -213,18 +249,21 @@ class TrainerHandler(HandlerBase):
         self.offsets.update({tp.partition: o for tp, o in offsets.items() if tp.topic == self.clicks_topic})
         self.side_flush()
         self._train_buffer()
-        if self._steps_since_publish or self._force_full:
+        if (self._steps_since_publish or self._force_full) and self._may_publish():
             self.publish()
-        self.sink.flush()
-        if self.sink.failed():
-            self._force_full = True
-            raise TransientError("a model update was not acknowledged; the click offsets it covers stay "
-                                 "uncommitted and the next update is full")
+        self.sink.flush()  # waits for every acknowledgement
+        if not self._check_sink() and self._failures_in_a_row and not (self._steps_since_publish or self._force_full):
+            log.info("model updates are acknowledged again after %d failed publish(es)", self._failures_in_a_row)
+            self._failures_in_a_row = 0
         if self.clock() - self._last_checkpoint >= self.options.checkpoint_every_s:
             if self._buffer or self._checkpointed != (self.clicks_trained, self.offsets):
                 self.checkpoint()
             else:  # nothing new: the last checkpoint still holds
                 self._last_checkpoint = self.clock()
+        if self._steps_since_publish or self._force_full:
+            raise TransientError(f"learning is not on model-updates yet ({self._failures_in_a_row} failed "
+                                 "publish(es) in a row): the click offsets it covers stay uncommitted; the next "
+                                 f"update, full, goes out in {max(0.0, self._publish_after - self.clock()):.1f}s")
 
     def shutdown(self) -> None:
         """At exit: train the rest, publish what is unpublished, checkpoint."""
@@ -260,10 +299,26 @@ class TrainerHandler(HandlerBase):
         m.estimator_median_p.set(float(p.median()))
 
     def _maybe_publish(self) -> None:
-        if self.sink.failed():
-            self._force_full = True
-        if self._steps_since_publish >= self.options.publish_every_steps:
+        self._check_sink()
+        if self._steps_since_publish >= self.options.publish_every_steps and self._may_publish():
             self.publish()
+
+    def _may_publish(self) -> bool:
+        return self.clock() >= self._publish_after
+
+    def _check_sink(self) -> bool:
+        """Whether a send failed since the last check. After a failure: back off (doubling, bounded)
+        and make the next update full, which resets every replica whatever of the chain it missed."""
+        failed = self.sink.failed()
+        if failed:
+            self._force_full = True
+            self._failures_in_a_row += 1
+            delay = min(self.options.publish_backoff_max_s,
+                        self.options.publish_backoff_s * 2 ** min(self._failures_in_a_row - 1, 30))
+            self._publish_after = self.clock() + delay
+            log.error("model update publish failed (%d in a row): training goes on, clicks stay uncommitted; "
+                      "next attempt (a full update) in %.1fs", self._failures_in_a_row, delay)
+        return failed
 
     def publish(self) -> int:
         """Export and send the next model update; returns its version."""
@@ -317,7 +372,10 @@ def run(settings: Settings, start: StartPosition) -> None:
         side_producer = make_producer(settings)
         stack.callback(side_producer.close, 10)
         side_deadletters = deadletter_sink(settings, ROLE, side_producer)
-        update_producer = make_producer(settings, max_request_size=MAX_UPDATE_BYTES, linger_ms=0)
+        # Chunks are at most 1 MiB records; a send waits at most 15 s for metadata or buffer space
+        # (then the update counts as failed: the trainer backs off and keeps training).
+        update_producer = make_producer(settings, max_request_size=MAX_RECORD_BYTES, linger_ms=0,
+                                        max_block_ms=15_000)
         stack.callback(update_producer.close, 30)
 
         table = ItemTable()
@@ -330,11 +388,13 @@ def run(settings: Settings, start: StartPosition) -> None:
 
         # The fencing epoch: one past the highest on the topic (verified records only, with a key), so
         # replicas refuse a trainer this one replaces if it keeps publishing (docs/security.md).
-        scan = make_consumer(settings, None, max_partition_fetch_bytes=MAX_UPDATE_BYTES)
-        published = last_published(scan, topics.model_updates, settings.model_signing_key)
+        scan = make_consumer(settings, None)
+        published = last_published(scan, topics.model_updates, settings.model_signing_key,
+                                   update_max_bytes(settings, trainer.config))
         scan.close(autocommit=False)
         epoch = published.trainer_epoch + 1
-        sink = KafkaUpdateSink(update_producer, topics.model_updates, epoch, settings.model_signing_key)
+        sink = KafkaUpdateSink(update_producer, topics.model_updates, epoch, settings.model_signing_key,
+                               chunk_bytes=settings.model_update_chunk_bytes)
         handler = TrainerHandler(trainer, table.catalog, sink,
                                  settings.role_state_dir(ROLE) / CHECKPOINT_FILE, topics.clicks, clicks_partitions,
                                  options, role_metrics(TrainerMetrics), poll_items=items.poll,
@@ -352,7 +412,10 @@ def run(settings: Settings, start: StartPosition) -> None:
         if handler.restored:  # consumers may hold deltas past the checkpoint: reset them now
             handler.publish()
         try:
+            # A failing flush (a publish not acknowledged) does not pause the clicks: training goes on
+            # while the commit waits for the next acknowledged (full) update.
             run_handler(ROLE, settings, start, handler,
-                        {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)}, stack=stack)
+                        {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)}, stack=stack,
+                        pause_on_flush_failure=False)
         finally:
             handler.shutdown()

@@ -31,10 +31,16 @@ class Clock:
 class ListSink:
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, str, int]] = []
-        self.fail_next = False
+        self.fail_next = False  # the next failed() reports a failure
+        self.failing = False    # every send fails (not acknowledged) while set
+        self.attempts = 0
 
     def send(self, data: bytes, kind: str, version: int) -> None:
-        self.sent.append((data, kind, version))
+        self.attempts += 1
+        if self.failing:
+            self.fail_next = True
+        else:
+            self.sent.append((data, kind, version))
 
     def failed(self) -> bool:
         failed, self.fail_next = self.fail_next, False
@@ -129,15 +135,45 @@ def test_flush_trains_the_buffer_and_publishes_it_before_the_commit(make_handler
 
 
 def test_a_failed_send_blocks_the_commit_and_makes_the_next_update_full(make_handler):
-    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=1, full_every_s=1e6)
+    handler, sink, clock = make_handler(batch_size=4, publish_every_steps=1, full_every_s=1e6)
     handler.handle(clicks(8))
     assert [k for _, k, _ in sink.sent] == ["full", "delta"]
     handler.handle(clicks(4, start=8))
     sink.fail_next = True
     with pytest.raises(TransientError):
         handler.flush({TopicPartition(TOPIC, 0): 12})
-    handler.flush({TopicPartition(TOPIC, 0): 12})  # the runtime's retry
+    sent = len(sink.sent)
+    with pytest.raises(TransientError):  # the runtime's retry, within the back-off: nothing is sent
+        handler.flush({TopicPartition(TOPIC, 0): 12})
+    assert len(sink.sent) == sent
+    clock.t += 1.0  # publish_backoff_s
+    handler.flush({TopicPartition(TOPIC, 0): 12})  # the retry after the back-off commits
     assert [k for _, k, _ in sink.sent][-1] == "full"
+
+
+def test_a_failing_publish_backs_off_keeps_training_and_heals_with_a_full_update(make_handler):
+    handler, sink, clock = make_handler(batch_size=4, publish_every_steps=1, full_every_s=1e6,
+                                        publish_backoff_s=1.0, publish_backoff_max_s=4.0)
+    handler.handle(clicks(4))
+    handler.flush({TopicPartition(TOPIC, 0): 4})
+    sink.failing = True
+    for i in range(6):  # the broker refuses every update for 3 s
+        handler.handle(clicks(4, start=4 + 4 * i))  # clicks keep coming and are trained on
+        with pytest.raises(TransientError, match="stay uncommitted"):
+            handler.flush({TopicPartition(TOPIC, 0): 8 + 4 * i})
+        clock.t += 0.5
+    assert handler.trainer.steps == 7, "training went on while publishing failed"
+    # attempted at once and after the 1 s back-off (the next waits 2 s): not at each of the 6 steps
+    assert sink.attempts - len(sink.sent) == 2
+    sink.failing = False
+    clock.t += 4.0  # the back-off is bounded by publish_backoff_max_s
+    handler.handle(clicks(4, start=100))
+    handler.flush({TopicPartition(TOPIC, 0): 104})  # acknowledged: the commit may go ahead
+    update = decode_update(sink.sent[-1][0])
+    assert update.kind == "full", "the update after failures is full: it heals every replica's chain"
+    handler.handle(clicks(4, start=104))
+    handler.flush({TopicPartition(TOPIC, 0): 108})
+    assert decode_update(sink.sent[-1][0]).kind == "delta", "deltas resume after the healing full update"
 
 
 def test_flush_checkpoints_only_when_due_and_a_restart_resumes_exactly(make_handler, tmp_path):

@@ -342,7 +342,7 @@ def hostile_valid(rng: random.Random, n: int, ts_base: int,
 # --------------------------------------------------------------------------- reading
 def read_topic(system: LocalSystem, topic: str, timeout_s: float = 120.0) -> list[Any]:
     """Every record of a physical topic, read to the fetch high watermark of each partition."""
-    c = make_consumer(system.settings, None, max_partition_fetch_bytes=64 << 20)
+    c = make_consumer(system.settings, None)
     try:
         tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
         c.assign(tps)

@@ -439,7 +439,7 @@ def genuine_version_applied(system: LocalSystem) -> list[str]:
     from streamrecall.consumers.clients import make_consumer
     from streamrecall.settings import Secret
 
-    consumer = make_consumer(system.settings, None, max_partition_fetch_bytes=64 << 20)
+    consumer = make_consumer(system.settings, None)
     try:
         newest = last_published(consumer, system.settings.topics.model_updates, Secret(SIGNING_KEY)).version
     finally:

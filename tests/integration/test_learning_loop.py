@@ -98,7 +98,7 @@ def produce_items(s: Settings, n: int) -> None:
 
 def read_topic(s: Settings, topic: str) -> list:
     """Every record of ``topic``, read to the high watermark of each partition."""
-    c = make_consumer(s, None, max_partition_fetch_bytes=64 << 20)
+    c = make_consumer(s, None)
     tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
     c.assign(tps)
     c.seek_to_beginning(*tps)
@@ -241,7 +241,7 @@ def test_a_malformed_model_update_is_dead_lettered_and_later_ones_apply(settings
     clicks = produce_clicks(s, 60)
     trainer = OnlineTrainer(ModelConfig(**MODEL))
     other = OnlineTrainer(ModelConfig(**{**MODEL, "dim": 4}))
-    producer = make_producer(s, max_request_size=64 << 20)
+    producer = make_producer(s)
 
     def send(data: bytes, kind: str | None = None, version: int | None = None) -> None:
         headers = update_headers(kind, version) if kind else []
