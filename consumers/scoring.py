@@ -100,21 +100,42 @@ class ItemVectorCache:
     def __init__(self, max_items: int = 200_000) -> None:
         self.max_items = max_items
         self.version = -1
-        self._vectors: dict[str, tuple[object, np.ndarray]] = {}
+        self._clear(0)
+
+    def _clear(self, dim: int) -> None:
+        # Vectors live in one matrix, so a query's candidates are one fancy-indexing gather
+        # rather than a stack of per-item arrays (the stack alone was ~0.1 ms of a 200-item rescore).
+        self._slot: dict[str, int] = {}   # item id → row of _matrix
+        self._items: list[object] = []     # the item object each row was encoded from
+        self._matrix = np.empty((1024, dim), dtype=np.float32)
 
     def vectors(self, replica: TowerReplica, items: Sequence[ItemLike]) -> np.ndarray:
         """(len(items), dim) vectors of ``items`` at ``replica.version``."""
-        if self.version != replica.version or len(self._vectors) >= self.max_items:
-            self._vectors = {}
+        if self.version != replica.version or len(self._slot) + len(items) > self.max_items:
+            self._clear(replica.config.dim)
             self.version = replica.version
-        cached = self._vectors
-        missing = [it for it in items if (hit := cached.get(it.item_id)) is None or hit[0] is not it]
+        get, objs = self._slot.get, self._items
+        slots = [s if (s := get(it.item_id)) is not None and objs[s] is it else -1 for it in items]
+        missing = [j for j, s in enumerate(slots) if s < 0]
         if missing:
-            for it, v in zip(missing, replica.encode_items(missing)):
-                cached[it.item_id] = (it, v)
-        if not items:
-            return np.zeros((0, replica.config.dim), dtype=np.float32)
-        return np.stack([cached[it.item_id][1] for it in items])
+            for j, v in zip(missing, replica.encode_items([items[j] for j in missing])):
+                slots[j] = self._put(items[j], v)
+        return self._matrix[np.asarray(slots, dtype=np.intp)] if items else \
+            np.zeros((0, replica.config.dim), dtype=np.float32)
+
+    def _put(self, item: ItemLike, vector: np.ndarray) -> int:
+        slot = self._slot.get(item.item_id)
+        if slot is None:  # a new id (an id whose content changed keeps its row)
+            slot = self._slot[item.item_id] = len(self._items)
+            self._items.append(item)
+            if slot >= len(self._matrix):
+                grown = np.empty((2 * len(self._matrix), self._matrix.shape[1]), dtype=np.float32)
+                grown[:slot] = self._matrix[:slot]
+                self._matrix = grown
+        else:
+            self._items[slot] = item
+        self._matrix[slot] = vector
+        return slot
 
 
 def current_vector(state: "IndexerState", query: QueryVector) -> np.ndarray:
@@ -131,8 +152,9 @@ def rescore(state: "IndexerState", query: QueryVector, candidates: Sequence[Hit]
         vector = query.at(state.replica)
         item_vectors = state.item_vectors.vectors(state.replica, [it for _, it in pairs])
     scores = item_vectors @ vector if pairs else np.zeros(0, dtype=np.float32)
-    order = np.argsort(-scores, kind="stable")
-    hits = [Hit(pairs[j][0].item_id, float(scores[j]), version, pairs[j][0].categories) for j in order.tolist()]
+    order = np.argsort(-scores, kind="stable").tolist()
+    ranked = scores.tolist()
+    hits = [Hit(pairs[j][0].item_id, ranked[j], version, pairs[j][0].categories) for j in order]
     return Scored(hits, version, vector)
 
 

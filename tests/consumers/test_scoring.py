@@ -132,3 +132,19 @@ def test_item_vectors_are_encoded_once_per_version_and_again_for_new_content(mon
     state.replica.version += 1  # as an applied update does
     cache.vectors(state.replica, ITEMS[:3])
     assert encoded[-1] == 3, "a new version starts empty"
+
+
+def test_the_item_vector_cache_grows_past_its_first_block_and_keeps_to_its_bound():
+    from streamrecall.consumers.scoring import ItemVectorCache
+
+    state, _ = make_state()
+    many = [Item(item_id=f"m{i}", created_at=1, categories=(f"c{i % 7}",), title=f"w{i % 11}") for i in range(1500)]
+    cache = ItemVectorCache(max_items=2000)
+    got = np.concatenate([cache.vectors(state.replica, many[s:s + 300]) for s in range(0, 1500, 300)])
+    np.testing.assert_allclose(got, state.replica.encode_items(many), rtol=1e-6)
+    np.testing.assert_allclose(cache.vectors(state.replica, many[::-1][:10]), got[::-1][:10], rtol=1e-6)
+    cache.vectors(state.replica, ITEMS)  # 1,560 held: within the bound
+    small = ItemVectorCache(max_items=100)
+    small.vectors(state.replica, many[:90])
+    small.vectors(state.replica, many[90:120])  # would pass the bound: starts over
+    assert len(small._slot) == 30
