@@ -315,10 +315,14 @@ def status(settings: Settings, wait: bool, timeout: float) -> None:
                    "model.temperature=0.1 (repeatable; numbers and true/false).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="State and logs of the run (default: a temporary directory).")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write evaluate-hr-per-chunk.png (HR@K of every recommender per chunk) into this "
+                   "directory (needs matplotlib: pip install 'streamrecall[plot]').")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(items_file: Path | None, clicks_file: Path | None, k: int, warmup: float, n_chunks: int,
              synthetic_items: int, synthetic_users: int, synthetic_clicks: int, seed: int, id_buckets: int,
-             no_peers: bool, role_options: tuple[str, ...], work_dir: Path | None, as_json: bool) -> None:
+             no_peers: bool, role_options: tuple[str, ...], work_dir: Path | None, plot_dir: Path | None,
+             as_json: bool) -> None:
     """Prequential (test-then-train) HR@K / Recall@K of the live system against peers, same chunks."""
     import json
     import tempfile
@@ -338,6 +342,14 @@ def evaluate(items_file: Path | None, clicks_file: Path | None, k: int, warmup: 
     with tempfile.TemporaryDirectory(prefix="streamrecall-eval-") as tmp:
         result = ev.evaluate(events, k=k, warmup_share=warmup, n_chunks=n_chunks, state_dir=work_dir or Path(tmp),
                              model=model, peers=not no_peers, options=tables)
+    if plot_dir is not None:
+        from streamrecall.bench import plots
+
+        series = {"live system": result["hr_by_chunk"]} | {n: p["hr_by_chunk"] for n, p in result["peers"].items()}
+        plots.per_chunk(plot_dir / "evaluate-hr-per-chunk.png", {n: [h for h in v if h is not None]
+                                                                  for n, v in series.items()},
+                        title=f"prequential HR@{k} per chunk ({result['stream']['events']:,} events)",
+                        ylabel=f"HR@{k}")
     click.echo(json.dumps(result, indent=2) if as_json else ev.format_table(result))
 
 

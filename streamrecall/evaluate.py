@@ -36,6 +36,7 @@ import msgspec
 from streamrecall.broker import EmbeddedBroker
 from streamrecall.errors import StreamrecallError
 from streamrecall.harness import LocalSystem
+from streamrecall.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Score:
     slots: int = 0
     head_slots: int = 0
     catalog_size: int = 0  # live items at the last chunk (the denominator of coverage)
+    chunk_hr: list[float | None] = field(default_factory=list)  # HR@K of each scored chunk, in order
 
     def as_dict(self, k: int) -> dict[str, Any]:
         ratio = lambda a, b: round(a / b, 4) if b else None  # noqa: E731 - tiny local helper
@@ -76,7 +78,8 @@ class Score:
                 "hr_by_popularity_decile": [ratio(h, n) for h, n in zip(self.decile_hits, self.decile_scored)],
                 "coverage_at_k": ratio(len(self.recommended), self.catalog_size),
                 "head_slot_share": ratio(self.head_slots, self.slots),
-                "scored_clicks": self.scored, "tail_clicks": self.tail_scored, "cold_start_clicks": self.cold_scored}
+                "scored_clicks": self.scored, "tail_clicks": self.tail_scored, "cold_start_clicks": self.cold_scored,
+                "hr_by_chunk": list(self.chunk_hr)}
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,7 @@ def score_chunk(score: Score, chunk: list[Event], tops: dict[str, list[str]], se
     """Score the chunk's clicks against the top lists asked for before it was produced; head, tail
     and deciles come from the click counts before the chunk (``popularity``)."""
     clicked: dict[str, set[str]] = defaultdict(set)
+    hits_before, scored_before = score.hits, score.scored
     for topic, _, v in chunk:
         if topic != "clicks":
             continue
@@ -327,6 +331,8 @@ def score_chunk(score: Score, chunk: list[Event], tops: dict[str, list[str]], se
         score.slots += len(top_list)
         score.head_slots += sum(1 for i in top_list if i in popularity.head)
     score.catalog_size = popularity.live
+    scored = score.scored - scored_before
+    score.chunk_hr.append(round((score.hits - hits_before) / scored, 4) if scored else None)
 
 
 def chunks(events: list[Event], warmup_share: float, n_chunks: int) -> tuple[list[Event], list[list[Event]]]:
@@ -378,7 +384,7 @@ def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int,
             if not system.wait_healthy(timeout_s):
                 raise StreamrecallError(f"{name}: the indexer did not become healthy in {timeout_s:.0f}s")
         _feed(systems, warmup, local, seen, timeout_s)
-        for i, chunk in enumerate(parts):
+        for i, chunk in enumerate(track(parts, len(parts), "evaluate", "chunks")):
             users = sorted({v["user_id"] for t, _, v in chunk if t == "clicks"})
             pop = popular.popularity()
             for name, system in systems.items():

@@ -46,9 +46,9 @@ def test_bench_prints_the_json_array_design_md_specifies(name):
         assert all(math.isfinite(r["ratio_to_raw"]) and r["ratio_to_raw"] > 0 for r in ratios)
 
 
-def test_evaluate_json_has_the_design_md_keys_for_the_system_and_each_peer():
+def test_evaluate_json_has_the_design_md_keys_for_the_system_and_each_peer(tmp_path):
     proc = run_cli("evaluate", "--synthetic-items", "200", "--synthetic-users", "100", "--synthetic-clicks", "2000",
-                   "--chunks", "2", "--id-buckets", "4096", "-k", "20", "--json")
+                   "--chunks", "2", "--id-buckets", "4096", "-k", "20", "--json", "--plot", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     keys = {"k", "hr_at_k", "recall_at_k", "tail_hr_at_k", "scored_clicks"}
@@ -59,6 +59,8 @@ def test_evaluate_json_has_the_design_md_keys_for_the_system_and_each_peer():
         assert keys <= set(scores)
         assert scores["scored_clicks"] == out["scored_clicks"] > 0  # the same chunks for everyone
         assert 0.0 <= scores["hr_at_k"] <= 1.0 and 0.0 <= scores["recall_at_k"] <= 1.0
+        assert len(scores["hr_by_chunk"]) == 2  # one HR per scored chunk, for the per-chunk picture
+    assert (tmp_path / "evaluate-hr-per-chunk.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bench_all_runs_the_named_benchmarks_and_prefixes_their_names():
