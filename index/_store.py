@@ -25,6 +25,7 @@ deleted, hence ``deleted slots = element_count - live``.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Collection, Sequence
 
@@ -87,6 +88,9 @@ class Store:
         self.free: list[int] = []
         self.nrows = 0
         self._categories: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # Live rows per model version, kept as rows go live and die, so "is every vector of
+        # version v" is one lookup (the API skips re-scoring then), not a scan of the index.
+        self.at_version: Counter[int] = Counter()
         self._alloc_rows(max(16, capacity))
 
     # ----------------------------------------------------------------- tables
@@ -160,6 +164,7 @@ class Store:
         if int(self.gen[rows].max()) >= MAX_GENERATION:
             raise IndexStoreError("a row ran out of label generations (2**32 updates of one id)")
         self.gen[rows] += 1
+        self._uncount(rows[self.live[rows]])
         self.live[rows] = False  # not visible until the insert below succeeded
         labels = labels_of(rows, self.gen[rows])
         try:
@@ -169,6 +174,7 @@ class Store:
             raise
         self.live[rows] = True
         self.model_version[rows] = [m.model_version for m in metas]
+        self.at_version.update(m.model_version for m in metas)
         self.encoded_at_ms[rows] = [m.encoded_at_ms for m in metas]
         self.event_ts_ms[rows] = [m.event_ts_ms for m in metas]
         cats, interned = self.categories, self._categories
@@ -187,7 +193,23 @@ class Store:
             if self.row_of.pop(item_id, None) is not None:
                 self._free_row(row)
 
+    def _uncount(self, rows: np.ndarray) -> None:
+        for version, n in Counter(self.model_version[rows].tolist()).items():
+            self.at_version[version] -= n
+            if self.at_version[version] <= 0:
+                del self.at_version[version]
+
+    def recount(self) -> None:
+        """Rebuild ``at_version`` from the tables (after they were filled directly: a snapshot load)."""
+        self.at_version = Counter(self.model_version[self.live_rows()].tolist())
+
+    def all_at(self, version: int) -> bool:
+        """Whether every live row's vector was encoded by model ``version`` (True when empty)."""
+        return self.at_version.get(version, 0) == self.size
+
     def _free_row(self, row: int) -> None:
+        if self.live[row]:
+            self._uncount(np.asarray([row]))
         self.live[row] = False
         self.ids[row] = None
         self.categories[row] = None
@@ -311,6 +333,7 @@ class Store:
         dup.row_of = dict(self.row_of)
         dup.free = list(self.free)
         dup._categories = dict(self._categories)
+        dup.at_version = Counter(self.at_version)
         dup.nrows = self.nrows
         n = self.nrows
         for name in ("ids", "gen", "live", "model_version", "encoded_at_ms", "event_ts_ms", "categories"):

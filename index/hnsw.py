@@ -279,6 +279,11 @@ class ItemIndex:
                 return 0.0
             return float(np.count_nonzero(s.model_version[rows] < current_version)) / len(rows)
 
+    def all_at_version(self, version: int) -> bool:
+        """Whether every item's vector was encoded by model ``version`` (O(1); True when empty)."""
+        with self._rw.read():
+            return self._s.all_at(version)
+
     def version_counts(self) -> dict[int, int]:
         """Live items per model version."""
         with self._rw.read():

@@ -233,3 +233,4 @@ def _fill_tables(store: Store, items: ItemsFile) -> None:
         store.categories[row] = sets[ci]
     store.row_of = dict(zip(items.ids, rows.tolist()))
     store.free = np.flatnonzero(~store.live[:n]).tolist()[::-1]
+    store.recount()

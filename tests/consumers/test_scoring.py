@@ -11,7 +11,7 @@ from streamrecall.consumers.http_api import RecallService
 from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
 from streamrecall.consumers.scoring import QuerySampler, ServingMonitor
 from streamrecall.events import Click, Item
-from streamrecall.index import QualityMonitor
+from streamrecall.index import EntryMeta, QualityMonitor
 from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory, decode_update
 
 MODEL = ModelConfig(dim=16, hidden=32, id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
@@ -148,3 +148,34 @@ def test_the_item_vector_cache_grows_past_its_first_block_and_keeps_to_its_bound
     small.vectors(state.replica, many[:90])
     small.vectors(state.replica, many[90:120])  # would pass the bound: starts over
     assert len(small._slot) == 30
+
+
+def test_a_settled_index_answers_from_the_graph_exactly_as_re_scoring_would(monkeypatch):
+    """Every indexed vector of the current version: the graph's scores are the current towers'
+    inner products, so the answer skips re-scoring and equals what re-scoring gives; with one
+    stale vector, re-scoring is back."""
+    import streamrecall.consumers.http_api as api
+
+    state = IndexerState(IndexerConfig(max_k=100), MODEL, IndexerMetrics_())
+    with state.lock, state.model_lock.write():
+        state.replica.apply(decode_update(trained_update()))
+    state.upsert_items(ITEMS)  # encoded by the current version: settled
+    service = RecallService(state, state.config, QualityMonitor(state.index), lambda: (True, {}))
+    rescored = []
+    real = api.rescore
+    monkeypatch.setattr(api, "rescore", lambda *a: rescored.append(1) or real(*a))
+    u = state.replica.encode_users(["u3"], [["i3", "i13"]])[0]
+    fast = service.recall_for_vector(u, 10)
+    assert rescored == []
+    monkeypatch.setattr(state.index, "all_at_version", lambda v: False)  # force the re-scoring path
+    slow = service.recall_for_vector(u, 10)
+    assert rescored == [1]
+    assert [r["item_id"] for r in fast["results"]] == [r["item_id"] for r in slow["results"]]
+    np.testing.assert_allclose([r["score"] for r in fast["results"]], [r["score"] for r in slow["results"]],
+                               atol=1e-5)
+    assert fast["model_versions"] == slow["model_versions"]
+    monkeypatch.undo()
+    monkeypatch.setattr(api, "rescore", lambda *a: rescored.append(1) or real(*a))
+    state.index.upsert(["i0"], state.index.get("i0").vector, EntryMeta(0, 0, 0, ()))  # one stale vector
+    service.recall_for_vector(u, 10)
+    assert rescored == [1, 1]

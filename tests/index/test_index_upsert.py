@@ -203,3 +203,24 @@ def test_hnswlib_too_few_results_falls_back_to_smaller_k(make_index, make_vector
     index._s.hnsw = Stingy()
     res = index.query(make_vectors(2), k=10)
     assert [len(r) for r in res] == [3, 3]
+
+
+def test_all_at_version_follows_upserts_deletes_copies_and_snapshots(make_index, make_vectors, tmp_path):
+    """The O(1) answer to "is every vector of version v" (the API skips re-scoring on it)."""
+    index = make_index(0)
+    assert index.all_at_version(1)  # empty
+    vecs = make_vectors(20)
+    index.upsert([f"i{j}" for j in range(20)], vecs, meta(1))
+    assert index.all_at_version(1) and not index.all_at_version(2)
+    index.upsert(["i3"], vecs[3:4], meta(2))  # one re-encoded by a newer version
+    assert not index.all_at_version(1) and not index.all_at_version(2)
+    index.delete(["i3"])
+    assert index.all_at_version(1)
+    index.upsert([f"i{j}" for j in range(20) if j != 3], np.delete(vecs, 3, axis=0), meta(2))
+    assert index.all_at_version(2) and not index.all_at_version(1)
+    index.upsert(["new"], vecs[:1], meta(1))
+    assert not index.all_at_version(2)
+    assert index._s.copy().at_version == index._s.at_version
+    index.snapshot(tmp_path / "snap", {})
+    loaded = ItemIndex.load(tmp_path / "snap")[0]
+    assert loaded._s.at_version == index._s.at_version == {2: 19, 1: 1}
