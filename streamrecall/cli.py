@@ -192,7 +192,7 @@ def topics() -> None:
 @with_settings
 def topics_create(settings: Settings) -> None:
     """Create the topics (user-vectors compacted, model-updates single-partition)."""
-    from streamrecall.topics import create_topics
+    from streamrecall.consumers.topics import create_topics
 
     for name, state in sorted(create_topics(require_bootstrap(settings)).items()):
         click.echo(f"{name}: {state}")

@@ -32,7 +32,7 @@ from streamrecall.errors import StreamrecallError
 from streamrecall.settings import ROLES, Settings
 from streamrecall.status import group_lags
 from streamrecall.supervisor import RoleProcess
-from streamrecall.topics import create_topics
+from streamrecall.consumers.topics import create_topics
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode

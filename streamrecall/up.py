@@ -26,7 +26,7 @@ from streamrecall.broker import EmbeddedBroker
 from streamrecall.consumers.roles import available_roles
 from streamrecall.supervisor import RoleProcess
 from streamrecall.settings import ROLES, Settings
-from streamrecall.topics import create_topics
+from streamrecall.consumers.topics import create_topics
 
 log = logging.getLogger(__name__)
 

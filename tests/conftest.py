@@ -13,7 +13,7 @@ import torch
 
 from streamrecall.broker import EmbeddedBroker
 from streamrecall.settings import Settings
-from streamrecall.topics import create_topics
+from streamrecall.consumers.topics import create_topics
 
 # Two cores: keep torch from oversubscribing them when tests run beside a broker.
 torch.set_num_threads(1)

@@ -26,7 +26,7 @@ from streamrecall.consumers.runtime import HandlerBase, Record, Runtime
 from streamrecall.events import Click, Decoder
 from streamrecall.metrics import RuntimeMetrics
 from streamrecall.settings import Settings
-from streamrecall.topics import create_topics
+from streamrecall.consumers.topics import create_topics
 
 
 class _Count(HandlerBase):

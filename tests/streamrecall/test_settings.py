@@ -48,7 +48,7 @@ def test_precedence_flag_over_env_over_toml(tmp_path: Path, monkeypatch):
     cfg.write_text('topic-prefix = "toml."\npartitions = 3\ngroup_prefix = "fromtoml"\n')
     seen = {}
 
-    import streamrecall.topics as topics_mod
+    import streamrecall.consumers.topics as topics_mod
 
     def fake_create(settings):  # unit test: capture the settings instead of calling a broker
         seen["s"] = settings
@@ -246,7 +246,7 @@ def test_every_setting_flag_shows_its_environment_variable():
 
 
 def test_a_boolean_flag_reads_its_environment_variable(monkeypatch):
-    import streamrecall.topics as topics_mod
+    import streamrecall.consumers.topics as topics_mod
 
     seen = {}
     monkeypatch.setattr(topics_mod, "create_topics", lambda settings: seen.setdefault("s", settings) and {})
