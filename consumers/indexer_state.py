@@ -79,6 +79,7 @@ class IndexerConfig:
     ef_construction: int = 200
     rescore_factor: float = 2.0         # graph candidates per result, re-scored by the current towers (>= 1)
     rebuild_interval_s: float = 5.0     # after dense changes, rebuild the graph at most this often
+    rebuild_busy_share: float = 0.5     # and rebuilding at most this share of the time (a 1M-item build takes minutes)
     overlap_interval_s: float = 30.0    # serving-overlap measurement this often (background thread)
     overlap_sample_size: int = 32       # latest live queries asked again per measurement
     overlap_max_items: int = 50_000     # no overlap measurement above this many items (it encodes them all)
@@ -92,6 +93,8 @@ class IndexerConfig:
                 raise ConfigError(f"indexer.{f.name}: must be an integer, got {value!r}")
         if self.rescore_factor < 1:
             raise ConfigError(f"indexer.rescore_factor: must be >= 1, got {self.rescore_factor!r}")
+        if self.rebuild_busy_share > 1:
+            raise ConfigError(f"indexer.rebuild_busy_share: must be in (0, 1], got {self.rebuild_busy_share!r}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "IndexerConfig":

@@ -8,7 +8,8 @@ keeps indexing new items while this thread works, and queries are served through
   towers as they are while it builds, and swapped in atomically (``ItemIndex.reencode`` with
   a rebuild threshold of 0; writes made meanwhile are replayed onto the fresh graph). Dense
   layers may change with every update, so rebuilds start at most every
-  ``rebuild_interval_s``, and a build runs to its end even when newer epochs arrive
+  ``rebuild_interval_s`` and keep the thread busy at most ``rebuild_busy_share`` of the time
+  (:meth:`Reencoder.rebuild_wait`), and a build runs to its end even when newer epochs arrive
   meanwhile (the next build takes them): abandoning builds would mean never finishing one.
   Answers do not wait for it: the API re-scores graph candidates with the current towers
   (``consumers/scoring.py``), so the graph's lag only decides which items are candidates.
@@ -67,6 +68,7 @@ class Reencoder:
         self._thread = threading.Thread(target=self._loop, name="indexer-reencoder", daemon=True)
         self._last_quality = time.monotonic()
         self._last_rebuild = float("-inf")  # when the last rebuild started (monotonic)
+        self._last_rebuild_s = 0.0          # how long it took
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -114,7 +116,7 @@ class Reencoder:
                 self._maybe_measure()
                 continue
             jobs = self._coalesce([job])
-            wait = self._last_rebuild + self.state.config.rebuild_interval_s - time.monotonic()
+            wait = self.rebuild_wait(time.monotonic())
             if jobs[0].everything and wait > 0:  # a rebuild is due later: take what arrives meanwhile too
                 if self._stop.wait(wait):
                     return
@@ -124,6 +126,16 @@ class Reencoder:
                     return
                 self._run(j)
             self._maybe_measure()
+
+    def rebuild_wait(self, now: float) -> float:
+        """Seconds until the next rebuild may start (≤ 0: now). A rebuild starts at most every
+        ``rebuild_interval_s``, and no sooner than its last duration / ``rebuild_busy_share`` after
+        the last one started: at 1M items a build takes minutes, and back-to-back builds would keep
+        a core busy for good, competing with queries and new items. While it waits, answers are
+        still exact (re-scored by the current towers); only the graph's candidates age."""
+        config = self.state.config
+        spacing = max(config.rebuild_interval_s, self._last_rebuild_s / config.rebuild_busy_share)
+        return self._last_rebuild + spacing - now
 
     def _coalesce(self, jobs: list[Job]) -> list[Job]:
         """``jobs`` and everything queued; work before the last new-epoch job is dropped (that rebuild redoes it)."""
@@ -180,6 +192,7 @@ class Reencoder:
                 return state.replica.encode_items(items)
 
         n = state.index.reencode(encode, version, batch_size=state.config.reencode_batch, rebuild_threshold=0.0)
+        self._last_rebuild_s = time.monotonic() - self._last_rebuild
         state.metrics.upserts.labels("rebuild").inc(n)
         return n
 

@@ -146,3 +146,25 @@ def test_indexer_config_refuses_unknown_and_bad_values():
         IndexerConfig(max_k=0)
     with pytest.raises(ConfigError, match="integer"):
         IndexerConfig(max_k=2.5)
+
+
+def test_rebuilds_keep_to_their_busy_share_when_a_build_is_slow():
+    """A rebuild starts at most every rebuild_interval_s, and no sooner than its last duration /
+    rebuild_busy_share after the last started: slow (large-index) builds are not run back to back."""
+    state = make_state(rebuild_interval_s=5.0, rebuild_busy_share=0.25)
+    worker = Reencoder(state, QualityMonitor(state.index))
+    assert worker.rebuild_wait(100.0) < 0  # never built: now
+    worker._last_rebuild, worker._last_rebuild_s = 100.0, 1.0  # a quick build: the interval rules
+    assert worker.rebuild_wait(102.0) == pytest.approx(3.0)
+    worker._last_rebuild_s = 60.0  # a one-minute build: at most a quarter of the time
+    assert worker.rebuild_wait(102.0) == pytest.approx(238.0)
+    assert worker.rebuild_wait(400.0) < 0
+    with pytest.raises(ConfigError, match="rebuild_busy_share"):
+        IndexerConfig(rebuild_busy_share=1.5)
+
+
+def test_a_rebuild_records_how_long_it_took():
+    state = make_state()
+    state.upsert_items(make_items(50))
+    worker = run_jobs(state, Job(version=1))
+    assert worker._last_rebuild_s > 0 and worker._last_rebuild > 0
