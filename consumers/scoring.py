@@ -94,13 +94,17 @@ class ItemVectorCache:
 
     Only used with the towers held for reading, so the version cannot change while a caller
     reads or fills it; an entry is keyed by the item object, so new content is encoded again.
-    Cleared on a new version and when it holds ``max_items``.
+    Cleared on a new version and when it holds ``max_items`` (the indexer's
+    ``item_vector_cache_items``): a cleared cache costs one encode per candidate of the next queries.
     """
 
     def __init__(self, max_items: int = 200_000) -> None:
         self.max_items = max_items
         self.version = -1
         self._vectors: dict[str, tuple[object, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._vectors)
 
     def vectors(self, replica: TowerReplica, items: Sequence[ItemLike]) -> np.ndarray:
         """(len(items), dim) vectors of ``items`` at ``replica.version``."""
