@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from typing import Any, Callable, Mapping
 
 from streamrecall.consumers.clients import make_consumer, make_producer
-from streamrecall.consumers.deadletter import DeadLetterSink, sent_by_role
+from streamrecall.consumers.deadletter import DeadLetterSink, SentSet, sent_by_role
 from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.runtime import Decode, Handler, Runtime
 from streamrecall.consumers.start import StartPosition
@@ -36,7 +36,7 @@ def model_config(settings: Settings) -> ModelConfig:
         raise ConfigError(f"model.{exc} (the [model] table of the settings file; its settings are in docs/model.md)") from None
 
 
-_SENT: dict[tuple[str, str], set[tuple[str, int, int]]] = {}
+_SENT: dict[tuple[str, str], SentSet] = {}
 
 
 def deadletter_sink(settings: Settings, role: str, producer: Any) -> DeadLetterSink:
@@ -47,7 +47,8 @@ def deadletter_sink(settings: Settings, role: str, producer: Any) -> DeadLetterS
     if key not in _SENT:
         consumer = make_consumer(settings, None, max_partition_fetch_bytes=1 << 20)
         try:
-            _SENT[key] = sent_by_role(consumer, settings.topics.deadletter, role)
+            _SENT[key] = sent_by_role(consumer, settings.topics.deadletter, role,
+                                      capacity=settings.deadletter_dedup_max)
         finally:
             consumer.close(autocommit=False)
         log.info("%s: %d records were dead-lettered by this role before; they are not sent again",

@@ -11,6 +11,11 @@ before, read back from the dead-letter topic at start by :func:`sent_by_role`) s
 those: each bad record is dead-lettered once per role, identified by
 (role, source topic, partition, offset). Should that read time out, a record may be
 dead-lettered twice; those coordinates still identify the duplicate.
+
+**Bounded.** The set remembers at most ``deadletter_dedup_max`` coordinates (a setting, 100,000 by
+default: about 20 MB), the oldest dead-lettered forgotten first. What that costs: a bad record
+older than the last 100,000 dead letters, re-read (a side reader's start, a replay), is
+dead-lettered again; the duplicate carries the same source coordinates.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from streamrecall.bounded import LRUMap
 from streamrecall.events import InvalidEvent
-from streamrecall.metrics import RUNTIME, RuntimeMetrics
+from streamrecall.metrics import RUNTIME, STATE, RuntimeMetrics, StateMetrics
 from streamrecall.model.errors import ModelUpdateRefused
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,10 @@ HEADER_PARTITION = "streamrecall.source.partition"
 HEADER_OFFSET = "streamrecall.source.offset"
 HEADER_ROLE = "streamrecall.role"
 HEADER_ORIGINAL_SIZE = "streamrecall.original.size"
+#: Source coordinates (topic, partition, offset) of records a role dead-lettered, oldest first.
+SentSet = LRUMap[tuple[str, int, int], None]
+DEFAULT_DEDUP_MAX = 100_000
+
 #: Values above this are cut to this size in the dead letter (Kafka's default message limit is 1 MB),
 #: with the original size in a header.
 MAX_DEAD_LETTER_VALUE = 256 * 1024
@@ -76,13 +86,16 @@ class DeadLetterSink:
     """Sends dead letters to the dead-letter topic; ``flush`` makes them durable."""
 
     def __init__(self, producer: KafkaProducer, topic: str, role: str,
-                 metrics: RuntimeMetrics = RUNTIME, already_sent: set[tuple[str, int, int]] | None = None) -> None:
+                 metrics: RuntimeMetrics = RUNTIME, already_sent: SentSet | None = None,
+                 states: StateMetrics = STATE) -> None:
         self.producer = producer
         self.topic = topic
         self.role = role
         self.metrics = metrics
+        self.states = states
         #: (source topic, partition, offset) this role dead-lettered already; shared by a role's sinks
-        self.already_sent = already_sent if already_sent is not None else set()
+        self.already_sent = already_sent if already_sent is not None else LRUMap(DEFAULT_DEDUP_MAX)
+        self._fill()
 
     def send(self, letter: DeadLetter, logical_topic: str | None = None) -> None:
         """Queue a dead letter, unless this role sent one for the same source record before;
@@ -91,7 +104,8 @@ class DeadLetterSink:
         if source in self.already_sent:
             log.debug("%s was dead-lettered before; not again", letter.where)
             return
-        self.already_sent.add(source)
+        self.already_sent.put(source, None)
+        self._fill()
         log.warning("dead-lettered %s (%s): %s", letter.where, letter.reason, letter.error[:500])
         headers = [
             (HEADER_REASON, letter.reason.encode()),
@@ -114,6 +128,10 @@ class DeadLetterSink:
         """Initialise this role's dead-letter (and refusal) series for ``logical_topics`` at 0."""
         refusals = UPDATE_REFUSALS if "model-updates" in logical_topics else ()
         self.metrics.declare(self.role, {t: reasons_for(t) for t in logical_topics}, refusals)
+        self.states.declare(self.role)
+
+    def _fill(self) -> None:
+        self.states.fill(self.role, "deadletter_dedup", len(self.already_sent), self.already_sent.capacity)
 
     def flush(self, timeout_s: float) -> None:
         self.producer.flush(timeout=timeout_s)
@@ -139,12 +157,12 @@ def header_int(text: str | None) -> int | None:
     return int(text) if text is not None and _DECIMAL.fullmatch(text) else None
 
 
-def sent_by_role(consumer: KafkaConsumer, topic: str, role: str,
-                 timeout_s: float = 60.0) -> set[tuple[str, int, int]]:
-    """Source coordinates of every dead letter ``role`` wrote to ``topic``, read to its end
-    (headers only matter). Bounded by ``timeout_s``: what was read by then is returned."""
+def sent_by_role(consumer: KafkaConsumer, topic: str, role: str, timeout_s: float = 60.0,
+                 capacity: int = DEFAULT_DEDUP_MAX) -> SentSet:
+    """Source coordinates of the last ``capacity`` dead letters ``role`` wrote to ``topic``, read to
+    its end (headers only matter). Bounded by ``timeout_s``: what was read by then is returned."""
     tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-    sent: set[tuple[str, int, int]] = set()
+    sent: SentSet = LRUMap(capacity)
     if not tps:
         return sent
     consumer.assign(tps)
@@ -156,7 +174,7 @@ def sent_by_role(consumer: KafkaConsumer, topic: str, role: str,
                 h = headers_dict(m.headers)
                 partition, offset = header_int(h.get(HEADER_PARTITION)), header_int(h.get(HEADER_OFFSET))
                 if h.get(HEADER_ROLE) == role and partition is not None and offset is not None:
-                    sent.add((h.get(HEADER_TOPIC, ""), partition, offset))
+                    sent.put((h.get(HEADER_TOPIC, ""), partition, offset), None)
         if all(consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp)
                for tp in tps):
             return sent

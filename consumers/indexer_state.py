@@ -6,7 +6,9 @@ The indexer keeps, side by side:
   be re-encoded when the item tower changes and the index can be rebuilt from scratch;
 * ``replica`` — the towers at the latest model version read from ``model-updates``;
 * ``index`` — the HNSW :class:`~streamrecall.index.ItemIndex` of item vectors;
-* ``users`` — the latest vector of every user read from the compacted ``user-vectors`` topic.
+* ``users`` — the latest vector of the ``max_user_vectors`` users most recently written to the
+  compacted ``user-vectors`` topic (the least recently written forgotten beyond it: such a user is
+  answered like an unknown one, from trending, until its next vector arrives).
 
 **Locking.** ``lock`` serialises every change of the replica, the catalog and the index made
 by this role: the poll loop holds it for one micro-batch of items (encode + upsert) or one
@@ -38,12 +40,13 @@ from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 
+from streamrecall.bounded import LRUMap
 from streamrecall.consumers.role_options import role_options
 from streamrecall.consumers.scoring import ItemVectorCache
 from streamrecall.errors import ConfigError
 from streamrecall.events import Item, UserVector, event_time
 from streamrecall.index import EntryMeta, ItemIndex, RWLock
-from streamrecall.metrics import IndexerMetrics
+from streamrecall.metrics import STATE, IndexerMetrics, StateMetrics
 from streamrecall.model.config import ModelConfig
 from streamrecall.model.replica import DEFAULT_MAX_VERSION_JUMP, TowerReplica
 from streamrecall.settings import Settings
@@ -83,6 +86,8 @@ class IndexerConfig:
     overlap_interval_s: float = 30.0    # serving-overlap measurement this often (background thread)
     overlap_sample_size: int = 32       # latest live queries asked again per measurement
     overlap_max_items: int = 50_000     # no overlap measurement above this many items (it encodes them all)
+    max_user_vectors: int = 1_000_000   # user vectors held for /recall (~1.5 KB each); least recently written forgotten
+    item_vector_cache_items: int = 200_000  # current-version candidate vectors cached for re-scoring (cleared when full)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -124,19 +129,21 @@ class IndexerState:
     """Catalog, replica, index and users of one indexer, with the writes the role makes to them."""
 
     def __init__(self, config: IndexerConfig, model: ModelConfig, metrics: IndexerMetrics,
-                 index: ItemIndex | None = None, max_version_jump: int = DEFAULT_MAX_VERSION_JUMP) -> None:
+                 index: ItemIndex | None = None, max_version_jump: int = DEFAULT_MAX_VERSION_JUMP,
+                 states: StateMetrics = STATE) -> None:
         self.config = config
         self.metrics = metrics
+        self.states = states
         self.replica = TowerReplica(model, max_version_jump)
         self.index = index if index is not None else ItemIndex(
             model.dim, space="ip", M=config.M, ef_construction=config.ef_construction, ef=config.ef)
         self.catalog: dict[str, Item] = {}
-        self.users: dict[str, UserEntry] = {}
+        self.users: LRUMap[str, UserEntry] = LRUMap(config.max_user_vectors)
         self.lock = threading.RLock()
         # The towers: applying an update writes them, query-time encodes read them (queries never
         # take ``lock``). Writers take it inside ``lock``; it is not reentrant.
         self.model_lock = RWLock()
-        self.item_vectors = ItemVectorCache()  # current-version vectors of recent candidates
+        self.item_vectors = ItemVectorCache(config.item_vector_cache_items)  # current-version vectors of recent candidates
         self.epochs: list[int] = [0]    # versions that started an epoch (0: the seeded weights)
         self.served_epoch = 0           # the epoch whose re-encode into the index is complete
         self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied
@@ -189,8 +196,12 @@ class IndexerState:
 
     # ----------------------------------------------------------------- epochs
     def start_epoch(self, version: int) -> None:
+        """Record that ``version`` starts an epoch. Epochs before the served one are dropped: no
+        decision tells them apart (a vector of any of them is simply not compatible), and with dense
+        layers in every update a new epoch comes with every update, so the list would grow forever."""
         if version > self.epochs[-1]:
             self.epochs.append(version)
+        del self.epochs[:bisect.bisect_left(self.epochs, self.served_epoch)]
 
     @property
     def current_epoch(self) -> int:
@@ -212,3 +223,5 @@ class IndexerState:
         m.deleted_share.set(self.index.deleted_share())
         m.stale_share.set(self.index.stale_share(self.current_epoch))
         m.user_vectors.set(len(self.users))
+        self.states.fill("indexer", "user_vectors", len(self.users), self.users.capacity)
+        self.states.fill("indexer", "item_vector_cache", len(self.item_vectors), self.item_vectors.max_items)

@@ -94,7 +94,8 @@ class ItemVectorCache:
 
     Only used with the towers held for reading, so the version cannot change while a caller
     reads or fills it; an entry is keyed by the item object, so new content is encoded again.
-    Cleared on a new version and when it holds ``max_items``.
+    Cleared on a new version and when it holds ``max_items`` (the indexer's
+    ``item_vector_cache_items``): a cleared cache costs one encode per candidate of the next queries.
     """
 
     def __init__(self, max_items: int = 200_000) -> None:
@@ -108,6 +109,9 @@ class ItemVectorCache:
         self._slot: dict[str, int] = {}   # item id → row of _matrix
         self._items: list[object] = []     # the item object each row was encoded from
         self._matrix = np.empty((1024, dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self._vectors)
 
     def vectors(self, replica: TowerReplica, items: Sequence[ItemLike]) -> np.ndarray:
         """(len(items), dim) vectors of ``items`` at ``replica.version``."""

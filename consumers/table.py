@@ -22,7 +22,7 @@ from kafka import KafkaConsumer, TopicPartition
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
 from streamrecall.consumers.runtime import Decode, Record, decode_value
 from streamrecall.errors import StreamrecallError
-from streamrecall.model.catalog import ItemCatalog
+from streamrecall.model.catalog import DEFAULT_MAX_ITEMS, ItemCatalog
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class ItemTable:
     """The ``items`` topic as a table: an :class:`ItemCatalog` of the latest event per item id
     (``deleted: true`` removes it), read whole by :class:`TopicReader`."""
 
-    def __init__(self) -> None:
-        self.catalog = ItemCatalog()
+    def __init__(self, max_items: int = DEFAULT_MAX_ITEMS) -> None:
+        self.catalog = ItemCatalog(max_items)
 
     def apply(self, record: Record) -> None:
         item = record.value

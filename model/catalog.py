@@ -5,14 +5,22 @@ from __future__ import annotations
 import random
 from typing import Iterator, Mapping
 
+from streamrecall.bounded import LRUMap
 from streamrecall.model.features import ItemLike
+
+#: Items the trainer keeps by default (about 1 KB each with content: ~2 GB at the bound).
+DEFAULT_MAX_ITEMS = 2_000_000
 
 
 class ItemCatalog(Mapping[str, ItemLike]):
-    """item_id → latest item. ``upsert`` and ``delete`` follow the ``items`` topic."""
+    """item_id → latest item. ``upsert`` and ``delete`` follow the ``items`` topic.
 
-    def __init__(self) -> None:
-        self._items: dict[str, ItemLike] = {}
+    At most ``max_items`` items: beyond it the item least recently upserted is forgotten (a
+    click on it then trains on its id alone, like one on an item not yet seen, and it is no
+    longer drawn as a negative)."""
+
+    def __init__(self, max_items: int = DEFAULT_MAX_ITEMS) -> None:
+        self._items: LRUMap[str, ItemLike] = LRUMap(max_items)
         self._ids: list[str] = []
         self._slot: dict[str, int] = {}
 
@@ -31,17 +39,24 @@ class ItemCatalog(Mapping[str, ItemLike]):
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def capacity(self) -> int:
+        return self._items.capacity
+
     def upsert(self, item: ItemLike) -> None:
         if item.item_id not in self._items:
             self._slot[item.item_id] = len(self._ids)
             self._ids.append(item.item_id)
-        self._items[item.item_id] = item
+        evicted = self._items.put(item.item_id, item)
+        if evicted is not None:
+            self._free_slot(evicted)
 
     def delete(self, item_id: str) -> None:
-        slot = self._slot.pop(item_id, None)
-        if slot is None:
-            return
-        del self._items[item_id]
+        if self._items.pop(item_id, None) is not None:
+            self._free_slot(item_id)
+
+    def _free_slot(self, item_id: str) -> None:
+        slot = self._slot.pop(item_id)
         last = self._ids.pop()
         if last != item_id:  # move the last id into the freed slot
             self._ids[slot] = last

@@ -23,6 +23,14 @@ class TrendingCounter:
         self._total = 0.0
         self._t = 0  # examples seen, relative to the last rescale
 
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    @property
+    def capacity(self) -> int:
+        """The most ids held: beyond ``4 × size`` the best ``2 × size`` are kept."""
+        return 4 * self.size
+
     def add(self, item_ids: Iterable[str]) -> None:
         for item_id in item_ids:
             w = 2.0 ** (self._t / self.half_life)

@@ -66,6 +66,9 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--model-update-max-bytes", "model_update_max_bytes", int,
      "Readers assemble at most this many bytes of one model update; larger ones are dead-lettered "
      "(default: the largest update the [model] can produce)."),
+    ("--deadletter-dedup-max", "deadletter_dedup_max", int,
+     "Dead-lettered source records each role remembers, so a re-read one is not sent again; the oldest "
+     "beyond it are forgotten (default 100000)."),
 ]
 
 
@@ -379,6 +382,7 @@ class _LazyGroup(click.Group):
     "index": "streamrecall.bench.index",
     "train": "streamrecall.bench.train",
     "model-eval": "streamrecall.bench.model_eval",
+    "scale": "streamrecall.bench.scale",
 })
 def bench() -> None:
     """Benchmarks; each prints ratios against the raw library measured in the same run."""

@@ -196,8 +196,40 @@ class PublisherMetrics:
                                      "Users still to re-publish after a model update.", registry=registry)
 
 
+#: The bounded in-memory states of each role (docs/operations.md#bounded-memory): the label values
+#: of ``streamrecall_state_entries`` and ``streamrecall_state_capacity``.
+ROLE_STATES: dict[str, tuple[str, ...]] = {
+    "trainer": ("histories", "catalog", "trending", "deadletter_dedup"),
+    "indexer": ("user_vectors", "item_vector_cache", "deadletter_dedup"),
+    "publisher": ("histories", "deadletter_dedup"),
+}
+
+
+class StateMetrics:
+    """How full each role's bounded in-memory maps are: entries held and the bound they stop at."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.entries = Gauge("streamrecall_state_entries",
+                             "Entries held in a bounded in-memory state (histories, user vectors, item table, "
+                             "dead-letter dedup, ...), by role and state.", ["role", "state"], registry=registry)
+        self.capacity = Gauge("streamrecall_state_capacity",
+                              "The bound of a role's in-memory state (a setting): at it, the least recent "
+                              "entry is evicted.", ["role", "state"], registry=registry)
+
+    def declare(self, role: str) -> None:
+        """Create ``role``'s series at 0 (none for a role without bounded states)."""
+        for state in ROLE_STATES.get(role, ()):
+            self.entries.labels(role, state)
+            self.capacity.labels(role, state)
+
+    def fill(self, role: str, state: str, entries: int, capacity: int) -> None:
+        self.entries.labels(role, state).set(entries)
+        self.capacity.labels(role, state).set(capacity)
+
+
 RUNTIME = RuntimeMetrics()
 MODEL_VERSION = ModelVersionMetrics()
+STATE = StateMetrics()
 
 M = TypeVar("M", TrainerMetrics, IndexerMetrics, PublisherMetrics)
 

@@ -133,6 +133,9 @@ class Settings:
     # Readers assemble at most this many bytes of one update. None: the largest update the [model]
     # table's model can produce (every row of every table and the dense layers; model/update.py).
     model_update_max_bytes: int | None = None
+    # Source records each role remembers having dead-lettered (so a re-read one is not sent again);
+    # beyond it the oldest are forgotten and may be dead-lettered a second time (docs/operations.md).
+    deadletter_dedup_max: int = 100_000
     extra: Mapping[str, Any] = field(default_factory=dict)  # the [model] and role tables of the TOML file
     config_file: Path | None = None  # the TOML file these settings were read from (children re-read it)
 
@@ -169,6 +172,7 @@ class Settings:
         _check_range("torch_threads", self.torch_threads, 1, 1024)
         _check_range("bootstrap_timeout_ms", self.bootstrap_timeout_ms, 100, 300_000)
         _check_range("model_max_version_jump", self.model_max_version_jump, 1, 2**62)
+        _check_range("deadletter_dedup_max", self.deadletter_dedup_max, 1, 2**31)
         _check_range("model_update_chunk_bytes", self.model_update_chunk_bytes, 1024, MODEL_UPDATE_CHUNK_BYTES)
         if self.model_update_max_bytes is not None:
             _check_range("model_update_max_bytes", self.model_update_max_bytes, 1 << 20, 1 << 40)

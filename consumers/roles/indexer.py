@@ -179,7 +179,7 @@ class IndexerHandler(HandlerBase):
             if r.key is not None:
                 self.state.users.pop(r.key.decode("utf-8", "replace"), None)
             return
-        self.state.users[r.value.user_id] = UserEntry.of(r.value)
+        self.state.users.put(r.value.user_id, UserEntry.of(r.value))
 
     def apply_update(self, update: ModelUpdate, partition: int, offset: int, *, reencode_above: int = -1) -> None:
         """Apply one model update (``offset``: its first record's) to the replica and queue the re-encode it causes.
@@ -419,6 +419,7 @@ class IndexerRole:
         settled = lag is not None and lag.get("model-updates", 0) == 0 and self.reencoder.idle
         body = {"ready": not reasons, "reasons": reasons, "settled": settled, "items": len(state.index),
                 "model_version": state.replica.version, "served_epoch": state.served_epoch,
+                "stale_share": state.index.stale_share(state.current_epoch),
                 "model_trained_through_ms": state.replica.trained_through_ms,
                 "settled_version": self.reencoder.settled_version, "reencode_pending": self.reencoder.pending,
                 "user_vectors": len(state.users), "lag": total, "lag_by_topic": lag,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol
@@ -38,7 +38,8 @@ from streamrecall.consumers.table import TopicReader
 from streamrecall.consumers.updates import ModelUpdateFeed, update_max_bytes
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Decoder, UserVector, encode, user_vector_decoder
-from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, PublisherMetrics, role_metrics
+from streamrecall.bounded import LRUMap
+from streamrecall.metrics import MODEL_VERSION, STATE, ModelVersionMetrics, PublisherMetrics, StateMetrics, role_metrics
 from streamrecall.model import Applied, ModelUpdate, RecentHistory, TowerReplica
 from streamrecall.settings import Settings
 
@@ -108,7 +109,7 @@ class PartitionState:
     def __init__(self, history_len: int, max_users: int) -> None:
         self.max_users = max_users
         self.history = RecentHistory(history_len, max_users)
-        self.users: OrderedDict[str, list[float]] = OrderedDict()  # user → [event_ts ms, last active (clock s)]
+        self.users: LRUMap[str, list[float]] = LRUMap(max_users)  # user → [event_ts ms, last active (clock s)]
         self.replay_floor: dict[str, int] = {}  # user → event_ts of the vector the state was rebuilt from
 
     def click(self, click: Click, now: float) -> bool:
@@ -121,13 +122,11 @@ class PartitionState:
         self.history.add(click.user_id, click.item_id)  # evicts the same LRU user as below
         entry = self.users.get(click.user_id)
         if entry is None:
-            self.users[click.user_id] = [click.ts, now]
-            if len(self.users) > self.max_users:
-                self.users.popitem(last=False)
+            self.users.put(click.user_id, [click.ts, now])
         else:
             entry[0] = max(entry[0], click.ts)
             entry[1] = now
-            self.users.move_to_end(click.user_id)
+            self.users.touch(click.user_id)
         return True
 
     def load(self, vectors: Iterable[UserVector], now: float, now_ms: int) -> None:
@@ -136,11 +135,10 @@ class PartitionState:
             for item in v.recent_items[-self.history.max_len:]:
                 self.history.add(v.user_id, item)
             # Activity is unknown after a move; event time stands in for it.
-            self.users[v.user_id] = [v.event_ts, now - max(0.0, (now_ms - v.event_ts) / 1000)]
-            self.users.move_to_end(v.user_id)
-            if len(self.users) > self.max_users:
-                self.users.popitem(last=False)
+            evicted = self.users.put(v.user_id, [v.event_ts, now - max(0.0, (now_ms - v.event_ts) / 1000)])
             self.replay_floor[v.user_id] = v.event_ts
+            if evicted is not None:  # forgotten: its replayed clicks count as new (bounded like users)
+                self.replay_floor.pop(evicted, None)
 
     def active_since(self, since: float) -> list[str]:
         """Users active at or after ``since``, most recent first."""
@@ -164,13 +162,15 @@ class PublisherHandler(HandlerBase):
                  options: PublisherOptions = PublisherOptions(), metrics: PublisherMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION,
                  poll_updates: Callable[[], object] = lambda: None, side_flush: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+                 states: StateMetrics = STATE) -> None:
         self.replica = replica
         self.sink = sink
         self.load_partitions = load_partitions
         self.clicks_topic = clicks_topic
         self.options = options
         self.metrics = metrics or role_metrics(PublisherMetrics)
+        self.state_metrics = states
         self.version_metrics = version_metrics
         self.poll_updates = poll_updates
         self.side_flush = side_flush
@@ -345,7 +345,9 @@ class PublisherHandler(HandlerBase):
         return len(keys)
 
     def _gauges(self) -> None:
-        self.metrics.users.set(sum(len(st.users) for st in self.states.values()))
+        users = sum(len(st.users) for st in self.states.values())
+        self.metrics.users.set(users)
+        self.state_metrics.fill(ROLE, "histories", users, self.options.history_users * len(self.states))
         self.metrics.pending_refresh.set(len(self._refresh) + sum(len(c) for _, c in self._scans))
 
 

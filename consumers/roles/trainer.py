@@ -47,8 +47,9 @@ from streamrecall.consumers.update_chunks import DEFAULT_CHUNK_BYTES, MAX_RECORD
 from streamrecall.consumers.updates import last_published, sign_update, update_max_bytes
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Decoder, Item
-from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, TrainerMetrics, role_metrics
+from streamrecall.metrics import MODEL_VERSION, STATE, ModelVersionMetrics, StateMetrics, TrainerMetrics, role_metrics
 from streamrecall.model import ItemLike, OnlineTrainer, RecentHistory
+from streamrecall.model.catalog import DEFAULT_MAX_ITEMS
 from streamrecall.model.safeio import read_layout
 from streamrecall.settings import Secret, Settings
 
@@ -71,6 +72,7 @@ class TrainerOptions:
     full_every_s: float = 60.0         # a full update (dense layers + every trained row) at most this often
     checkpoint_every_s: float = 30.0   # checkpoint at the first flush this long after the last one
     history_users: int = 500_000       # users whose recent clicks are kept (LRU beyond)
+    catalog_items: int = DEFAULT_MAX_ITEMS  # items of the items table kept (least recently upserted forgotten beyond)
     publish_backoff_s: float = 1.0     # after a failed publish, wait this long before the next attempt...
     publish_backoff_max_s: float = 60.0  # ...doubling with each failure in a row, up to this
     startup_timeout_s: float = 120.0   # bound on reading the items table at start
@@ -164,7 +166,8 @@ class TrainerHandler(HandlerBase):
                  options: TrainerOptions = TrainerOptions(), metrics: TrainerMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION,
                  poll_items: Callable[[], Any] = lambda: None, side_flush: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic, trainer_epoch: int = 0) -> None:
+                 clock: Callable[[], float] = time.monotonic, trainer_epoch: int = 0,
+                 states: StateMetrics = STATE) -> None:
         self.trainer = trainer
         self.trainer_epoch = trainer_epoch  # this process's fencing epoch, in every update
         self.items = items
@@ -178,6 +181,7 @@ class TrainerHandler(HandlerBase):
         self.poll_items = poll_items
         self.side_flush = side_flush
         self.clock = clock
+        self.states = states
         self.history = RecentHistory(trainer.config.history_len, options.history_users)
         self.offsets: dict[int, int] = {}   # next click offset to read, per partition, as of the last flush
         self.clicks_trained = 0             # clicks that went through a training step, over all restarts
@@ -204,7 +208,7 @@ class TrainerHandler(HandlerBase):
                      self.checkpoint_path)
             return False
         extra = self.trainer.restore(self.checkpoint_path)
-        self.history = RecentHistory.from_json(extra["history"])
+        self.history = RecentHistory.from_json(extra["history"], self.options.history_users)
         if extra.get("clicks_topic") == self.clicks_topic:
             self.offsets = {int(p): int(o) for p, o in extra.get("offsets", {}).items()}
         else:
@@ -260,6 +264,7 @@ class TrainerHandler(HandlerBase):
                 self.checkpoint()
             else:  # nothing new: the last checkpoint still holds
                 self._last_checkpoint = self.clock()
+        self._fill()
         if self._steps_since_publish or self._force_full:
             raise TransientError(f"learning is not on model-updates yet ({self._failures_in_a_row} failed "
                                  "publish(es) in a row): the click offsets it covers stay uncommitted; the next "
@@ -274,6 +279,13 @@ class TrainerHandler(HandlerBase):
         self.checkpoint()
 
     # --- work -------------------------------------------------------------------------------
+    def _fill(self) -> None:
+        """Export how full the bounded states are (at every flush: a few len() calls)."""
+        s, trending = self.states, self.trainer.trending
+        s.fill(ROLE, "histories", len(self.history), self.history.max_users)
+        s.fill(ROLE, "catalog", len(self.items), getattr(self.items, "capacity", len(self.items)))
+        s.fill(ROLE, "trending", len(trending), trending.capacity)
+
     def _train_buffer(self) -> None:
         size = self.options.batch_size
         while self._buffer:
@@ -378,7 +390,7 @@ def run(settings: Settings, start: StartPosition) -> None:
                                         max_block_ms=15_000)
         stack.callback(update_producer.close, 30)
 
-        table = ItemTable()
+        table = ItemTable(options.catalog_items)
         items = TopicReader(make_consumer(settings, None), topics.items, "items",
                             Decoder(Item, settings.max_value_bytes).decode, table.apply, side_deadletters)
         stack.callback(items.close)

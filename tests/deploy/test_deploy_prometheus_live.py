@@ -53,7 +53,7 @@ POLL_EVERY_S = 3.0
 #: Metric families that only have series after something went wrong.
 EXCUSED = {"streamrecall_transient_retries_total": "retries happen only after transient broker errors"}
 #: Families of each metrics group, by which role emits them ("any": every role's runtime).
-GROUP_ROLE = {"RuntimeMetrics": "any", "ModelVersionMetrics": "any", "TrainerMetrics": "trainer",
+GROUP_ROLE = {"RuntimeMetrics": "any", "ModelVersionMetrics": "any", "StateMetrics": "any", "TrainerMetrics": "trainer",
               "IndexerMetrics": "indexer", "PublisherMetrics": "publisher"}
 
 
