@@ -111,7 +111,7 @@ class ItemVectorCache:
         self._matrix = np.empty((1024, dim), dtype=np.float32)
 
     def __len__(self) -> int:
-        return len(self._vectors)
+        return len(self._slot)
 
     def vectors(self, replica: TowerReplica, items: Sequence[ItemLike]) -> np.ndarray:
         """(len(items), dim) vectors of ``items`` at ``replica.version``."""

@@ -147,7 +147,7 @@ def test_the_item_vector_cache_grows_past_its_first_block_and_keeps_to_its_bound
     small = ItemVectorCache(max_items=100)
     small.vectors(state.replica, many[:90])
     small.vectors(state.replica, many[90:120])  # would pass the bound: starts over
-    assert len(small._slot) == 30
+    assert len(small) == 30
 
 
 def test_a_settled_index_answers_from_the_graph_exactly_as_re_scoring_would(monkeypatch):
