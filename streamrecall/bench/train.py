@@ -51,7 +51,7 @@ def _raw_examples_per_s(config: ModelConfig, batch: int, steps: int, warmup: int
         hist, items = data[k % len(data)]
         u = F.normalize(table_u(hist, offsets), dim=1)
         v = F.normalize(table_i(items), dim=1)
-        loss = F.cross_entropy(u @ v.T / config.temperature, torch.arange(batch))
+        loss = F.cross_entropy(u @ v.T / config.softmax_temperature, torch.arange(batch))
         opt.zero_grad()
         loss.backward()
         opt.step()

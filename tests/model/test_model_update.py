@@ -18,7 +18,8 @@ def _train(trainer, catalog, clicks, history):
 def test_fresh_replica_equals_fresh_trainer_and_is_deterministic(small_config, stream):
     catalog, _ = stream()
     items = list(catalog.values())[:50]
-    trainer, replica = OnlineTrainer(small_config()), TowerReplica(small_config())
+    config = small_config(tower="two_tower")  # unit vectors; the FM's replica: tests/model/test_model_fm.py
+    trainer, replica = OnlineTrainer(config), TowerReplica(config)
     assert replica.version == 0
     with torch.no_grad():
         ours = trainer.model.item(trainer.featurizer.encode_items(items)).numpy()
@@ -28,7 +29,7 @@ def test_fresh_replica_equals_fresh_trainer_and_is_deterministic(small_config, s
 
 def test_full_then_deltas_reproduce_the_trainer(small_config, stream):
     catalog, clicks = stream()
-    config = small_config()
+    config = small_config(tower="two_tower")  # dense layers travel; the FM's updates: tests/model/test_model_fm.py
     trainer, replica, history = OnlineTrainer(config), TowerReplica(config), RecentHistory(config.history_len)
     items = list(catalog.values())
     _train(trainer, catalog, clicks[:1024], history)
