@@ -11,16 +11,18 @@ from streamrecall.model.features import Featurizer, ItemFeatures, ItemLike, User
 from streamrecall.model.frequency import FrequencyEstimator
 from streamrecall.model.history import RecentHistory
 from streamrecall.model.loss import sampled_softmax_loss
+from streamrecall.model.replay import ReplayBuffer, ReplaySample
 from streamrecall.model.replica import Applied, TowerReplica
-from streamrecall.model.towers import TABLES, ItemTower, TwoTower, UserTower
+from streamrecall.model.fm import FactorizationMachine
+from streamrecall.model.towers import TABLES, ItemTower, TwoTower, UserTower, build_model
 from streamrecall.model.trainer import OnlineTrainer
 from streamrecall.model.trending import TrendingCounter
 from streamrecall.model.update import ModelUpdate, SparseRows, decode_update, encode_update
 
 __all__ = [
-    "Applied", "CheckpointError", "ClickLike", "Featurizer", "FrequencyEstimator", "ItemCatalog", "ItemFeatures",
+    "Applied", "CheckpointError", "ClickLike", "FactorizationMachine", "Featurizer", "FrequencyEstimator", "ItemCatalog", "ItemFeatures",
     "ItemLike", "ItemTower", "ModelConfig", "ModelConfigError", "ModelError", "ModelUpdate", "ModelUpdateError", "ModelUpdateRefused",
-    "OnlineTrainer", "RecentHistory", "SparseRows", "TABLES", "TowerReplica", "TrainBatch", "TrendingCounter",
-    "TwoTower", "UserFeatures", "UserTower", "decode_update", "encode_update", "hash64", "item_key",
+    "OnlineTrainer", "RecentHistory", "ReplayBuffer", "ReplaySample", "SparseRows", "TABLES", "TowerReplica", "TrainBatch", "TrendingCounter",
+    "TwoTower", "UserFeatures", "UserTower", "build_model", "decode_update", "encode_update", "hash64", "item_key",
     "sampled_softmax_loss",
 ]

@@ -11,20 +11,27 @@ from streamrecall.model.errors import ModelConfigError
 
 #: Fields that fix tensor shapes or the seeded initial weights. A checkpoint or a model
 #: update is only compatible with a model whose structural fields are equal.
-STRUCTURAL_FIELDS = ("dim", "hidden", "id_buckets", "token_buckets", "max_tokens", "seed")
+STRUCTURAL_FIELDS = ("dim", "hidden", "id_buckets", "token_buckets", "max_tokens", "seed", "tower")
+
+#: τ by tower when ``temperature`` is None, each the best measured (docs/model.md): the two towers
+#: score cosines in [−1, 1]; the FM's inner products are unbounded and learn their own scale.
+DEFAULT_TEMPERATURE = {"two_tower": 0.05, "fm": 0.2}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Every knob of the towers, the estimator, the loss and the trainer (see docs/model.md)."""
 
+    tower: Literal["two_tower", "fm"] = "fm"  # the recall model family (docs/model.md, "FM recall")
     dim: int = 64                      # embedding size of both towers and of every table row
     hidden: int = 128                  # width of the one hidden layer of each tower
     id_buckets: int = 1_000_000        # rows of the item-id table and of the user-id table
     token_buckets: int = 1 << 18       # rows of the content-token table (categories, tags, title, features)
     max_tokens: int = 64               # content tokens kept per item (categories first, then tags, title)
     history_len: int = 20              # last N clicked items pooled into the user tower
-    temperature: float = 0.05          # softmax temperature τ over cosine scores
+    history_pooling: Literal["mean", "decay"] = "mean"  # decay: weight 2^(-age/history_half_life), newest age 0
+    history_half_life: float = 5.0     # clicks after which a history item counts half (history_pooling="decay")
+    temperature: float | None = None   # softmax temperature τ; None: the tower's own (DEFAULT_TEMPERATURE)
     logq: bool = True                  # subtract log q from every logit (sampling-bias correction)
     logq_alpha: float = 1.0            # strength α: logit − α·log q (1: the full correction, 0: same as logq off)
     p_min: float = 1e-6                # p̂ is clipped to [p_min, 1] before the log
@@ -46,7 +53,15 @@ class ModelConfig:
         for name in ("dim", "hidden", "id_buckets", "token_buckets", "max_tokens", "history_len",
                      "estimator_buckets", "estimator_hashes", "trending_size"):
             _positive_int(name, getattr(self, name))
-        for name in ("temperature", "lr_sparse", "lr_dense", "trending_half_life"):
+        if self.tower not in ("two_tower", "fm"):
+            raise ModelConfigError("tower", f"must be 'two_tower' or 'fm', got {self.tower!r}")
+        if self.tower == "fm" and self.dim < 2:
+            raise ModelConfigError("dim", "must be >= 2 with tower='fm' (one column holds the first-order terms)")
+        if self.history_pooling not in ("mean", "decay"):
+            raise ModelConfigError("history_pooling", f"must be 'mean' or 'decay', got {self.history_pooling!r}")
+        if self.temperature is not None:
+            _positive_float("temperature", self.temperature)
+        for name in ("lr_sparse", "lr_dense", "trending_half_life", "history_half_life"):
             _positive_float(name, getattr(self, name))
         if not isinstance(self.logq, bool):
             raise ModelConfigError("logq", f"must be a bool, got {self.logq!r}")
@@ -71,6 +86,11 @@ class ModelConfig:
                 raise ModelConfigError("downsample_top", f"must be in (0, 1) or None, got {self.downsample_top!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ModelConfigError("seed", f"must be an int in [0, 2**63), got {self.seed!r}")
+
+    @property
+    def softmax_temperature(self) -> float:
+        """τ of the loss: ``temperature``, or the tower's default when it is None."""
+        return DEFAULT_TEMPERATURE[self.tower] if self.temperature is None else self.temperature
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -103,12 +103,14 @@ class ItemFeatures:
 
 @dataclass(frozen=True)
 class UserFeatures:
-    """A batch of n users: id_rows (n,) rows of the user-id table; history_rows (H,) and
-    history_offsets (n,) — each user's last ``history_len`` clicked items as rows of the
-    *item-id* table, mean-pooled (an empty history pools to zero)."""
+    """A batch of n users: id_rows (n,) rows of the user-id table; history_rows (H,),
+    history_weights (H,) float32 and history_offsets (n,) — each user's last ``history_len``
+    clicked items (oldest first) as rows of the *item-id* table, with pooling weights that sum
+    to 1 per user (see :func:`history_weights`; an empty history pools to zero)."""
 
     id_rows: torch.Tensor
     history_rows: torch.Tensor
+    history_weights: torch.Tensor
     history_offsets: torch.Tensor
 
     def __len__(self) -> int:
@@ -116,7 +118,28 @@ class UserFeatures:
 
     def select(self, index: torch.Tensor) -> "UserFeatures":
         flat, offsets = select_bags(self.history_offsets, int(self.history_rows.shape[0]), index)
-        return UserFeatures(self.id_rows[index], self.history_rows[flat], offsets)
+        return UserFeatures(self.id_rows[index], self.history_rows[flat], self.history_weights[flat], offsets)
+
+
+def history_weights(n: int, pooling: str, half_life: float) -> np.ndarray:
+    """(n,) float32 pooling weights of a history of n items, oldest first, summing to 1.
+
+    ``mean``: 1/n each (an old click counts like the last one). ``decay``: proportional to
+    2^(−age/half_life) with age 0 for the newest click, so the last clicks dominate and a click
+    ``half_life`` clicks older counts half.
+    """
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    if pooling == "mean":
+        return np.full(n, 1.0 / n, dtype=np.float32)
+    w = np.exp2(-(np.arange(n - 1, -1, -1, dtype=np.float64)) / half_life)
+    return (w / w.sum()).astype(np.float32)
+
+
+def bag_index(offsets: torch.Tensor, n_values: int) -> torch.Tensor:
+    """(n_values,) int64: the bag each value of a flat bag array belongs to."""
+    ends = torch.cat([offsets[1:], torch.tensor([n_values], dtype=torch.int64)])
+    return torch.repeat_interleave(torch.arange(offsets.shape[0]), ends - offsets)
 
 
 def select_bags(offsets: torch.Tensor, n_values: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +174,7 @@ class Featurizer:
         self._item_keys: dict[str, int] = {}
         self._user_rows: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
+        self._pool_weights: dict[int, np.ndarray] = {}
 
     # ---- single ids --------------------------------------------------------------
     def item_key(self, item_id: str) -> int:
@@ -249,14 +273,24 @@ class Featurizer:
         """Features of users from their ids and their recent clicked item ids (oldest first)."""
         n = self.config.history_len
         buckets = self.config.id_buckets
+        pooling, half_life = self.config.history_pooling, self.config.history_half_life
         rows: list[int] = []
         offsets: list[int] = []
+        weights: list[np.ndarray] = []
         for history in histories:
             offsets.append(len(rows))
             recent = history[-n:] if len(history) > n else history
             rows.extend(self.item_key(i) % buckets for i in recent)
+            weights.append(self._history_weights(len(recent), pooling, half_life))
         return UserFeatures(
             id_rows=torch.tensor([self.user_row(u) for u in user_ids], dtype=torch.int64),
             history_rows=torch.tensor(rows, dtype=torch.int64),
+            history_weights=torch.from_numpy(np.concatenate(weights) if weights else np.zeros(0, dtype=np.float32)),
             history_offsets=torch.tensor(offsets, dtype=torch.int64),
         )
+
+    def _history_weights(self, n: int, pooling: str, half_life: float) -> np.ndarray:
+        cached = self._pool_weights.get(n)
+        if cached is None:  # at most history_len + 1 lengths: computed once each
+            cached = self._pool_weights[n] = history_weights(n, pooling, half_life)
+        return cached

@@ -34,8 +34,8 @@ import torch
 
 from streamrecall.model.config import ModelConfig
 from streamrecall.model.errors import ModelUpdateError, ModelUpdateRefused
-from streamrecall.model.features import Featurizer, ItemLike
-from streamrecall.model.towers import TwoTower
+from streamrecall.model.features import Featurizer, ItemLike, bag_index
+from streamrecall.model.towers import build_model
 from streamrecall.model.update import ModelUpdate
 
 
@@ -61,7 +61,7 @@ class TowerReplica:
             raise ValueError(f"max_version_jump must be >= 1, got {max_version_jump}")
         self.config = config or ModelConfig()
         self.max_version_jump = max_version_jump
-        self.model = TwoTower(self.config).eval()
+        self.model = build_model(self.config).eval()
         self.featurizer = Featurizer(self.config)
         self.version = 0
         self.trainer_epoch = 0  # the highest fencing epoch applied (docs/security.md)
@@ -119,14 +119,15 @@ class TowerReplica:
 
     @torch.no_grad()
     def encode_items(self, items: Sequence[ItemLike]) -> np.ndarray:
-        """(n, dim) float32 unit vectors of the items at the current version."""
+        """(n, dim) float32 vectors of the items at the current version (unit length for the two
+        towers; the FM's are not normalised, see docs/model.md)."""
         if not items:
             return np.zeros((0, self.config.dim), dtype=np.float32)
         return self.model.item(self.featurizer.encode_items(items)).numpy()
 
     @torch.no_grad()
     def encode_users(self, user_ids: Sequence[str], histories: Sequence[Sequence[str]]) -> np.ndarray:
-        """(n, dim) float32 unit vectors of users from their ids and recent clicked item ids."""
+        """(n, dim) float32 vectors of users from their ids and recent clicked item ids."""
         if len(user_ids) != len(histories):
             raise ValueError(f"{len(user_ids)} users but {len(histories)} histories")
         if not user_ids:
@@ -145,8 +146,7 @@ class TowerReplica:
         feats = self.featurizer.encode_items(items)
         hit = id_mask[feats.id_rows]
         if feats.token_rows.numel():
-            bag = torch.repeat_interleave(torch.arange(len(items)), _bag_lengths(feats.token_offsets,
-                                                                                  feats.token_rows.numel()))
+            bag = bag_index(feats.token_offsets, feats.token_rows.numel())
             hit |= torch.zeros(len(items), dtype=torch.bool).index_put_((bag,), tok_mask[feats.token_rows],
                                                                         accumulate=True)
         return [items[i].item_id for i in hit.nonzero().flatten().tolist()]
@@ -173,6 +173,3 @@ def _mask(rows: torch.Tensor, size: int) -> torch.Tensor:
     mask[rows] = True
     return mask
 
-
-def _bag_lengths(offsets: torch.Tensor, total: int) -> torch.Tensor:
-    return torch.cat([offsets[1:], torch.tensor([total], dtype=torch.int64)]) - offsets

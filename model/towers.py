@@ -11,7 +11,8 @@ Parameters:
   reproduce in every replica; the user MLP's seeded hidden bias keeps it trainable).
 - item MLP and user MLP: Linear(2·dim → hidden) → ReLU → Linear(hidden → dim).
 
-The user tower pools the user's recent history through the *item-id* table (shared
+The user tower pools the user's recent history (weights from ``history_pooling``: the mean, or
+a recency decay) through the *item-id* table (shared
 with the item tower): clicks train one representation of each item, and the user's
 history lives in the same space as the items. Consequence for updates: an item-id row
 that changes can change both item vectors and the vectors of users who clicked it.
@@ -27,6 +28,7 @@ from torch import nn
 
 from streamrecall.model.config import ModelConfig
 from streamrecall.model.features import ItemFeatures, UserFeatures
+from streamrecall.model.fm import FactorizationMachine
 from streamrecall.model.seeded import seeded_uniform
 
 #: Names of the sparse tables, as they travel in checkpoints and model updates.
@@ -66,8 +68,8 @@ class UserTower(nn.Module):
     def forward(self, users: UserFeatures) -> torch.Tensor:
         """(n, dim) unit vectors of the users."""
         ids = F.embedding(users.id_rows, self.id_table, sparse=True)
-        history = F.embedding_bag(users.history_rows, self.item_id_table, users.history_offsets,
-                                  mode="mean", sparse=True)
+        history = F.embedding_bag(users.history_rows, self.item_id_table, users.history_offsets, mode="sum",
+                                  per_sample_weights=users.history_weights, sparse=True)
         return F.normalize(self.mlp(torch.cat([ids, history], dim=1)), dim=1)
 
 
@@ -123,3 +125,8 @@ class TwoTower(nn.Module):
                 p.zero_()  # zero biases: the output reflects the inputs from the first step
             else:
                 p.copy_(seeded_uniform(tuple(p.shape), 1.0 / math.sqrt(p.shape[1]), seed, name))
+
+
+def build_model(config: ModelConfig) -> "TwoTower | FactorizationMachine":
+    """The recall model ``config.tower`` names, with its seeded initial weights."""
+    return FactorizationMachine(config) if config.tower == "fm" else TwoTower(config)

@@ -29,10 +29,11 @@ from streamrecall.model.errors import CheckpointError
 from streamrecall.model.features import Featurizer, ItemFeatures, ItemLike, UserFeatures
 from streamrecall.model.frequency import FrequencyEstimator
 from streamrecall.model.loss import sampled_softmax_loss
+from streamrecall.model.replay import ReplayBuffer
 from streamrecall.model.sparse_optim import SparseRowOptimizer
 from streamrecall.atomicfile import atomic_write
 from streamrecall.model.safeio import SafeIOError, dumps, loads, read_layout
-from streamrecall.model.towers import TwoTower
+from streamrecall.model.towers import build_model
 from streamrecall.model.trending import TrendingCounter
 from streamrecall.model.update import ModelUpdate, SparseRows, encode_update
 
@@ -43,7 +44,7 @@ CHECKPOINT_VERSION = 1
 class OnlineTrainer:
     def __init__(self, config: ModelConfig | None = None) -> None:
         self.config = config = config or ModelConfig()
-        self.model = TwoTower(config)
+        self.model = build_model(config)
         self.featurizer = Featurizer(config)
         self.estimator = FrequencyEstimator(config.estimator_buckets, hashes=config.estimator_hashes,
                                             alpha=config.estimator_alpha, p_min=config.p_min,
@@ -51,7 +52,8 @@ class OnlineTrainer:
         self.trending = TrendingCounter(config.trending_size, config.trending_half_life)
         self._sparse_opt = SparseRowOptimizer(self.model.tables(), lr=config.lr_sparse, kind=config.sparse_optimizer)
         dense = list(self.model.dense().values())
-        self._dense_opt: torch.optim.Optimizer = (
+        # None for the FM, which has no dense layers (torch refuses an optimiser of nothing).
+        self._dense_opt: torch.optim.Optimizer | None = None if not dense else (
             torch.optim.Adam(dense, lr=config.lr_dense) if config.dense_optimizer == "adam"
             else torch.optim.Adagrad(dense, lr=config.lr_dense))
         self._touched = {k: torch.zeros(t.shape[0], dtype=torch.bool) for k, t in self.model.tables().items()}
@@ -116,6 +118,25 @@ class OnlineTrainer:
         self.steps += 1
         return metrics | {"loss": loss, "steps": float(self.steps), "version": float(self.version)}
 
+    def replay_step(self, buffer: ReplayBuffer, items: Mapping[str, ItemLike], size: int) -> dict[str, float]:
+        """One step on ``size`` clicks drawn from ``buffer`` (see :mod:`streamrecall.model.replay`).
+
+        Replayed clicks are not new occurrences: the estimator, trending and down-sampling do not
+        see them, and the logQ correction uses the buffer's own proposal (the probability that a
+        draw yields each column's item), not p̂. No sampled negatives. Returns loss, examples, steps.
+        """
+        sample = buffer.sample(size)
+        if not sample.clicks:
+            return {"loss": 0.0, "examples": 0.0, "steps": float(self.steps)}
+        batch = TrainBatch.build(self.featurizer, sample.clicks, items, sample.histories)
+        expected = len(batch) * torch.from_numpy(sample.proposal).float()
+        idx = (batch.weights > 0).nonzero().flatten()
+        if idx.numel() == 0:
+            return {"loss": 0.0, "examples": 0.0, "steps": float(self.steps)}
+        loss = self._optimise(batch.users.select(idx), batch.items.select(idx), batch.weights[idx], expected[idx], batch)
+        self.steps += 1
+        return {"loss": loss, "examples": float(idx.numel()), "steps": float(self.steps)}
+
     def _keep_probability(self, p: torch.Tensor) -> torch.Tensor:
         """(n,) probability that a click on an item of click probability ``p`` is trained on:
         √(t/p̂) capped at 1 with ``downsample_top=t`` (word2vec-style), else 1."""
@@ -141,14 +162,16 @@ class OnlineTrainer:
             if neg is not None:
                 neg_p = self.estimator.probability(neg.keys)  # the clicks' estimate; negatives are not counted
                 neg_log_q = cfg.logq_alpha * torch.log(len(batch) * neg_p * self._keep_probability(neg_p) + uniform)
-        loss = sampled_softmax_loss(u, v, temperature=cfg.temperature, item_keys=items.keys, log_q=log_q,
+        loss = sampled_softmax_loss(u, v, temperature=cfg.softmax_temperature, item_keys=items.keys, log_q=log_q,
                                     weights=weights, neg_item=neg_v,
                                     neg_keys=neg.keys if neg is not None else None, neg_log_q=neg_log_q)
         self._sparse_opt.zero_grad()
-        self._dense_opt.zero_grad(set_to_none=True)
+        if self._dense_opt is not None:
+            self._dense_opt.zero_grad(set_to_none=True)
         loss.backward()
         self._sparse_opt.step(len(items))
-        self._dense_opt.step()
+        if self._dense_opt is not None:
+            self._dense_opt.step()
         self._mark("item_id", items.id_rows, users.history_rows, *( [neg.id_rows] if neg is not None else []))
         self._mark("user_id", users.id_rows)
         self._mark("token", items.token_rows, *([neg.token_rows] if neg is not None else []))
@@ -187,8 +210,10 @@ class OnlineTrainer:
                 if rows.numel():
                     sparse[name] = SparseRows(rows, table[rows].clone())
             dense_t = {k: v.detach().clone() for k, v in self.model.dense().items()} if (full or dense) else {}
+        # A full update always says dense_changed (consumers re-encode everything); a model without
+        # dense layers (the FM) never changes them in a delta.
         update = ModelUpdate(version=self.version + 1, base_version=self.version,
-                             kind="full" if full else "delta", dense_changed=bool(dense_t),
+                             kind="full" if full else "delta", dense_changed=full or bool(dense_t),
                              model=self.config.structural(), dense=dense_t, sparse=sparse,
                              trending=self.trending.top(), steps=self.steps,
                              created_at_ms=int(time.time() * 1000) if now_ms is None else now_ms,
@@ -215,7 +240,8 @@ class OnlineTrainer:
         tensors |= {f"estimator/{k}": v for k, v in self.estimator.state().items()}
         tensors |= {f"sparse_optim/{k}": v for k, v in self._sparse_opt.state().items()}
         optim_json: dict[str, dict[str, Any]] = {}
-        for idx, st in self._dense_opt.state_dict()["state"].items():
+        dense_state = self._dense_opt.state_dict()["state"] if self._dense_opt is not None else {}
+        for idx, st in dense_state.items():
             for key, val in st.items():
                 if isinstance(val, torch.Tensor):
                     tensors[f"optim/{idx}/{key}"] = val
@@ -280,7 +306,9 @@ class OnlineTrainer:
                 state.setdefault(int(idx), {})[key] = v
         for idx, st in header.get("optim", {}).items():
             state.setdefault(int(idx), {}).update(st)
-        self._dense_opt.load_state_dict({"state": state, "param_groups": self._dense_opt.state_dict()["param_groups"]})
+        if self._dense_opt is not None:
+            self._dense_opt.load_state_dict({"state": state,
+                                             "param_groups": self._dense_opt.state_dict()["param_groups"]})
         self._gen.set_state(tensors["rng/downsample"])
         self._rng.setstate(_rng_state_from_json(header["rng_negatives"]))
         self.trending = TrendingCounter.from_json(header["trending"])

@@ -5,7 +5,8 @@ header::
 
     {"format": "streamrecall.model-update", "format_version": 1,
      "version": 7, "base_version": 6, "kind": "delta", "dense_changed": false,
-     "model": {"dim": 64, "hidden": 128, "id_buckets": ..., "token_buckets": ..., "max_tokens": 64, "seed": 0},
+     "model": {"dim": 64, "hidden": 128, "id_buckets": ..., "token_buckets": ..., "max_tokens": 64, "seed": 0,
+               "tower": "two_tower"},
      "steps": 12345, "created_at_ms": 1700000000000, "trained_through_ms": 1700000000000,
      "trainer_epoch": 3, "trending": [["item-42", 0.0123], ...]}
 
@@ -13,7 +14,11 @@ header::
 replicas refuse updates from an older epoch than one they applied. It is inside the payload, so
 a signature over the payload's bytes covers it.
 
-Tensors: ``dense/<name>`` (float32, every dense parameter) when ``dense_changed``;
+``model.tower`` is ``"two_tower"`` or ``"fm"`` (absent in updates written before FM existed: read as
+``"two_tower"``). The FM has no dense layers: its full updates say ``dense_changed`` and carry no
+``dense/`` tensor, its deltas never change dense layers.
+
+Tensors: ``dense/<name>`` (float32, every dense parameter of the tower family) when ``dense_changed``;
 ``rows/<table>`` (int64, n) and ``values/<table>`` (float32, n × dim) for each sparse
 table (``item_id``, ``user_id``, ``token``) with changed rows.
 
@@ -42,6 +47,7 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_UPDATE_BYTES = 512 * 1024 * 1024
 MAX_TRENDING = 10_000
 _STRUCTURAL_KEYS = ("dim", "hidden", "id_buckets", "token_buckets", "max_tokens", "seed")
+TOWERS = ("two_tower", "fm")
 _DTYPES = {"F32": torch.float32, "I64": torch.int64}
 
 
@@ -59,7 +65,7 @@ class ModelUpdate:
     base_version: int
     kind: Literal["full", "delta"]
     dense_changed: bool
-    model: dict[str, int]
+    model: dict[str, Any]  # the structural settings: ints, and "tower"
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     sparse: dict[str, SparseRows] = field(default_factory=dict)
     trending: list[tuple[str, float]] = field(default_factory=list)
@@ -74,17 +80,19 @@ class ModelUpdate:
         return part.rows if part is not None else torch.zeros(0, dtype=torch.int64)
 
 
-def dense_shapes(model: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    """The expected dense parameter shapes for structural settings ``model``."""
+def dense_shapes(model: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The expected dense parameter shapes for structural settings ``model`` (none for the FM)."""
     d, h = model["dim"], model["hidden"]
     shapes: dict[str, tuple[int, ...]] = {}
+    if model.get("tower", "two_tower") == "fm":
+        return shapes
     for tower in ("item", "user"):
         shapes |= {f"{tower}.mlp.0.weight": (h, 2 * d), f"{tower}.mlp.0.bias": (h,),
                    f"{tower}.mlp.2.weight": (d, h), f"{tower}.mlp.2.bias": (d,)}
     return shapes
 
 
-def table_rows(model: dict[str, int], table: str) -> int:
+def table_rows(model: dict[str, Any], table: str) -> int:
     return model["token_buckets"] if table == "token" else model["id_buckets"]
 
 
@@ -202,7 +210,10 @@ def _check_header(header: dict[str, Any]) -> dict[str, Any]:
     model = header.get("model")
     if not isinstance(model, dict):
         raise ModelUpdateError("header field 'model' must be an object")
-    checked = {k: _int(model, k, 0 if k == "seed" else 1) for k in _STRUCTURAL_KEYS}
+    checked: dict[str, Any] = {k: _int(model, k, 0 if k == "seed" else 1) for k in _STRUCTURAL_KEYS}
+    checked["tower"] = model.get("tower", "two_tower")  # absent: written before FM existed
+    if checked["tower"] not in TOWERS:
+        raise ModelUpdateError(f"header field 'model.tower' must be one of {TOWERS}, got {_short(checked['tower'])}")
     trending = header.get("trending", [])
     if not isinstance(trending, list) or len(trending) > MAX_TRENDING:
         raise ModelUpdateError(f"header field 'trending' must be a list of at most {MAX_TRENDING} pairs")
@@ -219,7 +230,7 @@ def _check_header(header: dict[str, Any]) -> dict[str, Any]:
             "trainer_epoch": _int(header, "trainer_epoch", 0) if "trainer_epoch" in header else 0}
 
 
-def _check_dense(tensors: dict[str, torch.Tensor], model: dict[str, int], dense_changed: bool) -> dict[str, torch.Tensor]:
+def _check_dense(tensors: dict[str, torch.Tensor], model: dict[str, Any], dense_changed: bool) -> dict[str, torch.Tensor]:
     present = {k[len("dense/"):]: v for k, v in tensors.items() if k.startswith("dense/")}
     if not dense_changed:
         if present:
@@ -237,7 +248,7 @@ def _check_dense(tensors: dict[str, torch.Tensor], model: dict[str, int], dense_
     return present
 
 
-def _check_sparse(tensors: dict[str, torch.Tensor], model: dict[str, int]) -> dict[str, SparseRows]:
+def _check_sparse(tensors: dict[str, torch.Tensor], model: dict[str, Any]) -> dict[str, SparseRows]:
     out: dict[str, SparseRows] = {}
     for table in TABLES:
         rows, values = tensors.get(f"rows/{table}"), tensors.get(f"values/{table}")

@@ -315,7 +315,7 @@ def status(settings: Settings, wait: bool, timeout: float) -> None:
 @click.option("--no-peers", is_flag=True, help="Skip the costly peer: a second live system without logQ (model offline and most-popular always run).")
 @click.option("--option", "role_options", multiple=True, metavar="TABLE.KEY=VALUE",
               help="A settings-file value for the roles under test, e.g. trainer.dense_every_s=30 or "
-                   "model.temperature=0.1 (repeatable; numbers and true/false).")
+                   "model.temperature=0.1 or model.tower=fm (repeatable; numbers, true/false and names).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="State and logs of the run (default: a temporary directory).")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,

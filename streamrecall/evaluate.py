@@ -7,7 +7,8 @@ is in that user's top K. Items the user clicked before are excluded from every
 candidate list, so re-clicks are not scored. Peers are computed in the same run on the
 same chunks: "model offline" (the same model config trained in this process on the same
 clicks in the same order, scored by exact search at the same points — the ceiling the live
-system should reach), item-to-item co-occurrence over each user's last clicks (item-CF),
+system should reach), the other model family trained the same way (``fm_offline`` when the system
+runs the two towers, ``two_tower_offline`` when it runs the FM), item-to-item co-occurrence over each user's last clicks (item-CF),
 most-popular so far, most-popular over the last clicks, and the same live system with the
 logQ correction off. ``serving_skew`` is the live system's HR over the offline model's.
 
@@ -45,7 +46,9 @@ HOUR_MS = 3_600_000
 #: Largest k the indexer answers; candidate lists are over-fetched up to it to drop seen items.
 MAX_FETCH = 1000
 #: The peers, in the order tables show them; no_logq is a second live system (skipped by --no-peers).
-PEERS = ("model_offline", "item_cf", "most_popular", "recent_popular", "no_logq")
+PEERS = ("model_offline", "two_tower_offline", "fm_offline", "item_cf", "most_popular", "recent_popular", "no_logq")
+#: The model families; each one the system does not run is an offline peer, ``<tower>_offline``.
+TOWERS = ("two_tower", "fm")
 #: Clicks the recent-popular peer counts.
 RECENT_WINDOW = 5_000
 
@@ -238,18 +241,34 @@ class ItemCFPeer:
         return ranked
 
 
+@dataclass(frozen=True)
+class Replay:
+    """Replay after every fresh step (``steps`` draws of ``batch_size`` from a buffer of the last
+    ``capacity`` clicks, half-life ``half_life`` clicks): the idle time of a slow stream."""
+
+    steps: int = 0
+    capacity: int = 20_000
+    half_life: float = 5_000.0
+    batch_size: int = 256
+
+
 class OfflinePeer:
     """The same model config trained in this process on the same clicks, in the same order and in
     the trainer role's batch size, scored by exact search over every live item: the ceiling the
-    live system should reach (what serving loses is live HR / this HR)."""
+    live system should reach (what serving loses is live HR / this HR). ``replay`` adds replay
+    steps after each fresh step (``streamrecall bench model-eval`` measures it this way)."""
 
-    def __init__(self, model: dict[str, Any], batch_size: int) -> None:
-        from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory
+    def __init__(self, model: dict[str, Any], batch_size: int, replay: Replay = Replay()) -> None:
+        from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory, ReplayBuffer
 
         self.trainer = OnlineTrainer(ModelConfig(**model))
         self.catalog = ItemCatalog()
         self.history = RecentHistory(self.trainer.config.history_len)
         self.batch_size = batch_size
+        self.replay = replay
+        self._replay_buffer = ReplayBuffer(replay.capacity, replay.half_life, self.trainer.config.seed) \
+            if replay.steps else None
+        self.train_seconds = 0.0
         self._buffer: list[Any] = []
 
     def observe(self, events: Iterable[Event]) -> None:
@@ -271,9 +290,15 @@ class OfflinePeer:
     def _train(self) -> None:
         if not self._buffer:
             return
+        started = time.perf_counter()
         clicks, self._buffer = self._buffer, []
         histories = self.history.before_each(clicks)
         self.trainer.step(self.trainer.make_batch(clicks, self.catalog, histories))
+        if self._replay_buffer is not None:
+            self._replay_buffer.add(clicks, histories)
+            for _ in range(self.replay.steps):
+                self.trainer.replay_step(self._replay_buffer, self.catalog, self.replay.batch_size)
+        self.train_seconds += time.perf_counter() - started
 
     def tops(self, users: list[str], k: int, seen: dict[str, set[str]]) -> dict[str, list[str]]:
         import torch
@@ -357,6 +382,7 @@ def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int,
     the offline model trains in the trainer's batch size.
     """
     from streamrecall.consumers.roles.trainer import TrainerOptions
+    from streamrecall.model import ModelConfig
 
     options = options or {}
     batch_size = int(options.get("trainer", {}).get("batch_size", TrainerOptions().batch_size))
@@ -368,7 +394,10 @@ def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int,
     recent = RecentPopularPeer(RECENT_WINDOW)
     item_cf = ItemCFPeer()
     offline = OfflinePeer({**model, "logq": True}, batch_size)
-    local = [popular, recent, item_cf, offline]
+    system_tower = ModelConfig(**model).tower
+    families = {f"{t}_offline": OfflinePeer({**model, "logq": True, "tower": t, "temperature": None}, batch_size)
+                for t in TOWERS if t != system_tower}  # the other model-recall family, at its own τ
+    local = [popular, recent, item_cf, offline, *families.values()]
     seen: dict[str, set[str]] = defaultdict(set)
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -391,6 +420,7 @@ def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int,
                 tops = {u: system_top(system, u, k, seen[u]) for u in users}
                 score_chunk(scores[name], chunk, tops, seen, stream, pop)
             local_tops = {"model_offline": offline.tops(users, k, seen),
+                          **{name: peer.tops(users, k, seen) for name, peer in families.items()},
                           "most_popular": {u: popular.top(k, seen[u]) for u in users},
                           "recent_popular": {u: recent.top(k, seen[u]) for u in users},
                           "item_cf": {u: item_cf.top(u, k, seen[u]) for u in users}}
@@ -400,7 +430,8 @@ def evaluate(events: list[Event], *, k: int, warmup_share: float, n_chunks: int,
             log.info("chunk %d/%d scored (%d users) after %.0fs", i + 1, len(parts), len(users),
                      time.monotonic() - started)
     out = scores["system"].as_dict(k)
-    out["peers"] = {name: scores[name].as_dict(k) for name in PEERS if peers or name != "no_logq"}
+    ran = {"model_offline", *families, "item_cf", "most_popular", "recent_popular", *(("no_logq",) if peers else ())}
+    out["peers"] = {name: scores[name].as_dict(k) for name in PEERS if name in ran}
     offline_hr = out["peers"]["model_offline"]["hr_at_k"]
     out["serving_skew"] = round(out["hr_at_k"] / offline_hr, 4) if out["hr_at_k"] is not None and offline_hr else None
     out["stream"] = {"events": len(stream.events), "warmup_events": len(warmup), "chunks": len(parts),
@@ -423,7 +454,8 @@ def _feed(systems: dict[str, LocalSystem], events: list[Event], peers: list[Any]
 
 
 def parse_options(pairs: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``["trainer.batch_size=256", "model.logq=false"]`` → ``{"trainer": {"batch_size": 256}, ...}``."""
+    """``["trainer.batch_size=256", "model.logq=false", "model.tower=fm"]`` →
+    ``{"trainer": {"batch_size": 256}, "model": {"logq": False, "tower": "fm"}}``."""
     tables: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
@@ -439,8 +471,10 @@ def parse_options(pairs: Iterable[str]) -> dict[str, dict[str, Any]]:
             except ValueError:
                 try:
                     value = float(value)
-                except ValueError:
-                    raise StreamrecallError(f"option {pair!r}: the value must be a number or true/false") from None
+                except ValueError:  # a choice such as model.tower=fm; the roles' settings check it
+                    if not value.isidentifier():
+                        raise StreamrecallError(f"option {pair!r}: the value must be a number, true/false "
+                                                "or a name such as fm") from None
         tables.setdefault(table, {})[key] = value
     return tables
 

@@ -101,6 +101,9 @@ class TrainerMetrics:
         self.loss = Gauge("streamrecall_trainer_loss", "Loss of the latest training step.", registry=registry)
         self.steps = Counter("streamrecall_trainer_steps_total", "Training steps taken.", registry=registry)
         self.examples = Counter("streamrecall_trainer_examples_total", "Clicks trained on.", registry=registry)
+        self.replay_steps = Counter("streamrecall_trainer_replay_steps_total",
+                                    "Training steps on replayed clicks, taken while the stream was idle.",
+                                    registry=registry)
         self.unknown_items = Counter("streamrecall_trainer_unknown_item_clicks_total",
                                      "Clicks on items not (yet) seen on the items topic; trained on the id only.",
                                      registry=registry)

@@ -48,7 +48,7 @@ from streamrecall.consumers.updates import last_published, sign_update, update_m
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Decoder, Item
 from streamrecall.metrics import MODEL_VERSION, STATE, ModelVersionMetrics, StateMetrics, TrainerMetrics, role_metrics
-from streamrecall.model import ItemLike, OnlineTrainer, RecentHistory
+from streamrecall.model import ItemLike, OnlineTrainer, RecentHistory, ReplayBuffer
 from streamrecall.model.catalog import DEFAULT_MAX_ITEMS
 from streamrecall.model.safeio import read_layout
 from streamrecall.settings import Secret, Settings
@@ -76,10 +76,13 @@ class TrainerOptions:
     publish_backoff_s: float = 1.0     # after a failed publish, wait this long before the next attempt...
     publish_backoff_max_s: float = 60.0  # ...doubling with each failure in a row, up to this
     startup_timeout_s: float = 120.0   # bound on reading the items table at start
+    replay_capacity: int = 0           # clicks kept to replay while the stream is idle (0: no replay; docs/model.md)
+    replay_batch_size: int = 256       # clicks per replay step: one step per idle poll, so keep it small
+    replay_half_life: float = 5_000.0  # a buffered click this many clicks old is drawn half as often
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TrainerOptions":
-        return role_options(cls, settings, ROLE, may_be_zero=("dense_every_s",))
+        return role_options(cls, settings, ROLE, may_be_zero=("dense_every_s", "replay_capacity"))
 
 
 class UpdateSink(Protocol):
@@ -183,6 +186,8 @@ class TrainerHandler(HandlerBase):
         self.clock = clock
         self.states = states
         self.history = RecentHistory(trainer.config.history_len, options.history_users)
+        self.replay = ReplayBuffer(options.replay_capacity, options.replay_half_life, trainer.config.seed) \
+            if options.replay_capacity else None
         self.offsets: dict[int, int] = {}   # next click offset to read, per partition, as of the last flush
         self.clicks_trained = 0             # clicks that went through a training step, over all restarts
         self.trained_through_ms = 0         # newest click event time trained on (travels in every update)
@@ -244,6 +249,11 @@ class TrainerHandler(HandlerBase):
         self.poll_items()
         if self._buffer and self.clock() - self._buffer_since >= self.options.max_batch_wait_ms / 1000:
             self._train_buffer()
+        elif self.replay is not None and not self._buffer and len(self.replay):
+            # Idle: no fresh click is waiting, so one small replay step cannot delay one.
+            if self.trainer.replay_step(self.replay, self.items, self.options.replay_batch_size)["examples"]:
+                self.metrics.replay_steps.inc()
+                self._steps_since_publish += 1
         self._maybe_publish()
 
     def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
@@ -297,6 +307,8 @@ class TrainerHandler(HandlerBase):
         histories = self.history.before_each(clicks)
         batch = self.trainer.make_batch(clicks, self.items, histories)
         result = self.trainer.step(batch)
+        if self.replay is not None:
+            self.replay.add(clicks, histories)
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.clicks_trained += len(clicks)
         self.trained_through_ms = max(self.trained_through_ms, max(c.ts for c in clicks))

@@ -1,135 +1,137 @@
-"""`streamrecall bench model-eval`: one-pass HR@K of the towers on the synthetic stream.
+"""`streamrecall bench model-eval`: prequential HR@K of every recommender, offline, no broker.
 
-Progressive (prequential) validation: the stream is read once, in order; every
-``eval_every``-th micro-batch is first scored — each click's user is encoded with the
-current towers and the top K items are retrieved by exact search over the catalog as it
-stands — and only then trained on. Peers, fed identical batches:
+The protocol of `streamrecall evaluate` (streamrecall/evaluate.py) without the live system, so a
+sweep of model variants runs in seconds to minutes: the stream is read once, in chunks of
+``batch_size`` clicks; every ``eval_every``-th chunk after ``warmup_batches`` is first scored —
+each of its users gets a top K by each recommender, items the user clicked before excluded, and a
+click is a hit when its item is in that list — and only then fed to everyone. Each model trains
+one step per chunk, in order, exactly as the offline peer of `evaluate`. Head and tail come from
+click counts *before* each chunk (the head: the 10% most clicked live items so far); every
+recommender reports HR@K, tail HR@K, HR by popularity decile, coverage@K and head slot share.
 
-- ``most_popular``: the K items with most clicks so far (alive in the catalog);
-- ``uncorrected``: the towers trained without the logQ correction;
-- ``logq``: the towers trained with it (the default model);
-- ``logq_mixed`` (with ``--mixed-negatives N``): logQ plus N uniform negatives per batch.
-
-``tail`` restricts the clicks scored to items outside the 10% most clicked items of the
-whole stream.
+Recommenders: ``most_popular``, ``recent_popular`` (last 5,000 clicks), ``item_cf`` (item-to-item
+co-occurrence over each user's last 10 clicks), and the models: ``logq`` (the default model),
+``no_logq`` (it with ``logq=False``), the other model family by name (``two_tower`` when the default
+is the FM, ``fm`` otherwise), ``logq_mixed`` with ``--mixed-negatives``,
+and any ``--variant NAME:key=value,...`` (ModelConfig fields, plus ``replay_steps``,
+``replay_capacity``, ``replay_half_life``, ``replay_batch`` for replay after every step).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections import Counter
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
-import msgspec
-import numpy as np
 import torch
 
 from streamrecall.bench import json_option, report, result
-from streamrecall.events import Click, Item
-from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory
+from streamrecall.evaluate import (RECENT_WINDOW, TOWERS, Event, ItemCFPeer, OfflinePeer, PopularPeer,
+                                   RecentPopularPeer, Replay, Score, prepare, score_chunk)
+from streamrecall.model import ModelConfig
 from streamrecall.synthetic import SyntheticConfig, generate
 
+#: Variant keys that set replay rather than a ModelConfig field.
+_REPLAY_KEYS = {"replay_steps": "steps", "replay_capacity": "capacity", "replay_half_life": "half_life",
+                "replay_batch": "batch_size"}
 
-@dataclass
-class _Score:
-    hits: int = 0
-    scored: int = 0
-    tail_hits: int = 0
-    tail_scored: int = 0
 
-    def add(self, hit: np.ndarray, tail: np.ndarray) -> None:
-        self.hits += int(hit.sum())
-        self.scored += len(hit)
-        self.tail_hits += int(hit[tail].sum())
-        self.tail_scored += int(tail.sum())
+@dataclass(frozen=True)
+class Variant:
+    """A model peer: its config and its replay (none by default)."""
 
-    def as_dict(self) -> dict[str, float]:
-        return {"hr": self.hits / max(self.scored, 1), "tail_hr": self.tail_hits / max(self.tail_scored, 1),
-                "scored": self.scored, "tail_scored": self.tail_scored}
+    config: ModelConfig
+    replay: Replay = Replay()
 
 
 @dataclass
 class EvalResult:
-    peers: dict[str, dict[str, float]] = field(default_factory=dict)
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     train_examples_per_s: float = 0.0
 
 
-def evaluate_stream(syn: SyntheticConfig, models: dict[str, ModelConfig], *, batch_size: int = 1024,
+def evaluate_stream(syn: SyntheticConfig, models: dict[str, ModelConfig | Variant], *, batch_size: int = 1024,
                     k: int = 50, eval_every: int = 5, warmup_batches: int = 20) -> EvalResult:
-    """Train each model config in one pass over ``syn`` and score HR@k prequentially."""
-    events = list(generate(syn))
-    totals = Counter(v["item_id"] for t, _, v in events if t == "clicks")
-    head_n = max(1, len(totals) // 10)
-    head = {i for i, _ in totals.most_common(head_n)}
-    trainers = {name: OnlineTrainer(cfg) for name, cfg in models.items()}
-    scores = {name: _Score() for name in ["most_popular", *models]}
-    catalog, history, counts = ItemCatalog(), RecentHistory(max(c.history_len for c in models.values())), Counter()
-    first = next(iter(trainers.values()))
-    buffer: list[Click] = []
-    n_batches, train_s, trained = 0, 0.0, 0
+    """Score every recommender on ``syn`` prequentially (module docstring); ``models`` by peer name."""
+    variants = {n: m if isinstance(m, Variant) else Variant(m) for n, m in models.items()}
+    stream = prepare(generate(syn))
     started = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal n_batches, train_s, trained
-        histories = history.before_each(buffer)
-        batch = first.make_batch(buffer, catalog, histories)
-        if n_batches >= warmup_batches and n_batches % eval_every == 0 and len(catalog) >= k:
-            _score_batch(buffer, histories, batch, catalog, counts, head, trainers, scores, k)
-        t = time.perf_counter()
-        for trainer in trainers.values():
-            # The shared batch has no sampled negatives; a mixed-negatives model draws its own.
-            trainer.step(trainer.make_batch(buffer, catalog, histories) if trainer.config.mixed_negatives else batch)
-        train_s += time.perf_counter() - t
-        trained += len(buffer) * len(trainers)
-        counts.update(c.item_id for c in buffer)
-        n_batches += 1
-        buffer.clear()
-
-    for topic, _, value in events:
-        if topic == "items":
-            item = msgspec.convert(value, Item)
-            if item.deleted:
-                catalog.delete(item.item_id)
-            else:
-                catalog.upsert(item)
-            continue
-        buffer.append(msgspec.convert(value, Click))
-        if len(buffer) == batch_size:
-            flush()
-    if buffer:
-        flush()
-    return EvalResult({n: s.as_dict() for n, s in scores.items()}, time.perf_counter() - started,
-                      trained / max(train_s, 1e-9))
+    popular, recent, item_cf = PopularPeer(), RecentPopularPeer(RECENT_WINDOW), ItemCFPeer()
+    offline = {n: OfflinePeer(v.config.to_dict(), batch_size, v.replay) for n, v in variants.items()}
+    scores = {name: Score() for name in ("most_popular", "recent_popular", "item_cf", *variants)}
+    seen: dict[str, set[str]] = {}
+    n_chunks = 0
+    for chunk in _chunks(stream.events, batch_size):
+        if n_chunks >= warmup_batches and n_chunks % eval_every == 0:
+            users = sorted({v["user_id"] for t, _, v in chunk if t == "clicks"})
+            none: set[str] = set()
+            tops = {"most_popular": {u: popular.top(k, seen.get(u, none)) for u in users},
+                    "recent_popular": {u: recent.top(k, seen.get(u, none)) for u in users},
+                    "item_cf": {u: item_cf.top(u, k, seen.get(u, none)) for u in users}}
+            tops |= {n: peer.tops(users, k, seen) for n, peer in offline.items()}
+            pop = popular.popularity()
+            for name, t in tops.items():
+                score_chunk(scores[name], chunk, t, seen, stream, pop)
+        for peer in (popular, recent, item_cf, *offline.values()):
+            peer.observe(chunk)
+        for topic, _, v in chunk:
+            if topic == "clicks":
+                seen.setdefault(v["user_id"], set()).add(v["item_id"])
+        n_chunks += 1
+    clicks = sum(1 for t, _, _ in stream.events if t == "clicks")
+    train_s = sum(p.train_seconds for p in offline.values())
+    return EvalResult({n: s.as_dict(k) for n, s in scores.items()}, time.perf_counter() - started,
+                      clicks * len(offline) / max(train_s, 1e-9))
 
 
-@torch.no_grad()
-def _score_batch(clicks, histories, batch, catalog, counts, head, trainers, scores, k) -> None:
-    ids = list(catalog.keys())
-    items = [catalog[i] for i in ids]
-    clicked = np.array([c.item_id for c in clicks])
-    tail = np.array([c.item_id not in head for c in clicks])
-    popular = {i for i, _ in _top_alive(counts, catalog, k)}
-    scores["most_popular"].add(np.array([i in popular for i in clicked]), tail)
-    id_arr = np.array(ids)
-    for name, trainer in trainers.items():
-        model = trainer.model
-        item_vecs = model.item(trainer.featurizer.encode_items(items))
-        user_vecs = model.user(trainer.featurizer.users([c.user_id for c in clicks], histories))
-        top = torch.topk(user_vecs @ item_vecs.T, k, dim=1).indices.numpy()
-        retrieved = id_arr[top]
-        scores[name].add((retrieved == clicked[:, None]).any(axis=1), tail)
+def _chunks(events: list[Event], clicks_per_chunk: int) -> typing.Iterator[list[Event]]:
+    chunk: list[Event] = []
+    n = 0
+    for event in events:
+        chunk.append(event)
+        if event[0] == "clicks":
+            n += 1
+            if n == clicks_per_chunk:
+                yield chunk
+                chunk, n = [], 0
+    if chunk:
+        yield chunk
 
 
-def _top_alive(counts: Counter, catalog: ItemCatalog, k: int) -> list[tuple[str, int]]:
-    out = []
-    for item_id, n in counts.most_common():
-        if item_id in catalog:
-            out.append((item_id, n))
-            if len(out) == k:
-                break
-    return out
+def parse_variant(spec: str, base: ModelConfig) -> tuple[str, Variant]:
+    """``"fm_t02:tower=fm,temperature=0.2"`` → ("fm_t02", Variant(base with those fields))."""
+    name, sep, body = spec.partition(":")
+    if not name or not sep:
+        raise click.BadParameter(f"{spec!r}: expected NAME:key=value[,key=value...]", param_hint="--variant")
+    types = typing.get_type_hints(ModelConfig)
+    changes: dict[str, Any] = {}
+    replay: dict[str, Any] = {}
+    for pair in filter(None, body.split(",")):
+        key, eq, raw = pair.partition("=")
+        if not eq:
+            raise click.BadParameter(f"{pair!r}: expected key=value", param_hint="--variant")
+        if key in _REPLAY_KEYS:
+            field_name = _REPLAY_KEYS[key]
+            replay[field_name] = type(getattr(Replay(), field_name))(raw)
+        elif key in types:
+            changes[key] = _typed(raw, getattr(base, key))
+        else:
+            raise click.BadParameter(f"{key!r} is neither a ModelConfig field nor a replay key", param_hint="--variant")
+    return name, Variant(base.replace(**changes), Replay(**replay))
+
+
+def _typed(raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        return raw.lower() == "true"
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float) or default is None:  # optional numbers (temperature, downsample_top)
+        return None if raw.lower() == "none" else float(raw)
+    return raw
 
 
 @click.command("model-eval")
@@ -137,6 +139,10 @@ def _top_alive(counts: Counter, catalog: ItemCatalog, k: int) -> list[tuple[str,
 @click.option("--users", "n_users", default=10_000, show_default=True)
 @click.option("--clicks", "n_clicks", default=300_000, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--zipf-exponent", type=float, default=SyntheticConfig.zipf_exponent, show_default=True,
+              help="Item popularity skew of the synthetic stream.")
+@click.option("--preference-strength", type=float, default=SyntheticConfig.preference_strength, show_default=True,
+              help="How much a click depends on the user's taste (vs popularity) in the synthetic stream.")
 @click.option("--batch-size", default=1024, show_default=True)
 @click.option("-k", "k", default=50, show_default=True)
 @click.option("--eval-every", default=5, show_default=True, help="Score every Nth batch before training on it.")
@@ -149,29 +155,38 @@ def _top_alive(counts: Counter, catalog: ItemCatalog, k: int) -> list[tuple[str,
               show_envvar=True, help="logq_alpha of the logQ peers (default: the ModelConfig default).")
 @click.option("--estimator-prior-gaps", type=float, default=None, envvar="STREAMRECALL_BENCH_ESTIMATOR_PRIOR_GAPS",
               show_envvar=True, help="estimator_prior_gaps of the logQ peers (default: the ModelConfig default).")
+@click.option("--variant", "variants", multiple=True, envvar="STREAMRECALL_BENCH_VARIANT", show_envvar=True,
+              help="Extra model peer NAME:key=value,... (ModelConfig fields; replay_steps, replay_capacity, "
+                   "replay_half_life, replay_batch). Repeatable.")
 @json_option
-def command(n_items: int, n_users: int, n_clicks: int, seed: int, batch_size: int, k: int, eval_every: int,
-            id_buckets: int, mixed_negatives: int, downsample_top: float | None, logq_alpha: float | None,
-            estimator_prior_gaps: float | None, as_json: bool) -> None:
-    """HR@K of most-popular, uncorrected and logQ-corrected towers, trained online in one pass.
+def command(n_items: int, n_users: int, n_clicks: int, seed: int, zipf_exponent: float, preference_strength: float,
+            batch_size: int, k: int, eval_every: int, id_buckets: int, mixed_negatives: int,
+            downsample_top: float | None, logq_alpha: float | None, estimator_prior_gaps: float | None,
+            variants: tuple[str, ...], as_json: bool) -> None:
+    """HR@K, tail HR@K, coverage@K and head slot share of every recommender, trained online in one pass.
 
     The model options (--downsample-top and the like) apply to the logQ peers only, so one run
-    compares a lever against the same stream's most-popular and uncorrected figures.
+    compares a lever against the same stream's other recommenders.
     """
     torch.manual_seed(seed)
-    syn = SyntheticConfig(n_items=n_items, n_users=n_users, n_clicks=n_clicks, seed=seed)
+    syn = SyntheticConfig(n_items=n_items, n_users=n_users, n_clicks=n_clicks, seed=seed,
+                          zipf_exponent=zipf_exponent, preference_strength=preference_strength)
     base = ModelConfig(id_buckets=id_buckets, seed=seed)
     levers = {name: value for name, value in (("downsample_top", downsample_top), ("logq_alpha", logq_alpha),
                                               ("estimator_prior_gaps", estimator_prior_gaps)) if value is not None}
-    models = {"uncorrected": base.replace(logq=False), "logq": base.replace(**levers)}
+    models: dict[str, ModelConfig | Variant] = {"logq": base.replace(**levers), "no_logq": base.replace(logq=False)}
+    models |= {tower: base.replace(tower=tower) for tower in TOWERS if tower != base.tower}  # the other family
     if mixed_negatives:
         models["logq_mixed"] = base.replace(mixed_negatives=mixed_negatives, **levers)
+    for spec in variants:
+        name, variant = parse_variant(spec, base)
+        models[name] = variant
     res = evaluate_stream(syn, models, batch_size=batch_size, k=k, eval_every=eval_every)
     rows = []
     for name, s in res.peers.items():
-        extra = f"scored={s['scored']} tail_scored={s['tail_scored']}"
-        rows.append(result(f"model_eval/hr_at_{k}/{name}", "ratio", s["hr"], extra=extra))
-        rows.append(result(f"model_eval/tail_hr_at_{k}/{name}", "ratio", s["tail_hr"], extra=extra))
+        extra = f"scored={s['scored_clicks']} tail_scored={s['tail_clicks']}"
+        for key in ("hr_at_k", "tail_hr_at_k", "coverage_at_k", "head_slot_share"):
+            rows.append(result(f"model_eval/{key.replace('_k', f'_{k}')}/{name}", "ratio", s[key] or 0.0, extra=extra))
     rows.append(result("model_eval/train_examples_per_s", "examples/s", res.train_examples_per_s,
-                       extra=f"per model, {len(res.peers) - 1} models; total {res.seconds:.0f} s"))
+                       extra=f"per model, {len(models)} models; total {res.seconds:.0f} s"))
     report(rows, as_json)

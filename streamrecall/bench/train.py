@@ -25,7 +25,7 @@ from streamrecall.events import Click, Item
 from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory
 from streamrecall.model.batch import TrainBatch
 from streamrecall.model.loss import sampled_softmax_loss
-from streamrecall.model.towers import TwoTower
+from streamrecall.model.towers import build_model
 from streamrecall.synthetic import SyntheticConfig, generate
 
 
@@ -41,19 +41,19 @@ def _stream(n_items: int, n_clicks: int) -> tuple[ItemCatalog, list[Click]]:
 
 
 def _raw_examples_per_s(config: ModelConfig, batches: list[TrainBatch], warmup: int) -> float:
-    """The same work in a plain torch loop: the same towers (``TwoTower`` of ``config``) and the
+    """The same work in a plain torch loop: the same model (``build_model(config)``: the towers or the FM) and the
     same loss on the same pre-built batches, each step forward → logQ-corrected in-batch softmax
     → backward → torch's sparse SGD on the tables and Adam on the dense layers. What it leaves
     out is what the trainer adds: the streaming estimator (the correction here is one fixed
     per-column log q), trending, down-sampling, row-wise Adagrad state and change tracking."""
-    model = TwoTower(config)
+    model = build_model(config)
     sparse_opt = torch.optim.SGD(list(model.tables().values()), lr=config.lr_sparse)
     dense_opt = torch.optim.Adam(list(model.dense().values()), lr=config.lr_dense)
     log_q = [torch.full((len(b),), -math.log(len(b))) for b in batches]
 
     def one(k: int) -> None:
         b = batches[k]
-        loss = sampled_softmax_loss(model.user(b.users), model.item(b.items), temperature=config.temperature,
+        loss = sampled_softmax_loss(model.user(b.users), model.item(b.items), temperature=config.softmax_temperature,
                                     item_keys=b.items.keys, log_q=log_q[k], weights=b.weights)
         sparse_opt.zero_grad()
         dense_opt.zero_grad(set_to_none=True)

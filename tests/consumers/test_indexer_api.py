@@ -136,10 +136,12 @@ def test_query_command_prints_a_table_and_clear_errors(api, tmp_path):
     assert lines[1].split() == ["rank", "item_id", "score", "version", "categories"] and len(lines) == 5
     assert "i7" not in out.output.split()
     vector = tmp_path / "v.json"
-    vector.write_text(json.dumps(state.index.get("i4").vector.tolist()))
+    v4 = state.index.get("i4").vector
+    vector.write_text(json.dumps(v4.tolist()))
     out = runner.invoke(command, ["--url", server.url, "--vector-file", str(vector), "-k", "2"])
     top = out.output.splitlines()[2].split()
-    assert out.exit_code == 0 and top[1] in ("i4", "i16", "i28") and top[2] == "1.0000"  # same content: ties
+    # same content: ties; the score is the inner product (‖v‖² = 1 for the two towers' unit vectors)
+    assert out.exit_code == 0 and top[1] in ("i4", "i16", "i28") and top[2] == f"{float(v4 @ v4):.4f}"
     out = runner.invoke(command, ["--url", server.url, "--admin-url", server.admin_url, "--item-id", "i4", "-k", "2",
                                   "--json"])
     answer = json.loads(out.output)

@@ -58,10 +58,11 @@ def clicks(n: int, start: int = 0, partition: int = 0) -> list[Record]:
 
 @pytest.fixture
 def make_handler(tmp_path: Path):
-    def make(catalog: ItemCatalog | None = None, **options) -> tuple[TrainerHandler, ListSink, Clock]:
+    def make(catalog: ItemCatalog | None = None, config: ModelConfig = CONFIG,
+             **options) -> tuple[TrainerHandler, ListSink, Clock]:
         sink, clock = ListSink(), Clock()
         registry = CollectorRegistry()
-        handler = TrainerHandler(OnlineTrainer(CONFIG), catalog if catalog is not None else ItemCatalog(), sink,
+        handler = TrainerHandler(OnlineTrainer(config), catalog if catalog is not None else ItemCatalog(), sink,
                                  tmp_path / "trainer" / "checkpoint.safetensors", TOPIC, [0, 1],
                                  TrainerOptions(**options), TrainerMetrics(registry), ModelVersionMetrics(registry),
                                  clock=clock)
@@ -113,10 +114,15 @@ def test_updates_every_n_steps_first_full_then_deltas_with_a_full_every_t_second
 
 
 def test_dense_layers_travel_in_every_delta_by_default_else_at_most_every_dense_every_s(make_handler):
-    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=1)
+    two_tower = CONFIG.replace(tower="two_tower")
+    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=1, config=two_tower)
     handler.handle(clicks(12))
     assert [decode_update(d).dense_changed for d, _, _ in sink.sent] == [True, True, True]
-    handler, sink, clock = make_handler(batch_size=4, publish_every_steps=1, dense_every_s=5.0)
+    # The FM has no dense layers: only its full updates say dense_changed (consumers re-encode all).
+    handler, sink, _ = make_handler(batch_size=4, publish_every_steps=1, config=CONFIG.replace(tower="fm"))
+    handler.handle(clicks(12))
+    assert [decode_update(d).dense_changed for d, _, _ in sink.sent] == [True, False, False]
+    handler, sink, clock = make_handler(batch_size=4, publish_every_steps=1, dense_every_s=5.0, config=two_tower)
     handler.handle(clicks(12))
     clock.t += 5
     handler.handle(clicks(4, start=12))
@@ -232,3 +238,30 @@ def test_an_idle_trainer_does_not_rewrite_its_checkpoint(make_handler):
     clock.t += 1
     handler.flush({})
     assert handler.checkpoint_path.stat().st_mtime_ns == written
+
+
+def test_replay_fills_idle_ticks_only_and_fresh_clicks_train_first(make_handler):
+    handler, _, clock = make_handler(batch_size=8, max_batch_wait_ms=200, publish_every_steps=1000,
+                                     replay_capacity=64, replay_batch_size=4)
+    handler.tick()
+    assert handler.trainer.steps == 0 and handler._steps_since_publish == 0, "nothing to replay yet"
+    handler.handle(clicks(12))  # one full batch trained, 4 clicks buffered
+    assert handler.trainer.steps == 1 and len(handler.replay) == 8
+    handler.tick()
+    assert handler.trainer.steps == 1, "fresh clicks are waiting: no replay"
+    clock.t += 0.2
+    handler.tick()  # the partial batch trains, fresh, before any replay
+    assert handler.trainer.steps == 2 and handler.clicks_trained == 12 and len(handler.replay) == 12
+    estimator = {k: v.clone() for k, v in handler.trainer.estimator.state().items()}
+    for _ in range(3):
+        handler.tick()  # idle: one small replay step per tick
+    assert handler.trainer.steps == 5 and handler.clicks_trained == 12
+    assert handler.metrics.replay_steps._value.get() == 3
+    assert all((v == estimator[k]).all() for k, v in handler.trainer.estimator.state().items())
+
+
+def test_replay_is_off_by_default(make_handler):
+    handler, _, _ = make_handler(batch_size=8)
+    handler.handle(clicks(8))
+    handler.tick()
+    assert handler.replay is None and handler.trainer.steps == 1

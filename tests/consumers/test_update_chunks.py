@@ -17,7 +17,8 @@ from streamrecall.model import ModelConfig, ModelUpdate, OnlineTrainer
 from streamrecall.settings import MODEL_UPDATE_CHUNK_BYTES, Secret
 
 KEY = Secret("chunk-signing-key-0123456789")
-CONFIG = ModelConfig(dim=8, hidden=8, id_buckets=64, token_buckets=64, estimator_buckets=64)
+CONFIG = ModelConfig(dim=8, hidden=8, id_buckets=64, token_buckets=64, estimator_buckets=64,
+                     tower="two_tower")  # its dense layers make even an untrained full update several chunks
 CHUNK = 1024  # a full update of CONFIG is a few KiB: several chunks
 
 

@@ -55,7 +55,8 @@ def test_evaluate_json_has_the_design_md_keys_for_the_system_and_each_peer(tmp_p
     out = json.loads(proc.stdout)
     keys = {"k", "hr_at_k", "recall_at_k", "tail_hr_at_k", "scored_clicks"}
     assert keys <= set(out) and out["k"] == 20
-    assert set(out["peers"]) == {"model_offline", "item_cf", "most_popular", "recent_popular", "no_logq"}
+    assert set(out["peers"]) == {"model_offline", "two_tower_offline", "item_cf", "most_popular", "recent_popular",
+                                 "no_logq"}  # the system runs the FM (the default); the other family is a peer
     assert out["serving_skew"] is None or out["serving_skew"] >= 0
     for scores in [out, *out["peers"].values()]:
         assert keys <= set(scores)

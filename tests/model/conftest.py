@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+from collections import Counter
+
 import msgspec
 import pytest
 import torch
 
 from streamrecall.events import Click, Item
-from streamrecall.model import ItemCatalog, ModelConfig
+from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory
+from streamrecall.model.sparse_optim import SparseRowOptimizer
 from streamrecall.synthetic import SyntheticConfig, generate
 
 torch.set_num_threads(1)
@@ -38,3 +41,34 @@ def stream() -> Callable[..., tuple[ItemCatalog, list[Click]]]:
                 clicks.append(msgspec.convert(value, Click))
         return catalog, clicks
     return make
+
+
+def _held_out_hit_rates(config, catalog, clicks, *, k: int, monkeypatch=None) -> tuple[float, float]:
+    """HR@k of the trained towers and of most-popular on the last 20% of ``clicks``, after one
+    pass over the first 80%. With ``monkeypatch``, both optimisers' steps are no-ops."""
+    trainer = OnlineTrainer(config)
+    if monkeypatch is not None:
+        monkeypatch.setattr(SparseRowOptimizer, "step", lambda self, batch_size: None)
+        if trainer._dense_opt is not None:  # the FM has no dense layers
+            monkeypatch.setattr(type(trainer._dense_opt), "step", lambda self, closure=None: None)
+    split = int(len(clicks) * 0.8)
+    train, held_out = clicks[:split], clicks[split:]
+    history = RecentHistory(config.history_len)
+    for i in range(0, split, 256):
+        chunk = train[i:i + 256]
+        trainer.step(trainer.make_batch(chunk, catalog, history.before_each(chunk)))
+    ids = list(catalog.keys())
+    with torch.no_grad():
+        items = trainer.model.item(trainer.featurizer.encode_items([catalog[i] for i in ids]))
+        users = trainer.model.user(trainer.featurizer.users([c.user_id for c in held_out],
+                                                            history.before_each(held_out)))
+    top = torch.topk(users @ items.T, k, dim=1).indices.tolist()
+    model_hr = sum(c.item_id in {ids[j] for j in row} for c, row in zip(held_out, top)) / len(held_out)
+    popular = {i for i, _ in Counter(c.item_id for c in train).most_common(k)}
+    return model_hr, sum(c.item_id in popular for c in held_out) / len(held_out)
+
+
+@pytest.fixture
+def held_out_hit_rates() -> Callable[..., tuple[float, float]]:
+    """The learning bar's helper (trainer and FM tests): see :func:`_held_out_hit_rates`."""
+    return _held_out_hit_rates

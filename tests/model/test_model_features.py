@@ -54,11 +54,41 @@ def test_an_item_with_no_content_is_encoded_from_its_id_alone():
     from streamrecall.events import Item
     from streamrecall.model import ModelConfig, TowerReplica
 
-    replica = TowerReplica(ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096))
-    bare = Item(item_id="bare", created_at=1)
-    vectors = replica.encode_items([bare, Item(item_id="other", created_at=1, tags=("x",))])
-    assert vectors.shape == (2, 64) and np.isfinite(vectors).all()
-    # Nothing to go on yet: no content and an untrained (zero-initialised) id row give the zero
-    # vector, which the index accepts and ranks last; its id row moves once it is clicked.
-    assert float(np.abs(vectors[0]).sum()) == 0.0
-    assert abs(float((vectors[1] ** 2).sum()) - 1.0) < 1e-4
+    for tower in ("two_tower", "fm"):
+        replica = TowerReplica(ModelConfig(tower=tower, id_buckets=4096, token_buckets=4096, estimator_buckets=4096))
+        bare = Item(item_id="bare", created_at=1)
+        vectors = replica.encode_items([bare, Item(item_id="other", created_at=1, tags=("x",))])
+        assert vectors.shape == (2, 64) and np.isfinite(vectors).all()
+        # Nothing to go on yet: no content and an untrained (zero-initialised) id row give the zero
+        # vector, which the index accepts and ranks last; its id row moves once it is clicked.
+        assert float(np.abs(vectors[0]).sum()) == 0.0, tower
+        assert float((vectors[1] ** 2).sum()) > 1e-4, tower  # content alone gives a vector
+        if tower == "two_tower":
+            assert abs(float((vectors[1] ** 2).sum()) - 1.0) < 1e-4
+
+
+def test_history_pooling_weights_mean_or_recency_decay():
+    from streamrecall.model.features import history_weights
+
+    np.testing.assert_allclose(history_weights(4, "mean", 5.0), [0.25] * 4)
+    w = history_weights(3, "decay", 1.0)  # oldest first: ages 2, 1, 0 → 1 : 2 : 4
+    np.testing.assert_allclose(w, np.array([1, 2, 4]) / 7, rtol=1e-6)
+    assert history_weights(0, "decay", 1.0).shape == (0,)
+
+
+def test_decay_pooling_weights_the_last_click_most_in_the_user_tower(small_config):
+    from streamrecall.model import TwoTower
+
+    config = small_config(history_pooling="decay", history_half_life=1.0)
+    model = TwoTower(config)
+    f = Featurizer(config)
+    with torch.no_grad():
+        model.item.id_table.copy_(torch.randn(model.item.id_table.shape, generator=torch.Generator().manual_seed(0)))
+        users = f.users(["u", "u"], [["a", "b"], ["b", "a"]])
+        np.testing.assert_allclose(users.history_weights.numpy(), [1 / 3, 2 / 3, 1 / 3, 2 / 3], rtol=1e-6)
+        out = model.user(users)
+        mean = TwoTower(small_config()).user
+        mean.load_state_dict(model.user.state_dict())
+        same = mean(Featurizer(small_config()).users(["u", "u"], [["a", "b"], ["b", "a"]]))
+    assert not torch.allclose(out[0], out[1])        # order matters with decay ...
+    torch.testing.assert_close(same[0], same[1])     # ... and not with the mean

@@ -1,11 +1,9 @@
 import os
-from collections import Counter
 
 import pytest
 import torch
 
 from streamrecall.model import CheckpointError, OnlineTrainer, RecentHistory
-from streamrecall.model.sparse_optim import SparseRowOptimizer
 
 
 def _batches(trainer, catalog, clicks, size=256):
@@ -90,47 +88,24 @@ def test_failed_checkpoint_leaves_no_temp_file(small_config, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def _held_out_hit_rates(config, catalog, clicks, *, k: int, monkeypatch=None) -> tuple[float, float]:
-    """HR@k of the trained towers and of most-popular on the last 20% of ``clicks``, after one
-    pass over the first 80%. With ``monkeypatch``, both optimisers' steps are no-ops."""
-    trainer = OnlineTrainer(config)
-    if monkeypatch is not None:
-        monkeypatch.setattr(SparseRowOptimizer, "step", lambda self, batch_size: None)
-        monkeypatch.setattr(type(trainer._dense_opt), "step", lambda self, closure=None: None)
-    split = int(len(clicks) * 0.8)
-    train, held_out = clicks[:split], clicks[split:]
-    history = RecentHistory(config.history_len)
-    for i in range(0, split, 256):
-        chunk = train[i:i + 256]
-        trainer.step(trainer.make_batch(chunk, catalog, history.before_each(chunk)))
-    ids = list(catalog.keys())
-    with torch.no_grad():
-        items = trainer.model.item(trainer.featurizer.encode_items([catalog[i] for i in ids]))
-        users = trainer.model.user(trainer.featurizer.users([c.user_id for c in held_out],
-                                                            history.before_each(held_out)))
-    top = torch.topk(users @ items.T, k, dim=1).indices.tolist()
-    model_hr = sum(c.item_id in {ids[j] for j in row} for c, row in zip(held_out, top)) / len(held_out)
-    popular = {i for i, _ in Counter(c.item_id for c in train).most_common(k)}
-    return model_hr, sum(c.item_id in popular for c in held_out) / len(held_out)
-
-
-def test_trained_towers_beat_most_popular_on_held_out_clicks(small_config, stream):
+def test_trained_towers_beat_most_popular_on_held_out_clicks(small_config, stream, held_out_hit_rates):
     catalog, clicks = stream(n_clicks=8_192, new_item_share=0.0)
-    model_hr, popular_hr = _held_out_hit_rates(small_config(), catalog, clicks, k=20)
+    model_hr, popular_hr = held_out_hit_rates(small_config(), catalog, clicks, k=20)
     assert model_hr > 1.1 * popular_hr, (model_hr, popular_hr)
 
 
-def test_the_learning_bar_is_out_of_reach_with_the_optimisers_switched_off(small_config, stream, monkeypatch):
+def test_the_learning_bar_is_out_of_reach_with_the_optimisers_switched_off(small_config, stream, monkeypatch,
+                                                                            held_out_hit_rates):
     # The guard of the test above: if nothing is learnt (the estimator still warms up and the
     # loss still falls), the towers rank by their seeded initial weights and miss the bar.
     catalog, clicks = stream(n_clicks=8_192, new_item_share=0.0)
-    model_hr, popular_hr = _held_out_hit_rates(small_config(), catalog, clicks, k=20, monkeypatch=monkeypatch)
+    model_hr, popular_hr = held_out_hit_rates(small_config(), catalog, clicks, k=20, monkeypatch=monkeypatch)
     assert model_hr < popular_hr, (model_hr, popular_hr)
 
 
 def test_user_tower_is_live_from_the_first_step(small_config, stream):
     catalog, clicks = stream()
-    trainer = OnlineTrainer(small_config())
+    trainer = OnlineTrainer(small_config(tower="two_tower"))  # the FM has no MLP (tests/model/test_model_fm.py)
     batch = trainer.make_batch(clicks[:256], catalog, [[] for _ in range(256)])  # cold users, no history
     with torch.no_grad():
         before = trainer.model.user(batch.users)

@@ -18,7 +18,8 @@ def _train(trainer, catalog, clicks, history):
 def test_fresh_replica_equals_fresh_trainer_and_is_deterministic(small_config, stream):
     catalog, _ = stream()
     items = list(catalog.values())[:50]
-    trainer, replica = OnlineTrainer(small_config()), TowerReplica(small_config())
+    config = small_config(tower="two_tower")  # unit vectors; the FM's replica: tests/model/test_model_fm.py
+    trainer, replica = OnlineTrainer(config), TowerReplica(config)
     assert replica.version == 0
     with torch.no_grad():
         ours = trainer.model.item(trainer.featurizer.encode_items(items)).numpy()
@@ -28,7 +29,7 @@ def test_fresh_replica_equals_fresh_trainer_and_is_deterministic(small_config, s
 
 def test_full_then_deltas_reproduce_the_trainer(small_config, stream):
     catalog, clicks = stream()
-    config = small_config()
+    config = small_config(tower="two_tower")  # dense layers travel; the FM's updates: tests/model/test_model_fm.py
     trainer, replica, history = OnlineTrainer(config), TowerReplica(config), RecentHistory(config.history_len)
     items = list(catalog.values())
     _train(trainer, catalog, clicks[:1024], history)
@@ -147,15 +148,17 @@ def test_bad_tensors_and_oversized_payloads_are_refused(small_config):
         decode_update(_valid(small_config), max_bytes=100)
 
 
-def test_a_full_update_restores_exactly_the_rows_written_since_the_last_one(small_config, stream, monkeypatch):
+@pytest.mark.parametrize("tower", ["two_tower", "fm"])
+def test_a_full_update_restores_exactly_the_rows_written_since_the_last_one(small_config, stream, monkeypatch, tower):
     """A full update from another trainer (a restart from an older checkpoint, a replaced trainer)
     leaves the replica equal to a fresh one that applied only it; and the reset costs the rows
     written since, not a regeneration of every seeded row (which held the towers ~1 s per full
     update at the default size)."""
+    import streamrecall.model.fm as fm
     import streamrecall.model.towers as towers
 
     catalog, clicks = stream()
-    config = small_config()
+    config = small_config(tower=tower)
     items = list(catalog.values())
     first, history = OnlineTrainer(config), RecentHistory(config.history_len)
     _train(first, catalog, clicks[:2048], history)
@@ -166,19 +169,19 @@ def test_a_full_update_restores_exactly_the_rows_written_since_the_last_one(smal
     other, other_history = OnlineTrainer(config), RecentHistory(config.history_len)
     _train(other, catalog, clicks[3072:3584], other_history)  # trained on fewer clicks: fewer rows
     generated = []
-    real = towers.seeded_uniform
+    real = (towers if tower == "two_tower" else fm).seeded_uniform
 
 
     def counting(shape, *args, rows=None, **kwargs):
         generated.append(int(np.prod(shape)) if rows is None else len(rows) * int(np.prod(shape[1:])))
         return real(shape, *args, **kwargs) if rows is None else real(shape, *args, rows=rows, **kwargs)
 
-    monkeypatch.setattr(towers, "seeded_uniform", counting)
+    monkeypatch.setattr(towers if tower == "two_tower" else fm, "seeded_uniform", counting)
     other.advance_version(replica.version)
     full = decode_update(other.export_update())
     assert full.kind == "full" and replica.apply(full).status == "applied"
     token_rows = first.model.tables()["token"].shape[0]
-    assert sum(generated) < token_rows * config.dim  # not the whole table
+    assert 0 < sum(generated) < token_rows * config.dim  # the written rows, not the whole table
     fresh = TowerReplica(config)
     fresh.apply(full)
     np.testing.assert_array_equal(replica.encode_items(items), fresh.encode_items(items))

@@ -74,9 +74,10 @@ def test_role_options_parse_to_tables_with_typed_values():
     from streamrecall.errors import StreamrecallError
     from streamrecall.evaluate import parse_options
 
-    assert parse_options(["trainer.batch_size=256", "model.logq=false", "indexer.rescore_factor=1.5"]) == {
-        "trainer": {"batch_size": 256}, "model": {"logq": False}, "indexer": {"rescore_factor": 1.5}}
-    for bad in ("batch_size=1", "trainer.batch_size", "trainer.x=abc"):
+    assert parse_options(["trainer.batch_size=256", "model.logq=false", "indexer.rescore_factor=1.5",
+                          "model.tower=fm"]) == {
+        "trainer": {"batch_size": 256}, "model": {"logq": False, "tower": "fm"}, "indexer": {"rescore_factor": 1.5}}
+    for bad in ("batch_size=1", "trainer.batch_size", "trainer.x=a b", "model.tower=f-m"):
         with pytest.raises(StreamrecallError):
             parse_options([bad])
 
