@@ -175,6 +175,32 @@ class LocalSystem:
             time.sleep(settle_s)
         return False
 
+    def read_topic(self, topic: str, timeout_s: float = 120.0) -> list[Any]:
+        """Every record of physical ``topic``, read to the fetch high watermark of each partition,
+        in (partition, offset) order (for tests and tools that check what went onto a topic)."""
+        from kafka import TopicPartition
+
+        from streamrecall.consumers.clients import make_consumer
+
+        assert self.settings is not None
+        c = make_consumer(self.settings, None)
+        try:
+            tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+            c.assign(tps)
+            c.seek_to_beginning(*tps)
+            out: list[Any] = []
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                for messages in c.poll(timeout_ms=200, max_records=10_000).values():
+                    out.extend(messages)
+                if all(c.highwater(tp) is not None and c.position(tp) >= c.highwater(tp) for tp in tps):
+                    break
+            else:
+                raise StreamrecallError(f"could not read {topic} to its end in {timeout_s:.0f}s")
+            return sorted(out, key=lambda m: (m.partition, m.offset))
+        finally:
+            c.close(autocommit=False)
+
     def metric(self, family: str, name: str, **labels: str) -> float | None:
         """A sample of ``family`` with ``labels`` from role process ``name``'s /metrics (None until it
         answers or has that series)."""

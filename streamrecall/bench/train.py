@@ -48,7 +48,8 @@ def _raw_examples_per_s(config: ModelConfig, batches: list[TrainBatch], warmup: 
     per-column log q), trending, down-sampling, row-wise Adagrad state and change tracking."""
     model = build_model(config)
     sparse_opt = torch.optim.SGD(list(model.tables().values()), lr=config.lr_sparse)
-    dense_opt = torch.optim.Adam(list(model.dense().values()), lr=config.lr_dense)
+    dense = list(model.dense().values())  # the FM has none
+    dense_opt = torch.optim.Adam(dense, lr=config.lr_dense) if dense else None
     log_q = [torch.full((len(b),), -math.log(len(b))) for b in batches]
 
     def one(k: int) -> None:
@@ -56,10 +57,12 @@ def _raw_examples_per_s(config: ModelConfig, batches: list[TrainBatch], warmup: 
         loss = sampled_softmax_loss(model.user(b.users), model.item(b.items), temperature=config.softmax_temperature,
                                     item_keys=b.items.keys, log_q=log_q[k], weights=b.weights)
         sparse_opt.zero_grad()
-        dense_opt.zero_grad(set_to_none=True)
+        if dense_opt is not None:
+            dense_opt.zero_grad(set_to_none=True)
         loss.backward()
         sparse_opt.step()
-        dense_opt.step()
+        if dense_opt is not None:
+            dense_opt.step()
 
     for k in range(warmup):
         one(k)
@@ -117,7 +120,7 @@ def command(batch_size: int, steps: int, warmup: int, n_items: int, rounds: int,
     shape = (f"batch={batch_size} dim={config.dim} id_buckets={config.id_buckets} threads={threads} "
              f"best of {rounds}")
     report([
-        result("train/raw_torch_step", "examples/s", raw, extra=f"the same towers and loss, plain torch loop; {shape}"),
+        result("train/raw_torch_step", "examples/s", raw, extra=f"the same model and loss, plain torch loop; {shape}"),
         result("train/step", "examples/s", step_rate, ratio_to_raw=step_rate / raw, extra=shape),
         result("train/end_to_end", "examples/s", e2e_rate, ratio_to_raw=e2e_rate / raw,
                extra=f"make_batch + step; {shape}"),

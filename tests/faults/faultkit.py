@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import msgspec
-from kafka import TopicPartition
 
-from streamrecall.consumers.clients import make_consumer
 from streamrecall.consumers.deadletter import (HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_ROLE,
                                                HEADER_TOPIC, headers_dict)
 from streamrecall.consumers.updates import HEADER_KIND, HEADER_VERSION
@@ -342,23 +340,7 @@ def hostile_valid(rng: random.Random, n: int, ts_base: int,
 # --------------------------------------------------------------------------- reading
 def read_topic(system: LocalSystem, topic: str, timeout_s: float = 120.0) -> list[Any]:
     """Every record of a physical topic, read to the fetch high watermark of each partition."""
-    c = make_consumer(system.settings, None)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        out: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for messages in c.poll(timeout_ms=200, max_records=10_000).values():
-                out.extend(messages)
-            if all(c.highwater(tp) is not None and c.position(tp) >= c.highwater(tp) for tp in tps):
-                break
-        else:
-            raise AssertionError(f"could not read {topic} to its end in {timeout_s:.0f}s")
-        return sorted(out, key=lambda m: (m.partition, m.offset))
-    finally:
-        c.close(autocommit=False)
+    return system.read_topic(topic, timeout_s)
 
 
 @dataclass(frozen=True)

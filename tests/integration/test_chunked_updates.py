@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers import indexer_snapshot
-from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.clients import make_producer
 from streamrecall.consumers.deadletter import HEADER_TOPIC, headers_dict
 from streamrecall.consumers.roles.trainer import KafkaUpdateSink
 from streamrecall.consumers.update_chunks import MAX_RECORD_BYTES, split_update
@@ -60,25 +59,6 @@ def versions(system: LocalSystem) -> tuple[Any, Any]:
     return indexer, system.metric("streamrecall_model_version", "publisher", role="publisher")
 
 
-def read_topic(system: LocalSystem, topic: str) -> list[Any]:
-    assert system.settings is not None
-    c = make_consumer(system.settings, None)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        out: list[Any] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for messages in c.poll(timeout_ms=200).values():
-                out.extend(messages)
-            if all(c.highwater(tp) is not None and c.position(tp) >= c.highwater(tp) for tp in tps):
-                return sorted(out, key=lambda m: (m.partition, m.offset))
-        raise AssertionError(f"could not read {topic} to its end")
-    finally:
-        c.close()
-
-
 def record_bytes(m: Any) -> int:
     """What a record weighs on the broker, less Kafka's few bytes of framing: key, value, headers."""
     return len(m.key or b"") + len(m.value or b"") + sum(len(k) + len(v or b"") for k, v in m.headers)
@@ -87,7 +67,7 @@ def record_bytes(m: Any) -> int:
 def model_update_letters(system: LocalSystem) -> list[dict[str, str]]:
     assert system.settings is not None
     topic = system.settings.topics.model_updates
-    return [h for h in (headers_dict(m.headers) for m in read_topic(system, system.settings.topics.deadletter))
+    return [h for h in (headers_dict(m.headers) for m in system.read_topic(system.settings.topics.deadletter))
             if h.get(HEADER_TOPIC) == topic]
 
 
@@ -118,7 +98,7 @@ def test_a_full_update_above_one_mebibyte_travels_in_chunks_and_every_replica_ap
         v = publish(system, trained())
         wait_for(f"v{v} at the indexer and the publisher", system, lambda: versions(system) == (v, float(v)))
 
-        records = read_topic(system, system.settings.topics.model_updates)
+        records = system.read_topic(system.settings.topics.model_updates)
         assert len(records) > 2, "a 3 MiB update is several chunks"
         assert max(record_bytes(m) for m in records) <= MAX_RECORD_BYTES
 
