@@ -59,7 +59,8 @@ def deadletter_sink(settings: Settings, role: str, producer: Any) -> DeadLetterS
 def run_handler(role: str, settings: Settings, start: StartPosition, handler: Handler,
                 topics: Mapping[str, tuple[str, Decode]], *, assign_all: bool = False,
                 serve_http: Callable[[ExitStack, Heartbeat], Any] | None = None,
-                stack: ExitStack | None = None, **runtime_options: Any) -> Runtime:
+                stack: ExitStack | None = None, until: Callable[[], bool] | None = None,
+                **runtime_options: Any) -> Runtime:
     """Run ``handler`` over ``topics`` (physical name → (logical name, decode)) until SIGTERM/SIGINT.
 
     ``serve_http`` starts the role's own HTTP server (the indexer's API, with /metrics on its admin port);
@@ -84,6 +85,6 @@ def run_handler(role: str, settings: Settings, start: StartPosition, handler: Ha
                           max_poll_records=settings.max_poll_records, heartbeat=heartbeat, **runtime_options)
         runtime.install_signal_handlers()
         log.info("%s running (start: %s)", role, start)
-        runtime.run()
+        runtime.run(until=until)
         log.info("%s stopped", role)
         return runtime

@@ -80,9 +80,11 @@ class Handler(Protocol):
     def handle(self, records: list[Record]) -> None:
         """Apply a batch in memory. Raise TransientError to have it retried."""
 
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def flush(self, offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int] | None:
         """Make the side effects of everything handled durable. ``offsets`` are the next offsets to
-        read that this flush covers (roles that snapshot store them with their state)."""
+        read that this flush covers (roles that snapshot store them with their state). A handler
+        whose durable state trails what it was handed (a data-parallel trainer rank, whose clicks
+        wait for a collective step) returns the offsets its flush does cover: those are committed."""
 
     def start_offsets(self) -> Mapping[TopicPartition, int]:
         """Next offsets to read from the role's own durable state (snapshot/checkpoint), if any."""
@@ -134,6 +136,9 @@ class Runtime:
     ``assign_all`` assigns every partition of the topics to this process (no group
     rebalancing; used by roles whose every replica needs the whole stream, such as
     the indexer); offsets are still committed under ``group_id`` so lag shows up.
+    ``only_partitions`` narrows that to these partition numbers (a data-parallel trainer
+    rank's share of clicks). ``poll_timeout_ms`` bounds each poll (and so each loop iteration
+    with nothing to read).
 
     A failing ``flush`` is retried with back-off (0.1 s doubling to 5 s) and nothing is
     committed until one succeeds. With ``pause_on_flush_failure`` (the default) consumption is
@@ -146,7 +151,8 @@ class Runtime:
                  start: StartPosition = StartPosition(), assign_all: bool = False,
                  flush_interval_ms: int = 200, max_poll_records: int = 2000,
                  metrics: RuntimeMetrics = RUNTIME, heartbeat: Heartbeat | None = None,
-                 pause_on_flush_failure: bool = True) -> None:
+                 pause_on_flush_failure: bool = True, only_partitions: Iterable[int] | None = None,
+                 poll_timeout_ms: int = 100) -> None:
         self.role = role
         self.consumer = consumer
         self.deadletters = deadletters
@@ -158,6 +164,8 @@ class Runtime:
         self.max_poll_records = max_poll_records
         self.metrics = metrics
         self.pause_on_flush_failure = pause_on_flush_failure
+        self.only_partitions = None if only_partitions is None else frozenset(only_partitions)
+        self.poll_timeout_ms = poll_timeout_ms
         self._stop = threading.Event()
         self._lock = threading.RLock()  # handle/flush vs. the rebalance listener on kafka's IO thread
         self._pending: dict[TopicPartition, int] = {}  # next offsets handled but not yet committed
@@ -215,7 +223,7 @@ class Runtime:
             self._retry_flush()
             self._beat()
             return
-        polled = self.consumer.poll(timeout_ms=100, max_records=self.max_poll_records)
+        polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_poll_records)
         if polled:
             started = time.perf_counter()
             with self._lock:
@@ -253,8 +261,11 @@ class Runtime:
         physical = list(self.topics)
         self._start_offsets = self._resolve_start(physical)
         if self.assign_all:
-            partitions = {TopicPartition(t, p) for t in physical for p in (self.consumer.partitions_for_topic(t) or ())}
-            if not partitions:
+            partitions = {TopicPartition(t, p) for t in physical for p in (self.consumer.partitions_for_topic(t) or ())
+                          if self.only_partitions is None or p in self.only_partitions}
+            if not partitions and self.only_partitions is not None:
+                log.warning("%s: none of partitions %s exists: nothing to read", self.role, sorted(self.only_partitions))
+            elif not partitions:
                 raise StreamrecallError(f"{self.role}: topics {physical} have no partitions; run `streamrecall topics create`")
             self.consumer.assign(sorted(partitions))
             self._on_assigned(partitions)
@@ -396,11 +407,13 @@ class Runtime:
         with self._lock:
             offsets = dict(self._pending)
             try:
-                self.handler.flush(offsets)
+                covered = self.handler.flush(offsets)
                 self.deadletters.flush(FLUSH_TIMEOUT_S)
             except Exception as exc:
                 self._enter_flush_failure(exc)
                 return False
+            if covered is not None:
+                offsets = dict(covered)
         if self._flush_failing_since is not None and not self.pause_on_flush_failure:
             log.info("%s: flush recovered after %.1fs", self.role, time.monotonic() - self._flush_failing_since)
             self._flush_failing_since = None

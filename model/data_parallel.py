@@ -292,7 +292,7 @@ class DataParallelTrainer(OnlineTrainer):
                 table.grad = None
                 continue
             table.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), torch.cat(table_values[name]),
-                                                 tuple(table.shape)).coalesce()
+                                                 tuple(table.shape), check_invariants=False).coalesce()
             self._mark(name, table.grad.indices()[0])
         return sent
 

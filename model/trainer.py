@@ -267,9 +267,17 @@ class OnlineTrainer:
         """
         try:
             data = Path(path).read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+        return self.restore_bytes(data, str(path))
+
+    def restore_bytes(self, data: bytes, path: str = "checkpoint") -> dict[str, Any]:
+        """:meth:`restore` from the checkpoint's bytes (a data-parallel job's rank 0 sends them to
+        the other ranks); ``path`` names them in errors."""
+        try:
             _, header = read_layout(data)
             tensors = loads(data)
-        except (OSError, SafeIOError) as exc:
+        except SafeIOError as exc:
             raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
         if header.get("format") != CHECKPOINT_FORMAT or header.get("format_version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"{path} is not a streamrecall checkpoint (format {header.get('format')!r})")

@@ -106,6 +106,14 @@ class Settings:
     # HTTP threads share a machine, and oversubscribed torch threads spin (measured: a 50-click
     # training step took 26 ms with 1 thread, 790 ms with 2, on two busy cores; docs/operations.md).
     torch_threads: int = 1
+    # A data-parallel trainer job (docs/roles.md): this process is rank ``rank`` of ``world_size``,
+    # and the ranks meet at master_addr:master_port (rank 0 listens there). 1: one trainer, no
+    # torch.distributed at all. Under torchrun its WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT
+    # are read when the STREAMRECALL_* variables are unset (streamrecall/ops/cli.py).
+    world_size: int = 1
+    rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
     # Kafka security, passed through to kafka-python unchanged.
     # How long a client waits for its first broker connection before giving up with a clear error.
     bootstrap_timeout_ms: int = 5_000
@@ -170,6 +178,13 @@ class Settings:
         _check_range("max_poll_records", self.max_poll_records, 1, 100_000)
         _check_range("flush_interval_ms", self.flush_interval_ms, 1, 60_000)
         _check_range("torch_threads", self.torch_threads, 1, 1024)
+        _check_range("world_size", self.world_size, 1, 4096)
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank: {self.rank!r} must be an integer from 0 to world_size - 1 "
+                              f"({self.world_size - 1}); give each process of the job its own rank")
+        if not self.master_addr.strip():
+            raise ConfigError("master_addr: must name the host of rank 0 (e.g. trainer-0.trainer)")
+        _check_range("master_port", self.master_port, 1, 65535)
         _check_range("bootstrap_timeout_ms", self.bootstrap_timeout_ms, 100, 300_000)
         _check_range("model_max_version_jump", self.model_max_version_jump, 1, 2**62)
         _check_range("deadletter_dedup_max", self.deadletter_dedup_max, 1, 2**31)

@@ -19,6 +19,9 @@ log = logging.getLogger("streamrecall")
 
 ENV = "STREAMRECALL_"
 
+#: Variables torchrun sets, read for these settings when the STREAMRECALL_* ones are unset.
+TORCHRUN_ENV = {"world_size": "WORLD_SIZE", "rank": "RANK", "master_addr": "MASTER_ADDR", "master_port": "MASTER_PORT"}
+
 #: (flag, setting name, click type, help). One list: flags, env names and settings stay in step.
 SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--bootstrap-servers", "bootstrap_servers", str, "Kafka bootstrap servers, host:port[,host:port]."),
@@ -35,6 +38,10 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-value-bytes", "max_value_bytes", int, "Larger values are dead-lettered as oversized."),
     ("--flush-interval-ms", "flush_interval_ms", int, "Flush side effects and commit at least this often."),
     ("--torch-threads", "torch_threads", int, "Intra-op torch threads per role process (raise on dedicated cores)."),
+    ("--world-size", "world_size", int, "Trainer processes of one data-parallel job (default 1: no torch.distributed)."),
+    ("--rank", "rank", int, "This trainer's rank in the job, 0 to world size - 1 (rank 0 publishes)."),
+    ("--master-addr", "master_addr", str, "Host of the job's rank 0, where the ranks meet (default 127.0.0.1)."),
+    ("--master-port", "master_port", int, "Port rank 0 listens on for the job's ranks (default 29500)."),
     ("--bootstrap-timeout-ms", "bootstrap_timeout_ms", int,
      "Give up with an error when no broker answers within this time (default 5000)."),
     ("--security-protocol", "security_protocol", click.Choice(list(get_args(SecurityProtocol))),
@@ -79,7 +86,8 @@ def env_name(setting: str) -> str:
 def settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add every setting as a flag with its environment variable, plus --config."""
     for flag, name, type_, help_ in reversed(SETTING_OPTIONS):
-        fn = click.option(flag, name, type=type_, default=None, envvar=env_name(name), show_envvar=True,
+        envvar = [env_name(name), TORCHRUN_ENV[name]] if name in TORCHRUN_ENV else env_name(name)
+        fn = click.option(flag, name, type=type_, default=None, envvar=envvar, show_envvar=True,
                           help=help_)(fn)
     fn = click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
                       envvar=ENV + "CONFIG", show_envvar=True, help="TOML settings file (flags and env win).")(fn)

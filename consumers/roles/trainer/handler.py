@@ -80,7 +80,11 @@ class TrainerHandler(HandlerBase):
             log.info("no checkpoint at %s: training from the seeded model, clicks from the beginning",
                      self.checkpoint_path)
             return False
-        extra = self.trainer.restore(self.checkpoint_path)
+        self._restore_extra(self.trainer.restore(self.checkpoint_path))
+        return True
+
+    def _restore_extra(self, extra: Mapping[str, Any]) -> None:
+        """The role's part of a restored checkpoint: histories, offsets, counters."""
         self.history = RecentHistory.from_json(extra["history"], self.options.history_users)
         if extra.get("clicks_topic") == self.clicks_topic:
             self.offsets = {int(p): int(o) for p, o in extra.get("offsets", {}).items()}
@@ -93,7 +97,6 @@ class TrainerHandler(HandlerBase):
         self._checkpointed = (self.clicks_trained, dict(self.offsets))
         log.info("restored %s: version %d, %d steps, %d clicks trained, next offsets %s", self.checkpoint_path,
                  self.trainer.version, self.trainer.steps, self.clicks_trained, self.offsets)
-        return True
 
     def start_offsets(self) -> Mapping[TopicPartition, int]:
         """The checkpoint's next offsets; without a checkpoint every partition from the beginning

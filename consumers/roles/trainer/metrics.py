@@ -40,5 +40,12 @@ class TrainerMetrics:
         self.update_chunks = Histogram("streamrecall_trainer_update_chunks",
                                        "Records (chunks of at most 1 MiB) per published model update.",
                                        buckets=(1, 2, 4, 16, 64, 256, 1024), registry=registry)
+        # Data-parallel jobs (--world-size > 1) only.
+        self.empty_shares = Counter("streamrecall_trainer_empty_shares_total",
+                                    "Collective steps this rank joined with no click of its own (an idle rank).",
+                                    registry=registry)
+        self.collective_bytes = Counter("streamrecall_trainer_collective_sent_bytes_total",
+                                        "Bytes this rank sent in the collectives of its training steps.",
+                                        registry=registry)
         self.checkpoint_time = Gauge("streamrecall_trainer_checkpoint_timestamp_seconds",
                                      "Unix time of the last durable checkpoint.", registry=registry)

@@ -29,6 +29,9 @@ class TrainerOptions:
     replay_capacity: int = 0           # clicks kept to replay while the stream is idle (0: no replay; docs/model.md)
     replay_batch_size: int = 256       # clicks per replay step: one step per idle poll, so keep it small
     replay_half_life: float = 5_000.0  # a buffered click this many clicks old is drawn half as often
+    # Data-parallel jobs (--world-size > 1; docs/roles.md):
+    rank_poll_ms: int = 20             # each rank polls at most this long per round: an idle rank's bound on a busy one's wait
+    collective_timeout_s: float = 60.0  # a rank that answers no collective for this long fails the job (it restarts)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TrainerOptions":

@@ -10,6 +10,7 @@ from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.roles.trainer.handler import CHECKPOINT_FILE, TrainerHandler
 from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.consumers.roles.trainer.options import ROLE, TrainerOptions
+from streamrecall.consumers.roles.trainer.ranks import NoUpdates, RankedTrainerHandler, rank_partitions
 from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import ItemTable, TopicReader
@@ -19,13 +20,18 @@ from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Decoder, Item
 from streamrecall.metrics import role_metrics
 from streamrecall.model import OnlineTrainer
+from streamrecall.model.data_parallel import Collective, DataParallelTrainer
 from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def run(settings: Settings, start: StartPosition) -> None:
-    """Run the trainer until SIGTERM/SIGINT, then train the rest, publish and checkpoint."""
+    """Run the trainer until SIGTERM/SIGINT, then train the rest, publish and checkpoint.
+    With ``world_size`` > 1, this process is one rank of a data-parallel job (:func:`run_rank`)."""
+    if settings.world_size > 1:
+        run_rank(settings, start)
+        return
     options = TrainerOptions.from_settings(settings)
     trainer = OnlineTrainer(model_config(settings))
     topics = settings.topics
@@ -78,5 +84,72 @@ def run(settings: Settings, start: StartPosition) -> None:
             run_handler(ROLE, settings, start, handler,
                         {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)}, stack=stack,
                         pause_on_flush_failure=False)
+        finally:
+            handler.shutdown()
+
+
+def run_rank(settings: Settings, start: StartPosition) -> None:
+    """Run rank ``settings.rank`` of a data-parallel trainer job (``consumers/roles/trainer/ranks.py``)
+    until any rank stops (SIGTERM/SIGINT: the job leaves together) or a peer fails (exit 2)."""
+    options = TrainerOptions.from_settings(settings)
+    if options.replay_capacity:
+        raise ConfigError("trainer.replay_capacity: replay is not supported with world_size > 1 (set it to 0)")
+    rank, world = settings.rank, settings.world_size
+    topics = settings.topics
+    with ExitStack() as stack:
+        side_producer = make_producer(settings)
+        stack.callback(side_producer.close, 10)
+        side_deadletters = deadletter_sink(settings, ROLE, side_producer)
+        table = ItemTable(options.catalog_items)
+        items = TopicReader(make_consumer(settings, None), topics.items, "items",
+                            Decoder(Item, settings.max_value_bytes).decode, table.apply, side_deadletters)
+        stack.callback(items.close)
+        clicks_partitions = sorted(items.consumer.partitions_for_topic(topics.clicks) or ())
+        if not clicks_partitions:
+            raise ConfigError(f"topic {topics.clicks} does not exist; run `streamrecall topics create`")
+        own = rank_partitions(clicks_partitions, rank, world)
+        if not own:
+            log.warning("rank %d of %d: %s has %d partitions, none for this rank: it joins every step with an "
+                        "empty share", rank, world, topics.clicks, len(clicks_partitions))
+
+        model = model_config(settings)
+        epoch, sink, published_version = 0, NoUpdates(), 0
+        if rank == 0:  # only rank 0 publishes, so only it takes a fencing epoch (docs/security.md)
+            update_producer = make_producer(settings, max_request_size=MAX_RECORD_BYTES, linger_ms=0,
+                                            max_block_ms=15_000)
+            stack.callback(update_producer.close, 30)
+            scan = make_consumer(settings, None)
+            published = last_published(scan, topics.model_updates, settings.model_signing_key,
+                                       update_max_bytes(settings, model))
+            scan.close(autocommit=False)
+            epoch, published_version = published.trainer_epoch + 1, published.version
+            sink = KafkaUpdateSink(update_producer, topics.model_updates, epoch, settings.model_signing_key,
+                                   chunk_bytes=settings.model_update_chunk_bytes)
+        # The slow local work (the items table, rank 0's scan) is done before joining, so no rank
+        # waits for another's start-up in a collective (bounded by collective_timeout_s).
+        items.start()
+        items.catch_up(options.startup_timeout_s)
+        log.info("items table: %d items", len(table.catalog))
+        log.info("rank %d of %d: joining the job at %s:%d", rank, world, settings.master_addr, settings.master_port)
+        comm = Collective.join(rank=rank, world_size=world, master_addr=settings.master_addr,
+                               master_port=settings.master_port, timeout_s=options.collective_timeout_s)
+        stack.callback(comm.close)
+        trainer = DataParallelTrainer(model, comm)
+        handler = RankedTrainerHandler(trainer, table.catalog, sink,
+                                       settings.role_state_dir(ROLE) / CHECKPOINT_FILE, topics.clicks,
+                                       clicks_partitions, options, role_metrics(TrainerMetrics),
+                                       poll_items=items.poll, side_flush=lambda: side_deadletters.flush(30),
+                                       trainer_epoch=epoch, own=own)
+        handler.restore()
+        trainer.advance_version(published_version)
+        log.info("rank %d of %d: clicks partitions %s%s", rank, world, own,
+                 f"; publishing as trainer epoch {epoch}" if rank == 0 else "")
+        if rank == 0 and handler.restored:  # consumers may hold deltas past the checkpoint: reset them now
+            handler.publish()
+        try:
+            run_handler(ROLE, settings, start, handler,
+                        {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)}, stack=stack,
+                        until=lambda: handler.finished, pause_on_flush_failure=False, assign_all=True,
+                        only_partitions=own, poll_timeout_ms=options.rank_poll_ms)
         finally:
             handler.shutdown()
