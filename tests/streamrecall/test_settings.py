@@ -28,6 +28,11 @@ def test_defaults_are_valid_and_topics_share_the_prefix():
     ({"security_protocol": "SASL_SSL"}, "sasl_mechanism"),
     ({"http_port": 70000}, "http_port"),
     ({"flush_interval_ms": 0}, "flush_interval_ms"),
+    ({"world_size": 0}, "world_size"),
+    ({"world_size": 2, "rank": 2}, "rank"),
+    ({"rank": -1}, "rank"),
+    ({"master_port": 0}, "master_port"),
+    ({"master_addr": " "}, "master_addr"),
 ])
 def test_a_wrong_value_is_refused_with_the_settings_name(changes, name):
     with pytest.raises(ConfigError, match=f"^{name}:"):
@@ -255,3 +260,19 @@ def test_a_boolean_flag_reads_its_environment_variable(monkeypatch):
     result = CliRunner().invoke(main, ["topics", "create"], env=env)
     assert result.exit_code == 0, result.output
     assert seen["s"].ssl_check_hostname is False and seen["s"].ssl_ciphers == "HIGH"
+
+
+def test_rank_settings_read_torchruns_environment_unless_streamrecalls_is_set(monkeypatch):
+    import streamrecall.consumers.topics as topics_mod
+
+    seen = {}
+    monkeypatch.setattr(topics_mod, "create_topics", lambda settings: seen.__setitem__("s", settings) or {})
+    torchrun = {"STREAMRECALL_BOOTSTRAP_SERVERS": "h:1", "WORLD_SIZE": "4", "RANK": "3", "MASTER_ADDR": "trainer-0.trainer",
+                "MASTER_PORT": "29511"}
+    assert CliRunner().invoke(main, ["topics", "create"], env=torchrun).exit_code == 0
+    s = seen["s"]
+    assert (s.world_size, s.rank, s.master_addr, s.master_port) == (4, 3, "trainer-0.trainer", 29511)
+    result = CliRunner().invoke(main, ["topics", "create"], env=torchrun | {"STREAMRECALL_RANK": "1"})
+    assert result.exit_code == 0, result.output
+    assert seen["s"].rank == 1  # ours first, then torchrun's
+    assert Settings().world_size == 1 and Settings().rank == 0  # no job: one trainer

@@ -9,11 +9,15 @@ figures, measured in the same run on the same machine:
   towers, row-wise Adagrad + Adam, change tracking);
 - ``end_to_end``: :meth:`OnlineTrainer.make_batch` from click objects and the item
   table, plus ``step`` (featurisation cache warm, as in a long-running trainer).
+
+With ``--ranks N``, also a data-parallel job of 1 and of N rank processes on the same batches
+(``train_ranks.py``): global clicks/s and the bytes each rank sends per step.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import click
@@ -93,9 +97,11 @@ def _rate(one, inputs, warmup: int, batch_size: int, catalog=None) -> float:
 @click.option("--threads", default=1, show_default=True,
               help="torch intra-op threads (1, as the roles' torch_threads default: more spin on a shared machine).")
 @click.option("--id-buckets", default=ModelConfig.id_buckets, show_default=True, help="Rows of each id table.")
+@click.option("--ranks", default=1, show_default=True,
+              help="Also time data-parallel jobs of 1 and of this many rank processes (gloo on loopback).")
 @json_option
 def command(batch_size: int, steps: int, warmup: int, n_items: int, rounds: int, threads: int, id_buckets: int,
-            as_json: bool) -> None:
+            ranks: int, as_json: bool) -> None:
     """Examples/s of the online trainer vs a raw torch step of the same shapes."""
     torch.set_num_threads(threads)
     config = ModelConfig(id_buckets=id_buckets)
@@ -119,10 +125,37 @@ def command(batch_size: int, steps: int, warmup: int, n_items: int, rounds: int,
 
     shape = (f"batch={batch_size} dim={config.dim} id_buckets={config.id_buckets} threads={threads} "
              f"best of {rounds}")
+    jobs = _rank_results(ranks, raw, rounds, batch_size=batch_size, steps=steps, warmup=warmup, n_items=n_items,
+                         id_buckets=id_buckets, threads=threads) if ranks > 1 else []
     report([
         result("train/raw_torch_step", "examples/s", raw, extra=f"the same model and loss, plain torch loop; {shape}"),
         result("train/step", "examples/s", step_rate, ratio_to_raw=step_rate / raw, extra=shape),
         result("train/end_to_end", "examples/s", e2e_rate, ratio_to_raw=e2e_rate / raw,
                extra=f"make_batch + step; {shape}"),
+        *jobs,
         result("train/peak_rss", "MiB", peak_rss_mb()),
     ], as_json)
+
+
+def _rank_results(ranks: int, raw: float, rounds: int, **shape: int) -> list:
+    """Data-parallel jobs of 1 and ``ranks`` processes, interleaved, best of ``rounds`` each."""
+    from streamrecall.devtools.bench.train_ranks import measure
+
+    best: dict[int, object] = {}
+    for _ in range(rounds):
+        for world in (1, ranks):
+            run = measure(world, **shape)
+            if world not in best or run.clicks_per_s > best[world].clicks_per_s:  # type: ignore[attr-defined]
+                best[world] = run
+    one = best[1].clicks_per_s  # type: ignore[attr-defined]
+    cores = os.cpu_count()
+    out = []
+    for world, run in best.items():
+        out.append(result(f"train/ranks_{world}", "clicks/s", run.clicks_per_s, ratio_to_raw=run.clicks_per_s / raw,  # type: ignore[attr-defined]
+                          extra=f"{world} rank process(es), gloo on loopback, {cores} cores; "
+                                f"{run.clicks_per_s / one:.2f}x one rank; batch={shape['batch_size']} "  # type: ignore[attr-defined]
+                                f"id_buckets={shape['id_buckets']} threads={shape['threads']} best of {rounds}"))
+        if world > 1:
+            out.append(result(f"train/ranks_{world}_sent_per_step", "bytes", run.sent_bytes_per_step,  # type: ignore[attr-defined]
+                              extra="bytes each rank sends in one step's collectives (mean over ranks)"))
+    return out
