@@ -182,7 +182,7 @@ class DataParallelTrainer(OnlineTrainer):
         n = len(clicks)
         start = sum(sizes[:rank])
         zero = {"loss": 0.0, "examples": 0.0, "skipped": float(n), "downsampled": 0.0, "unknown_items": 0.0,
-                "steps": float(self.steps), "version": float(self.version)}
+                "own_examples": 0.0, "steps": float(self.steps), "version": float(self.version)}
         if n == 0:
             return GlobalStep(sizes, zero, sent)
         histories = history.before_each(clicks)
@@ -202,8 +202,10 @@ class DataParallelTrainer(OnlineTrainer):
         counts = [int(((kept >= sum(sizes[:r])) & (kept < sum(sizes[:r + 1]))).sum()) for r in range(len(sizes))]
         mine = kept[(kept >= start) & (kept < start + sizes[rank])] - start
         local = self.make_batch(shares[rank], items, histories[start:start + sizes[rank]])
+        # examples, skipped, downsampled: the global batch's; own_examples, unknown_items: this rank's share's.
         metrics = {"examples": float(kept.numel()), "skipped": float(n - kept.numel()),
-                   "downsampled": float(downsampled), "unknown_items": float(local.unknown_items)}
+                   "downsampled": float(downsampled), "unknown_items": float(local.unknown_items),
+                   "own_examples": float(mine.numel())}
         if kept.numel() == 0:
             return GlobalStep(sizes, zero | metrics, sent)
         expected = (n * p * keep_p)[kept]  # see OnlineTrainer.step

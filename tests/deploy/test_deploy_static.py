@@ -146,8 +146,10 @@ def test_prometheus_config_scrapes_every_role() -> None:
     for role in ROLES:
         job = jobs[f"streamrecall-{role}"]
         (static,) = job["static_configs"]
-        assert static["targets"] == [f"{role}:{METRICS_PORTS[role]}"]
-        assert role in compose["services"], f"target {role} is no compose service"
+        assert static["targets"][0] == f"{role}:{METRICS_PORTS[role]}"
+        for target in static["targets"]:  # the trainer job's other ranks are services trainer-1, ...
+            host = target.split(":")[0]
+            assert host.split("-")[0] == role and host in compose["services"], f"target {target} is no compose service"
         # A target label `role` would clash with the metrics' own and rename it to exported_role.
         assert "role" not in static.get("labels", {})
     for rule_file in config["rule_files"]:
@@ -370,8 +372,12 @@ def test_k8s_role(k8s, role: str) -> None:
     labels = spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items()
     assert labels["app.kubernetes.io/component"] == role
-    if role == "trainer":
-        assert spec["replicas"] == 1, "the trainer is the single writer of the model"
+    if role == "trainer":  # one data-parallel job: a pod per rank, its ordinal the rank
+        trainer_env = {e["name"]: e for e in _container(sts)["env"]}
+        assert spec["replicas"] == int(trainer_env["STREAMRECALL_WORLD_SIZE"]["value"])
+        assert trainer_env["STREAMRECALL_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+            "metadata.labels['apps.kubernetes.io/pod-index']"
+        assert trainer_env["STREAMRECALL_MASTER_ADDR"]["value"].startswith(f"{sts['metadata']['name']}-0.")
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["terminationGracePeriodSeconds"] >= 30, "roles checkpoint on SIGTERM"

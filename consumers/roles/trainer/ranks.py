@@ -201,9 +201,12 @@ class RankedTrainerHandler(TrainerHandler):
         if shares:  # every rank's trained_through_ms is its own; rank 0's travels in updates
             self.trained_through_ms = max(self.trained_through_ms, max(c.ts for c in shares))
         self._steps_since_publish += 1
+        # Summed over the ranks, the counters are the job's: each rank counts its own share's
+        # examples, and rank 0 counts the steps (every rank takes every one).
         m, r = self.metrics, result.metrics
-        m.steps.inc()
-        m.examples.inc(r["examples"])
+        if self.rank == 0:
+            m.steps.inc()
+        m.examples.inc(r["own_examples"])
         m.unknown_items.inc(r["unknown_items"])
         m.loss.set(r["loss"])
         m.step_seconds.observe(self.clock() - started)
