@@ -191,13 +191,8 @@ class DataParallelTrainer(OnlineTrainer):
         self.estimator.update(keys)
         p = self.estimator.probability(keys)
         self.trending.add(c.item_id for c in clicks if c.item_id in items)
-        keep = torch.tensor([float(c.weight) for c in clicks], dtype=torch.float32) > 0
-        keep_p = self._keep_probability(p)
-        downsampled = 0
-        if self.config.downsample_top is not None:
-            drop = torch.rand(n, generator=self._gen) >= keep_p
-            downsampled = int((drop & keep).sum())
-            keep &= ~drop
+        weights = torch.tensor([float(c.weight) for c in clicks], dtype=torch.float32)
+        keep, keep_p, downsampled = self._keep(weights, p)
         kept = keep.nonzero().flatten()
         counts = [int(((kept >= sum(sizes[:r])) & (kept < sum(sizes[:r + 1]))).sum()) for r in range(len(sizes))]
         mine = kept[(kept >= start) & (kept < start + sizes[rank])] - start
@@ -209,8 +204,7 @@ class DataParallelTrainer(OnlineTrainer):
         if kept.numel() == 0:
             return GlobalStep(sizes, zero | metrics, sent)
         expected = (n * p * keep_p)[kept]  # see OnlineTrainer.step
-        loss, step_bytes = self._optimise_global(local, mine, kept, keys, expected,
-                                                 torch.tensor([float(c.weight) for c in clicks])[kept], counts)
+        loss, step_bytes = self._optimise_global(local, mine, kept, keys, expected, weights[kept], counts)
         self.steps += 1
         return GlobalStep(sizes, metrics | {"loss": loss, "steps": float(self.steps), "version": float(self.version)},
                           sent + step_bytes)

@@ -94,13 +94,7 @@ class OnlineTrainer:
         self.estimator.update(keys)
         p = self.estimator.probability(keys)
         self.trending.add(i for i, k in zip(batch.item_ids, batch.known.tolist()) if k)
-        keep = batch.weights > 0
-        keep_p = self._keep_probability(p)
-        downsampled = 0
-        if self.config.downsample_top is not None:
-            drop = torch.rand(n, generator=self._gen) >= keep_p
-            downsampled = int((drop & keep).sum())
-            keep &= ~drop
+        keep, keep_p, downsampled = self._keep(batch.weights, p)
         idx = keep.nonzero().flatten()
         metrics = {"examples": float(idx.numel()), "skipped": float(n - idx.numel()),
                    "downsampled": float(downsampled), "unknown_items": float(batch.unknown_items)}
@@ -136,6 +130,18 @@ class OnlineTrainer:
         loss = self._optimise(batch.users.select(idx), batch.items.select(idx), batch.weights[idx], expected[idx], batch)
         self.steps += 1
         return {"loss": loss, "examples": float(idx.numel()), "steps": float(self.steps)}
+
+    def _keep(self, weights: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(n,) bool: the clicks trained on (weight > 0, and kept by down-sampling, which draws from
+        the trainer's generator); (n,) their keep probability; how many down-sampling dropped."""
+        keep = weights > 0
+        keep_p = self._keep_probability(p)
+        downsampled = 0
+        if self.config.downsample_top is not None:
+            drop = torch.rand(int(weights.shape[0]), generator=self._gen) >= keep_p
+            downsampled = int((drop & keep).sum())
+            keep &= ~drop
+        return keep, keep_p, downsampled
 
     def _keep_probability(self, p: torch.Tensor) -> torch.Tensor:
         """(n,) probability that a click on an item of click probability ``p`` is trained on:

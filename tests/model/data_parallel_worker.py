@@ -12,14 +12,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import msgspec
 import torch
 
-from streamrecall.events import Click, Item
+from streamrecall.devtools.bench.train import _stream
+from streamrecall.events import Click
 from streamrecall.model import ItemCatalog, ModelConfig, RecentHistory
 from streamrecall.model.data_parallel import Collective, DataParallelTrainer
 from streamrecall.model.safeio import dumps
-from streamrecall.devtools.synthetic import SyntheticConfig, generate
 
 CONFIG = dict(dim=8, hidden=16, id_buckets=2_000, token_buckets=1_024, estimator_buckets=1 << 12,
               trending_size=20, history_len=5)
@@ -28,14 +27,8 @@ STEPS = 12
 
 
 def stream() -> tuple[ItemCatalog, list[Click]]:
-    catalog, clicks = ItemCatalog(), []
-    for topic, _, value in generate(SyntheticConfig(n_items=300, n_users=100, n_clicks=BATCH * STEPS, seed=7)):
-        if topic == "items":
-            item = msgspec.convert(value, Item)
-            catalog.delete(item.item_id) if item.deleted else catalog.upsert(item)
-        else:
-            clicks.append(msgspec.convert(value, Click))
-    return catalog, clicks
+    """The seeded catalog and clicks every rank (and the one-process reference) builds."""
+    return _stream(300, BATCH * STEPS)
 
 
 def shares(batch: list, step: int, world: int) -> list[list]:

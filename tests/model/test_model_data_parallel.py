@@ -68,11 +68,13 @@ def test_two_ranks_equal_one_process_on_the_global_batches(tmp_path, tower):
         assert torch.equal(t0[k], ref_t[k]), k
     assert h0["history"] == ref_h["history"] and h0["steps"] == ref_h["steps"] == worker.STEPS
     assert h0["trending"] == [list(p) for p in ref_h["trending"]]
-    # ...and the trained weights equal one process stepping on the global batch, to rounding
-    # (the gradient is summed in another order).
+    # ...and the trained weights equal one process stepping on the global batch, to rounding: the
+    # gradient is summed in another order, and Adagrad and Adam (which divide by the gradient's
+    # own size) carry that rounding forward, to about 3e-5 after 12 steps of the two towers
+    # (a wrong normalisation or a missing all-reduce moves rows by 0.1 and more).
     for k, ref in ref_t.items():
         if k.startswith(("table/", "dense/")):
-            assert torch.allclose(t0[k], ref, rtol=1e-4, atol=1e-6), (k, (t0[k] - ref).abs().max())
+            assert torch.allclose(t0[k], ref, rtol=1e-3, atol=1e-4), (k, (t0[k] - ref).abs().max())
     # The run trained: the weights moved away from the seeded start.
     start = OnlineTrainer(ModelConfig(**worker.CONFIG, tower=tower))
     assert not torch.equal(t0["table/item_id"], start.model.tables()["item_id"].detach())

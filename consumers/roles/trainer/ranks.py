@@ -181,7 +181,7 @@ class RankedTrainerHandler(TrainerHandler):
         if steps:
             self._trained.append((self.trainer.steps, self._safe_offsets()))
         if bool(table[0, _CHECKPOINT]) or anyone_stops:
-            self._job_checkpoint()
+            self._job_checkpoint(anyone_stops)
         if anyone_stops:
             self.finished = True
             log.info("rank %d: rank(s) %s stopped; the job leaves together", self.rank,
@@ -219,8 +219,9 @@ class RankedTrainerHandler(TrainerHandler):
             out[p] = min(out.get(p, offset), offset)
         return out
 
-    def _job_checkpoint(self) -> None:
-        """Every rank's safe offsets to rank 0, which writes the one checkpoint of the job."""
+    def _job_checkpoint(self, final: bool) -> None:
+        """Every rank's safe offsets to rank 0, which writes the one checkpoint of the job (an idle
+        job's rank 0 does not rewrite it, but for the last one)."""
         safe = self._safe_offsets()
         n = len(self.partitions)
         index = {p: i for i, p in enumerate(self.partitions)}
@@ -236,7 +237,10 @@ class RankedTrainerHandler(TrainerHandler):
             got = [int(o) for o in table[:, i].tolist() if o >= 0]
             if got:
                 self.offsets[p] = max(got)
-        self.checkpoint()
+        if final or self._checkpointed != (self.clicks_trained, self.offsets):
+            self.checkpoint()
+        else:  # nothing new: the last checkpoint still holds
+            self._last_checkpoint = self.clock()
 
     def _publish_and_wait(self) -> None:
         if (self._steps_since_publish or self._force_full) and self._may_publish():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
+from typing import Any
 
 from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
 from streamrecall.consumers.clients import make_consumer, make_producer
@@ -19,7 +20,7 @@ from streamrecall.consumers.updates import last_published, update_max_bytes
 from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Decoder, Item
 from streamrecall.metrics import role_metrics
-from streamrecall.model import OnlineTrainer
+from streamrecall.model import ModelConfig, OnlineTrainer
 from streamrecall.model.data_parallel import Collective, DataParallelTrainer
 from streamrecall.settings import Settings
 
@@ -36,40 +37,16 @@ def run(settings: Settings, start: StartPosition) -> None:
     trainer = OnlineTrainer(model_config(settings))
     topics = settings.topics
     with ExitStack() as stack:
-        side_producer = make_producer(settings)
-        stack.callback(side_producer.close, 10)
-        side_deadletters = deadletter_sink(settings, ROLE, side_producer)
-        # Chunks are at most 1 MiB records; a send waits at most 15 s for metadata or buffer space
-        # (then the update counts as failed: the trainer backs off and keeps training).
-        update_producer = make_producer(settings, max_request_size=MAX_RECORD_BYTES, linger_ms=0,
-                                        max_block_ms=15_000)
-        stack.callback(update_producer.close, 30)
-
-        table = ItemTable(options.catalog_items)
-        items = TopicReader(make_consumer(settings, None), topics.items, "items",
-                            Decoder(Item, settings.max_value_bytes).decode, table.apply, side_deadletters)
-        stack.callback(items.close)
-        clicks_partitions = sorted(items.consumer.partitions_for_topic(topics.clicks) or ())
-        if not clicks_partitions:
-            raise ConfigError(f"topic {topics.clicks} does not exist; run `streamrecall topics create`")
-
-        # The fencing epoch: one past the highest on the topic (verified records only, with a key), so
-        # replicas refuse a trainer this one replaces if it keeps publishing (docs/security.md).
-        scan = make_consumer(settings, None)
-        published = last_published(scan, topics.model_updates, settings.model_signing_key,
-                                   update_max_bytes(settings, trainer.config))
-        scan.close(autocommit=False)
-        epoch = published.trainer_epoch + 1
-        sink = KafkaUpdateSink(update_producer, topics.model_updates, epoch, settings.model_signing_key,
-                               chunk_bytes=settings.model_update_chunk_bytes)
+        side_deadletters, table, items, clicks_partitions = _inputs(settings, options, stack)
+        sink, epoch, published_version = _update_sink(settings, trainer.config, stack)
         handler = TrainerHandler(trainer, table.catalog, sink,
                                  settings.role_state_dir(ROLE) / CHECKPOINT_FILE, topics.clicks, clicks_partitions,
                                  options, role_metrics(TrainerMetrics), poll_items=items.poll,
                                  side_flush=lambda: side_deadletters.flush(30), trainer_epoch=epoch)
         handler.restore()
-        if published.version > trainer.version:
-            log.info("model-updates already holds v%d; the next update goes past it", published.version)
-        trainer.advance_version(published.version)
+        if published_version > trainer.version:
+            log.info("model-updates already holds v%d; the next update goes past it", published_version)
+        trainer.advance_version(published_version)
         log.info("trainer epoch %d (model updates %s)", epoch,
                  "signed" if settings.model_signing_key is not None else "unsigned: no model_signing_key")
 
@@ -97,34 +74,14 @@ def run_rank(settings: Settings, start: StartPosition) -> None:
     rank, world = settings.rank, settings.world_size
     topics = settings.topics
     with ExitStack() as stack:
-        side_producer = make_producer(settings)
-        stack.callback(side_producer.close, 10)
-        side_deadletters = deadletter_sink(settings, ROLE, side_producer)
-        table = ItemTable(options.catalog_items)
-        items = TopicReader(make_consumer(settings, None), topics.items, "items",
-                            Decoder(Item, settings.max_value_bytes).decode, table.apply, side_deadletters)
-        stack.callback(items.close)
-        clicks_partitions = sorted(items.consumer.partitions_for_topic(topics.clicks) or ())
-        if not clicks_partitions:
-            raise ConfigError(f"topic {topics.clicks} does not exist; run `streamrecall topics create`")
+        side_deadletters, table, items, clicks_partitions = _inputs(settings, options, stack)
         own = rank_partitions(clicks_partitions, rank, world)
         if not own:
             log.warning("rank %d of %d: %s has %d partitions, none for this rank: it joins every step with an "
                         "empty share", rank, world, topics.clicks, len(clicks_partitions))
-
         model = model_config(settings)
-        epoch, sink, published_version = 0, NoUpdates(), 0
-        if rank == 0:  # only rank 0 publishes, so only it takes a fencing epoch (docs/security.md)
-            update_producer = make_producer(settings, max_request_size=MAX_RECORD_BYTES, linger_ms=0,
-                                            max_block_ms=15_000)
-            stack.callback(update_producer.close, 30)
-            scan = make_consumer(settings, None)
-            published = last_published(scan, topics.model_updates, settings.model_signing_key,
-                                       update_max_bytes(settings, model))
-            scan.close(autocommit=False)
-            epoch, published_version = published.trainer_epoch + 1, published.version
-            sink = KafkaUpdateSink(update_producer, topics.model_updates, epoch, settings.model_signing_key,
-                                   chunk_bytes=settings.model_update_chunk_bytes)
+        # Only rank 0 publishes, so only it takes a fencing epoch (docs/security.md).
+        sink, epoch, published_version = _update_sink(settings, model, stack) if rank == 0 else (NoUpdates(), 0, 0)
         # The slow local work (the items table, rank 0's scan) is done before joining, so no rank
         # waits for another's start-up in a collective (bounded by collective_timeout_s).
         items.start()
@@ -153,3 +110,38 @@ def run_rank(settings: Settings, start: StartPosition) -> None:
                         only_partitions=own, poll_timeout_ms=options.rank_poll_ms)
         finally:
             handler.shutdown()
+
+
+def _inputs(settings: Settings, options: TrainerOptions, stack: ExitStack) -> tuple[Any, ItemTable, TopicReader, list[int]]:
+    """The side dead-letter sink, the items table and its reader (not started), the clicks partitions."""
+    topics = settings.topics
+    side_producer = make_producer(settings)
+    stack.callback(side_producer.close, 10)
+    side_deadletters = deadletter_sink(settings, ROLE, side_producer)
+    table = ItemTable(options.catalog_items)
+    items = TopicReader(make_consumer(settings, None), topics.items, "items",
+                        Decoder(Item, settings.max_value_bytes).decode, table.apply, side_deadletters)
+    stack.callback(items.close)
+    clicks_partitions = sorted(items.consumer.partitions_for_topic(topics.clicks) or ())
+    if not clicks_partitions:
+        raise ConfigError(f"topic {topics.clicks} does not exist; run `streamrecall topics create`")
+    return side_deadletters, table, items, clicks_partitions
+
+
+def _update_sink(settings: Settings, model: ModelConfig, stack: ExitStack) -> tuple[KafkaUpdateSink, int, int]:
+    """The model-update sink, this process's fencing epoch and the newest version on the topic."""
+    topics = settings.topics
+    # Chunks are at most 1 MiB records; a send waits at most 15 s for metadata or buffer space
+    # (then the update counts as failed: the trainer backs off and keeps training).
+    update_producer = make_producer(settings, max_request_size=MAX_RECORD_BYTES, linger_ms=0, max_block_ms=15_000)
+    stack.callback(update_producer.close, 30)
+    # The fencing epoch: one past the highest on the topic (verified records only, with a key), so
+    # replicas refuse a trainer this one replaces if it keeps publishing (docs/security.md).
+    scan = make_consumer(settings, None)
+    published = last_published(scan, topics.model_updates, settings.model_signing_key,
+                               update_max_bytes(settings, model))
+    scan.close(autocommit=False)
+    epoch = published.trainer_epoch + 1
+    sink = KafkaUpdateSink(update_producer, topics.model_updates, epoch, settings.model_signing_key,
+                           chunk_bytes=settings.model_update_chunk_bytes)
+    return sink, epoch, published.version
