@@ -16,7 +16,7 @@ TINY = {
     "ingest": ["--records", "2000"],
     "index": ["--items", "2000", "--queries", "50", "--random-items", "1000"],
     "train": ["--batch-size", "128", "--steps", "3", "--warmup", "1", "--items", "500", "--rounds", "1",
-              "--threads", "1", "--id-buckets", "4096"],
+              "--threads", "1", "--id-buckets", "4096", "--ranks", "2"],
     "model-eval": ["--items", "300", "--users", "100", "--clicks", "3000", "--batch-size", "256",
                    "--id-buckets", "4096", "-k", "10"],
     "freshness": ["--seconds", "3", "--item-rate", "20", "--query-rate", "5", "--click-rate", "50",
