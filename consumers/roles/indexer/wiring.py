@@ -18,7 +18,7 @@ from streamrecall.consumers.roles.indexer.handler import IndexerHandler
 from streamrecall.consumers.roles.indexer.http_api import RecallService
 from streamrecall.consumers.roles.indexer.http_server import RecallApi
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
-from streamrecall.consumers.roles.indexer.options import ROLE, IndexerConfig
+from streamrecall.consumers.roles.indexer.options import ROLE, IndexerOptions
 from streamrecall.consumers.roles.indexer.reencoder import Reencoder
 from streamrecall.consumers.roles.indexer.scoring import ServingMonitor
 from streamrecall.consumers.roles.indexer.state import IndexerState
@@ -46,7 +46,7 @@ class IndexerRole:
         self.producer = make_producer(settings)
         self.deadletters = deadletter_sink(settings, ROLE, self.producer)
         self.start = start
-        self.config = IndexerConfig.from_settings(settings)
+        self.config = IndexerOptions.from_settings(settings)
         self.metrics = metrics if metrics is not None else role_metrics(IndexerMetrics)
         root = settings.role_state_dir(ROLE)
         loaded = indexer_snapshot.load(root) if start.kind == "committed" else None
