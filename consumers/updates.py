@@ -315,13 +315,12 @@ class ModelUpdateStream:
 class ModelUpdateFeed:
     """Keeps a :class:`TowerReplica` current from the model-updates topic (a side reader).
 
-    ``on_applied(update, applied)`` runs after each applied update (the publisher queues
-    re-encodes there). :meth:`start` catches up from the last full update before the role's
-    loop starts; :meth:`poll` applies what arrived since, a few records per call.
+    :meth:`start` catches up from the last full update before the role's loop starts; :meth:`poll`
+    applies what arrived since, a few records per call, and returns the updates it applied (the
+    publisher queues re-publication for them): the caller pulls, no callback is wired in.
     """
 
-    def __init__(self, consumer: KafkaConsumer, topic: str, replica: TowerReplica, deadletters: DeadLetterSink,
-                 on_applied: Callable[[ModelUpdate, Applied], None] = lambda u, a: None, *,
+    def __init__(self, consumer: KafkaConsumer, topic: str, replica: TowerReplica, deadletters: DeadLetterSink, *,
                  max_bytes: int, signing_key: Secret | None = None) -> None:
         partitions = consumer.partitions_for_topic(topic) or set()
         if len(partitions) > 1:
@@ -330,7 +329,7 @@ class ModelUpdateFeed:
         self.consumer = consumer
         self.topic = topic
         self.replica = replica
-        self.on_applied = on_applied
+        self._applied: list[tuple[ModelUpdate, Applied]] = []  # since the last poll
         self.signing_key = signing_key
         self.max_bytes = max_bytes
         self.stream = ModelUpdateStream(topic, self._apply, lambda letter: deadletters.send(letter, "model-updates"),
@@ -343,10 +342,15 @@ class ModelUpdateFeed:
         offset = last_full_offset(self.consumer, self.topic, self.signing_key, self.max_bytes)
         log.info("model updates: starting at %s[0]@%d (the last full update)", self.topic, offset)
         self.reader.start({0: offset})
-        return self.reader.catch_up(timeout_s)
+        caught_up = self.reader.catch_up(timeout_s)
+        self._applied.clear()  # the replica is where the stream is: nothing to react to yet
+        return caught_up
 
-    def poll(self) -> int:
-        return self.reader.poll(timeout_ms=0, max_records=RECORDS_PER_TICK)
+    def poll(self) -> list[tuple[ModelUpdate, Applied]]:
+        """Apply what arrived since the last call (non-blocking); the updates applied, in order."""
+        self.reader.poll(timeout_ms=0, max_records=RECORDS_PER_TICK)
+        applied, self._applied = self._applied, []
+        return applied
 
     def _apply(self, update: ModelUpdate, offset: int) -> None:
         # ModelUpdateError (another model) and ModelUpdateRefused (stale epoch, version jump):
@@ -362,7 +366,7 @@ class ModelUpdateFeed:
             log.debug("model update v%d skipped: already at v%d", update.version, self.replica.version)
             return
         log.info("model update v%d (%s) applied", update.version, update.kind)
-        self.on_applied(update, applied)
+        self._applied.append((update, applied))
 
     def close(self) -> None:
         self.reader.close()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from streamrecall.consumers.app import model_config
+from streamrecall.consumers.assembly import model_config
 from streamrecall.consumers.deadletter import DeadLetterSink
 from streamrecall.consumers.runtime import decode_value
 from streamrecall.consumers.updates import (HEADER_SIGNATURE, ModelUpdateDecoder, _mark, decode_model_update,

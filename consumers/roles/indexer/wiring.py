@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 from kafka import KafkaConsumer, TopicPartition
 
-from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
-from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.assembly import RoleAssembly, model_config
+from streamrecall.consumers.clients import make_consumer
 from streamrecall.consumers.deadletter import DeadLetter
 from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
@@ -38,13 +38,12 @@ log = logging.getLogger(__name__)
 class IndexerRole:
     """Builds the indexer's state (restoring the snapshot), its handler, re-encoder and API."""
 
-    def __init__(self, settings: Settings, start: StartPosition, metrics: IndexerMetrics | None = None,
+    def __init__(self, process: RoleAssembly, start: StartPosition, metrics: IndexerMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION) -> None:
-        self.settings = settings
-        # Its own producer for the dead letters of model updates: a broken chunk sequence is found
-        # by the handler, after the runtime's decode (closed last, in close()).
-        self.producer = make_producer(settings)
-        self.deadletters = deadletter_sink(settings, ROLE, self.producer)
+        settings = self.settings = process.settings
+        # The process's one dead-letter sink: a broken chunk sequence is found by the handler, after
+        # the runtime's decode, and dead-lettered through the sink the runtime flushes.
+        self.deadletters = process.deadletters
         self.start = start
         self.config = IndexerOptions.from_settings(settings)
         self.metrics = metrics if metrics is not None else role_metrics(IndexerMetrics)
@@ -70,10 +69,8 @@ class IndexerRole:
         self.service = RecallService(self.state, self.config, self.monitor, self.health)
         self.serving_monitor = ServingMonitor(self.service, self.service.sampler, self.config.overlap_interval_s,
                                               self.config.overlap_max_items)
-        self.restored = False
         if start.kind == "committed":
             self._prepare_resume(resume)
-        self.restored = True
 
     # ---------------------------------------------------------------- restart
     def _prepare_resume(self, resume: indexer_snapshot.Resume | None) -> None:
@@ -188,16 +185,12 @@ class IndexerRole:
             self.handler.snapshot()
         except Exception:
             log.exception("indexer: final snapshot failed; the previous one stays current")
-        finally:
-            self.producer.close(10)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         state = self.state
         lag = self.handler.lag()
         total = sum(lag.values()) if lag is not None else None
         reasons = []
-        if not self.restored:
-            reasons.append("restoring the snapshot")
         if lag is None:
             reasons.append("lag not measured yet")
         elif total > self.config.ready_max_lag:
@@ -217,9 +210,9 @@ class IndexerRole:
 
 def run(settings: Settings, start: StartPosition) -> None:
     """Run the indexer until SIGTERM/SIGINT; exit writes a final snapshot."""
-    role = IndexerRole(settings, start)
     with ExitStack() as stack:
-        stack.callback(role.close)  # runs last: after the runtime's final flush and the API's shutdown
+        process = RoleAssembly(ROLE, settings, stack)
+        role = IndexerRole(process, start)
+        stack.callback(role.close)  # after the runtime's final flush and the API's shutdown
         role.begin()
-        run_handler(ROLE, settings, start, role.handler, role.topics(), assign_all=True,
-                    serve_http=role.serve_http, stack=stack)
+        process.run(start, role.handler, role.topics(), assign_all=True, serve_http=role.serve_http)

@@ -36,7 +36,7 @@ class TrainerHandler(HandlerBase):
                  checkpoint_path: Path, clicks_topic: str, partitions: Sequence[int],
                  options: TrainerOptions = TrainerOptions(), metrics: TrainerMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION,
-                 poll_items: Callable[[], Any] = lambda: None, side_flush: Callable[[], None] = lambda: None,
+                 poll_items: Callable[[], Any] = lambda: None,
                  clock: Callable[[], float] = time.monotonic, trainer_epoch: int = 0,
                  states: StateMetrics = STATE) -> None:
         self.trainer = trainer
@@ -50,7 +50,6 @@ class TrainerHandler(HandlerBase):
         self.metrics = metrics or role_metrics(TrainerMetrics)
         self.version_metrics = version_metrics
         self.poll_items = poll_items
-        self.side_flush = side_flush
         self.clock = clock
         self.states = states
         self.history = RecentHistory(trainer.config.history_len, options.history_users)
@@ -129,7 +128,6 @@ class TrainerHandler(HandlerBase):
         follows covers only published learning); checkpoint when due, so the offsets stored are
         exactly those of the clicks the stored model was trained on."""
         self.offsets.update({tp.partition: o for tp, o in offsets.items() if tp.topic == self.clicks_topic})
-        self.side_flush()
         self._train_buffer()
         if (self._steps_since_publish or self._force_full) and self._may_publish():
             self.publish()
