@@ -24,6 +24,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
 from streamrecall.consumers.liveness import Heartbeat
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.start import StartPosition
 from streamrecall.errors import StreamrecallError, TransientError
 from streamrecall.metrics import RUNTIME, RuntimeMetrics
@@ -80,11 +81,11 @@ class Handler(Protocol):
     def handle(self, records: list[Record]) -> None:
         """Apply a batch in memory. Raise TransientError to have it retried."""
 
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def flush(self, offsets: Offsets) -> None:
         """Make the side effects of everything handled durable. ``offsets`` are the next offsets to
-        read that this flush covers (roles that snapshot store them with their state)."""
+        read that this flush covers, by logical topic (roles that snapshot store them with their state)."""
 
-    def start_offsets(self) -> Mapping[TopicPartition, int]:
+    def start_offsets(self) -> Offsets:
         """Next offsets to read from the role's own durable state (snapshot/checkpoint), if any."""
 
     def assigned(self, partitions: set[TopicPartition]) -> None: ...
@@ -102,11 +103,11 @@ class HandlerBase(abc.ABC):
     def handle(self, records: list[Record]) -> None:
         """Apply a batch in memory (see :class:`Handler`)."""
 
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def flush(self, offsets: Offsets) -> None:
         pass
 
-    def start_offsets(self) -> Mapping[TopicPartition, int]:
-        return {}
+    def start_offsets(self) -> Offsets:
+        return Offsets()
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         pass
@@ -263,7 +264,7 @@ class Runtime:
 
     def _resolve_start(self, physical: list[str]) -> dict[TopicPartition, int]:
         """Explicit offsets for each partition, computed before any assignment (listeners cannot block)."""
-        own = dict(self.handler.start_offsets())
+        own = {TopicPartition(self._physical(t), p): o for (t, p), o in self.handler.start_offsets().items()}
         if self.start.kind == "committed":
             return own
         if self.start.kind == "offsets":
@@ -301,7 +302,7 @@ class Runtime:
             to_commit = {tp: o for tp, o in self._pending.items() if tp in partitions}
             if to_commit:
                 try:
-                    self.handler.flush(dict(self._pending))
+                    self.handler.flush(self._logical_offsets(self._pending))
                     self.deadletters.flush(FLUSH_TIMEOUT_S)
                 except Exception:  # the new owner re-reads from the last commit: at-least-once holds
                     log.exception("%s: flush on revoke failed; %s will be re-read by the new owner",
@@ -388,6 +389,9 @@ class Runtime:
     def _physical(self, logical: str) -> str:
         return next(t for t, (name, _) in self.topics.items() if name == logical)
 
+    def _logical_offsets(self, offsets: Mapping[TopicPartition, int]) -> Offsets:
+        return Offsets({(self.topics[tp.topic][0], tp.partition): o for tp, o in offsets.items()})
+
     # --- flush and commit -------------------------------------------------------
     def flush_and_commit(self) -> bool:
         """Flush side effects and dead letters, then commit. On failure pause consumption and retry."""
@@ -396,7 +400,7 @@ class Runtime:
         with self._lock:
             offsets = dict(self._pending)
             try:
-                self.handler.flush(offsets)
+                self.handler.flush(self._logical_offsets(offsets))
                 self.deadletters.flush(FLUSH_TIMEOUT_S)
             except Exception as exc:
                 self._enter_flush_failure(exc)

@@ -135,7 +135,7 @@ def test_a_kill_9_in_the_middle_of_a_chunk_sequence_re_reads_the_whole_version(b
             loaded = indexer_snapshot.load(root)
             _, health = system.get("/healthz")
             return (loaded is not None and health.get("lag_by_topic", {}).get("model-updates") == 0
-                    and loaded.resume.model_updates.get("0") == first)
+                    and loaded.resume.next_offsets().get("model-updates", 0) == first)
 
         wait_for("a snapshot taken with v2's chunks read", system, snapshot_covers_the_open_sequence)
         indexer = system.processes.pop("indexer")

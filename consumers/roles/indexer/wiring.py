@@ -11,6 +11,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streamrecall.consumers.assembly import RoleAssembly, model_config
 from streamrecall.consumers.clients import make_consumer
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.deadletter import DeadLetter
 from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
@@ -75,16 +76,12 @@ class IndexerRole:
     # ---------------------------------------------------------------- restart
     def _prepare_resume(self, resume: indexer_snapshot.Resume | None) -> None:
         """Explicit start offsets for every partition, and the replay of model updates."""
-        t = self.settings.topics
         consumer = make_consumer(self.settings, None, client_id="streamrecall-indexer-restore")
         try:
-            start_at: dict[TopicPartition, int] = {}
-            for topic in (t.items, t.model_updates, t.user_vectors):
-                for p in consumer.partitions_for_topic(topic) or ():
-                    start_at[TopicPartition(topic, p)] = 0
+            start_at = Offsets({(logical, p): 0 for physical, (logical, _) in self.topics().items()
+                                for p in consumer.partitions_for_topic(physical) or ()})
             if resume is not None:
-                start_at.update({TopicPartition(t.items, int(p)): o for p, o in resume.items.items()})
-                start_at.update({TopicPartition(t.model_updates, int(p)): o for p, o in resume.model_updates.items()})
+                start_at.update(resume.next_offsets())
                 if resume.last_full_offset is not None:
                     self._replay_updates(consumer, resume)
                 self._reconcile()
@@ -94,7 +91,7 @@ class IndexerRole:
 
     def _replay_updates(self, consumer: KafkaConsumer, resume: indexer_snapshot.Resume) -> None:
         tp = TopicPartition(self.settings.topics.model_updates, resume.last_full_partition or 0)
-        stop = resume.model_updates.get(str(tp.partition), 0)
+        stop = resume.next_offsets().get("model-updates", tp.partition) or 0
         start = resume.last_full_offset or 0
         if start >= stop:
             return
