@@ -22,7 +22,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import DeadLetterSink, sent_by_role
 from streamrecall.consumers.liveness import Heartbeat
-from streamrecall.consumers.runtime import Decode, Handler, Runtime
+from streamrecall.consumers.handler import Decode, Handler
+from streamrecall.consumers.runtime import Runtime
 from streamrecall.consumers.start import StartPosition
 from streamrecall.errors import ConfigError
 from streamrecall.metrics import RUNTIME, serve_metrics

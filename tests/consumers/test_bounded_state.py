@@ -20,7 +20,7 @@ from streamrecall.consumers.roles.publisher.handler import PublisherHandler
 from streamrecall.consumers.roles.publisher.options import PublisherOptions
 from streamrecall.consumers.roles.trainer.handler import TrainerHandler
 from streamrecall.consumers.roles.trainer.options import TrainerOptions
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.events import Click, Item, UserVector
 from streamrecall.metrics import ROLE_STATES, ModelVersionMetrics, RuntimeMetrics, StateMetrics
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics

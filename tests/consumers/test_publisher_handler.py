@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.publisher.handler import PublisherHandler
 from streamrecall.consumers.roles.publisher.options import PublisherOptions
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, UserVector
 from streamrecall.metrics import ModelVersionMetrics

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 from fakes import FakeConsumer, FakeProducer
 from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.deadletter import HEADER_REASON, DeadLetterSink
-from streamrecall.consumers.runtime import HandlerBase, Record, Runtime
+from streamrecall.consumers.handler import HandlerBase, Record
+from streamrecall.consumers.runtime import Runtime
 from streamrecall.errors import StreamrecallError, TransientError
 from streamrecall.events import InvalidEvent
 from streamrecall.metrics import RuntimeMetrics

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.trainer.handler import TrainerHandler
 from streamrecall.consumers.roles.trainer.options import TrainerOptions
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Item
 from streamrecall.metrics import ModelVersionMetrics

@@ -17,7 +17,7 @@ from streamrecall.consumers.clients import make_producer
 from streamrecall.consumers.deadletter import HEADER_TOPIC, headers_dict
 from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
 from streamrecall.consumers.update_chunks import MAX_RECORD_BYTES, split_update
-from streamrecall.consumers.updates import sign_update
+from streamrecall.consumers.update_codec import sign_update
 from streamrecall.events import Click
 from streamrecall.devtools.harness import LocalSystem
 from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics

@@ -21,7 +21,7 @@ from kafka import TopicPartition
 
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import HEADER_REASON, HEADER_ROLE, HEADER_TOPIC, headers_dict
-from streamrecall.consumers.updates import update_headers
+from streamrecall.consumers.update_codec import update_headers
 from streamrecall.events import Click, Decoder, UserVector
 from streamrecall.model import ModelConfig, OnlineTrainer, decode_update
 from streamrecall.model.safeio import read_layout

@@ -16,8 +16,9 @@ from streamrecall.consumers.roles.indexer.options import ROLE
 from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder
 from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
 from streamrecall.consumers.offsets import Offsets
-from streamrecall.consumers.runtime import HandlerBase, Record
-from streamrecall.consumers.updates import ModelUpdateStream, update_max_bytes
+from streamrecall.consumers.handler import HandlerBase, Record
+from streamrecall.consumers.updates import ModelUpdateStream
+from streamrecall.consumers.update_codec import update_max_bytes
 from streamrecall.events import Item
 from streamrecall.metrics import MODEL_VERSION, RUNTIME, ModelVersionMetrics
 from streamrecall.model import ModelUpdate

@@ -23,7 +23,7 @@ from streamrecall.consumers.roles.indexer.options import ROLE, IndexerOptions
 from streamrecall.consumers.roles.indexer.reencoder import Reencoder
 from streamrecall.consumers.roles.indexer.scoring import ServingMonitor
 from streamrecall.consumers.roles.indexer.state import IndexerState
-from streamrecall.consumers.runtime import decode_value
+from streamrecall.consumers.handler import decode_value
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.update_chunks import ChunkReader
 from streamrecall.errors import StreamrecallError

@@ -14,7 +14,7 @@ from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
 from streamrecall.consumers.roles.publisher.options import ROLE, PublisherOptions
 from streamrecall.consumers.roles.publisher.sink import VectorSink
 from streamrecall.consumers.roles.publisher.state import PartitionState
-from streamrecall.consumers.runtime import HandlerBase, Record
+from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.errors import TransientError
 from streamrecall.events import UserVector
 from streamrecall.metrics import MODEL_VERSION, STATE, ModelVersionMetrics, StateMetrics, role_metrics

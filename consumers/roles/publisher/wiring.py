@@ -11,7 +11,8 @@ from streamrecall.consumers.roles.publisher.options import ROLE, PublisherOption
 from streamrecall.consumers.roles.publisher.sink import KafkaVectorSink
 from streamrecall.consumers.roles.publisher.vector_table import VectorTable
 from streamrecall.consumers.start import StartPosition
-from streamrecall.consumers.updates import ModelUpdateFeed, update_max_bytes
+from streamrecall.consumers.updates import ModelUpdateFeed
+from streamrecall.consumers.update_codec import update_max_bytes
 from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Decoder
 from streamrecall.model import TowerReplica

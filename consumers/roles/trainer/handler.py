@@ -12,7 +12,7 @@ from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.consumers.roles.trainer.options import ROLE, TrainerOptions
 from streamrecall.consumers.roles.trainer.sink import UpdateSink
 from streamrecall.consumers.offsets import Offsets
-from streamrecall.consumers.runtime import HandlerBase, Record
+from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.errors import TransientError
 from streamrecall.events import Click
 from streamrecall.metrics import MODEL_VERSION, STATE, ModelVersionMetrics, StateMetrics, role_metrics

@@ -13,7 +13,8 @@ from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import ItemTable, TopicReader
 from streamrecall.consumers.update_chunks import MAX_RECORD_BYTES
-from streamrecall.consumers.updates import last_published, update_max_bytes
+from streamrecall.consumers.update_scan import last_published
+from streamrecall.consumers.update_codec import update_max_bytes
 from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Decoder, Item
 from streamrecall.metrics import role_metrics
