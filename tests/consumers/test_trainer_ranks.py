@@ -4,9 +4,9 @@ what is committed (the collective rounds themselves run in tests/integration/tes
 from __future__ import annotations
 
 import pytest
-from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.consumers.roles.trainer.options import TrainerOptions
 from streamrecall.consumers.roles.trainer.ranks import NoUpdates, RankedTrainerHandler, rank_partitions
@@ -40,11 +40,11 @@ def test_only_rank_0_publishes(tmp_path):
 
 def test_a_rank_commits_only_offsets_of_steps_rank_0_published(tmp_path):
     h = handler(tmp_path, 1)
-    assert h.start_offsets() == {TopicPartition("clicks", 1): 0, TopicPartition("clicks", 3): 0}
+    assert h.start_offsets() == Offsets({("clicks", 1): 0, ("clicks", 3): 0})
     # Rounds recorded (trainer steps after the round, safe offsets); rank 0 said it published step 3.
     h._trained.extend([(2, {1: 10, 3: 4}), (3, {1: 20, 3: 4}), (5, {1: 30, 3: 9})])
     h._published_steps = 3
-    assert h.flush({}) == {TopicPartition("clicks", 1): 20, TopicPartition("clicks", 3): 4}
-    assert h.flush({}) == {TopicPartition("clicks", 1): 20, TopicPartition("clicks", 3): 4}  # nothing newer yet
+    assert h.flush(Offsets()) == Offsets({("clicks", 1): 20, ("clicks", 3): 4})
+    assert h.flush(Offsets()) == Offsets({("clicks", 1): 20, ("clicks", 3): 4})  # nothing newer yet
     h._published_steps = 5
-    assert h.flush({}) == {TopicPartition("clicks", 1): 30, TopicPartition("clicks", 3): 9}
+    assert h.flush(Offsets()) == Offsets({("clicks", 1): 30, ("clicks", 3): 9})

@@ -78,7 +78,7 @@ def train_to_end(s: Settings, world: int, cfg: Path, tmp_path: Path, tag: str) -
     roles = job(s, world, cfg, tmp_path, tag)
     try:
         wait_for(f"{tag} to train every click",
-                 lambda: sum((checkpoint_extra(ckpt) or {}).get("offsets", {}).values()) == TRAIN, *roles)
+                 lambda: sum((checkpoint_extra(ckpt) or {}).get("offsets", {}).get("clicks", {}).values()) == TRAIN, *roles)
     finally:
         assert roles[-1].stop() == 0  # one rank's SIGTERM stops the whole job, cleanly
         for r in roles[:-1]:
@@ -161,7 +161,7 @@ def test_a_killed_rank_stops_the_job_and_a_restart_loses_nothing(settings_factor
     second = job(s, 2, cfg, tmp_path, "second")
     try:
         wait_for("the restarted job to train every click",
-                 lambda: sum((checkpoint_extra(ckpt) or {}).get("offsets", {}).values()) == 1200, *second)
+                 lambda: sum((checkpoint_extra(ckpt) or {}).get("offsets", {}).get("clicks", {}).values()) == 1200, *second)
     finally:
         assert second[0].stop() == 0
         assert second[1].proc.wait(timeout=60) == 0
@@ -171,7 +171,7 @@ def test_a_killed_rank_stops_the_job_and_a_restart_loses_nothing(settings_factor
     assert [u.version for u in before + after] == sorted({u.version for u in before + after})
     assert after[0].kind == "full" and after[0].steps == at_kill["steps"]
     # Every click trained: those before the checkpoint once, those at and after its offsets again.
-    assert final["clicks_trained"] == at_kill["clicks_trained"] + 1200 - sum(at_kill["offsets"].values())
+    assert final["clicks_trained"] == at_kill["clicks_trained"] + 1200 - sum(at_kill["offsets"]["clicks"].values())
     # Only rank 0 published, under one fencing epoch per job.
     assert len({u.trainer_epoch for u in before}) == 1 and len({u.trainer_epoch for u in after}) == 1
     assert after[0].trainer_epoch > before[0].trainer_epoch

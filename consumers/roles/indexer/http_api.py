@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.scoring import (QuerySampler, QueryVector, SampledQuery, Scored, UserQuery,
                                                           VectorQuery, current_vector, rescore)
 from streamrecall.consumers.roles.indexer.state import IndexerState
@@ -39,7 +39,7 @@ class ApiError(Exception):
 class RecallService:
     """Answers recall queries from the index, the user vectors and the trending list."""
 
-    def __init__(self, state: IndexerState, config: IndexerConfig, monitor: QualityMonitor,
+    def __init__(self, state: IndexerState, config: IndexerOptions, monitor: QualityMonitor,
                  health: HealthFn, sampler: QuerySampler | None = None) -> None:
         self.state = state
         self.config = config

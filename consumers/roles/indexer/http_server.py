@@ -39,7 +39,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from streamrecall.consumers.roles.indexer import http_requests as req
 from streamrecall.consumers.roles.indexer.http_api import ApiError, RecallService
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.metrics import Livez
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class ServerLimits:
     search_threads: int = 2             # the pool that runs searches and encodes
 
     @classmethod
-    def of(cls, config: IndexerConfig) -> "ServerLimits":
+    def of(cls, config: IndexerOptions) -> "ServerLimits":
         return cls(max_body_bytes=config.max_body_bytes, max_batch=config.max_batch,
                    request_timeout_s=config.http_request_timeout_s, idle_timeout_s=config.http_idle_timeout_s,
                    max_connections=config.http_max_connections, backlog=config.http_backlog,

@@ -36,12 +36,11 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from typing import Any, Mapping
+from typing import Any
 
-from kafka import TopicPartition
-
+from streamrecall.consumers.handler import Record
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.trainer.handler import TrainerHandler
-from streamrecall.consumers.runtime import Record
 from streamrecall.errors import StreamrecallError, TransientError
 from streamrecall.model.data_parallel import DataParallelTrainer
 
@@ -109,10 +108,10 @@ class RankedTrainerHandler(TrainerHandler):
         self._restore_extra(self.trainer.restore_bytes(data, f"rank 0's {self.checkpoint_path}"))
         return True
 
-    def start_offsets(self) -> Mapping[TopicPartition, int]:
-        out = {TopicPartition(self.clicks_topic, p): self.offsets.get(p, 0) for p in self.own}
-        self._positions = {tp.partition: o for tp, o in out.items()}
-        return out
+    def start_offsets(self) -> Offsets:
+        """The checkpoint's next offsets of this rank's partitions (0 without a checkpoint)."""
+        self._positions = {p: self.offsets.get("clicks", p) or 0 for p in self.own}
+        return Offsets({("clicks", p): o for p, o in self._positions.items()})
 
     # --- the runtime's calls -------------------------------------------------------------
     def handle(self, records: list[Record]) -> None:
@@ -129,13 +128,11 @@ class RankedTrainerHandler(TrainerHandler):
         if self.rank == 0:
             self._maybe_publish()
 
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int]:
+    def flush(self, offsets: Offsets) -> Offsets:
         """Rank 0 publishes what the steps trained and waits for the acknowledgement; every rank
         returns the offsets to commit: those of clicks trained in steps rank 0 has published."""
-        for tp, o in offsets.items():
-            if tp.topic == self.clicks_topic:  # covers dead-lettered records too
-                self._positions[tp.partition] = max(self._positions.get(tp.partition, 0), o)
-        self.side_flush()
+        for p, o in offsets.of("clicks").items():  # covers dead-lettered records too
+            self._positions[p] = max(self._positions.get(p, 0), o)
         if self._broken:
             raise TransientError("a peer rank failed: nothing is committed; the job restarts from its checkpoint")
         if self.rank == 0:
@@ -236,7 +233,7 @@ class RankedTrainerHandler(TrainerHandler):
         for i, p in enumerate(self.partitions):
             got = [int(o) for o in table[:, i].tolist() if o >= 0]
             if got:
-                self.offsets[p] = max(got)
+                self.offsets.set("clicks", p, max(got))
         if final or self._checkpointed != (self.clicks_trained, self.offsets):
             self.checkpoint()
         else:  # nothing new: the last checkpoint still holds
@@ -254,16 +251,16 @@ class RankedTrainerHandler(TrainerHandler):
             raise TransientError(f"learning is not on model-updates yet ({self._failures_in_a_row} failed "
                                  "publish(es) in a row): the click offsets it covers stay uncommitted")
 
-    def _committable(self) -> dict[TopicPartition, int]:
+    def _committable(self) -> Offsets:
         """The offsets of the newest round whose steps rank 0 has published."""
         best: dict[int, int] | None = None
         while self._trained and self._trained[0][0] <= self._published_steps:
             best = self._trained.popleft()[1]
         if best is None:
-            return {}
+            return Offsets()
         if self._trained:  # keep it for the next flush: later rounds build on it
             self._trained.appendleft((self._published_steps, best))
-        return {TopicPartition(self.clicks_topic, p): o for p, o in best.items()}
+        return Offsets({("clicks", p): o for p, o in best.items()})
 
     def _collective(self, fn: Any) -> Any:
         try:

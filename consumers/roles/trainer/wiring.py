@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from typing import Any
 
-from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
-from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.assembly import RoleAssembly, model_config
 from streamrecall.consumers.roles.trainer.handler import CHECKPOINT_FILE, TrainerHandler
 from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.consumers.roles.trainer.options import ROLE, TrainerOptions
@@ -16,7 +14,8 @@ from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.table import ItemTable, TopicReader
 from streamrecall.consumers.update_chunks import MAX_RECORD_BYTES
-from streamrecall.consumers.updates import last_published, update_max_bytes
+from streamrecall.consumers.update_scan import last_published
+from streamrecall.consumers.update_codec import update_max_bytes
 from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Decoder, Item
 from streamrecall.metrics import role_metrics
@@ -37,12 +36,12 @@ def run(settings: Settings, start: StartPosition) -> None:
     trainer = OnlineTrainer(model_config(settings))
     topics = settings.topics
     with ExitStack() as stack:
-        side_deadletters, table, items, clicks_partitions = _inputs(settings, options, stack)
-        sink, epoch, published_version = _update_sink(settings, trainer.config, stack)
+        process = RoleAssembly(ROLE, settings, stack)
+        table, items, clicks_partitions = _inputs(process, options)
+        sink, epoch, published_version = _update_sink(process, trainer.config)
         handler = TrainerHandler(trainer, table.catalog, sink,
                                  settings.role_state_dir(ROLE) / CHECKPOINT_FILE, topics.clicks, clicks_partitions,
-                                 options, role_metrics(TrainerMetrics), poll_items=items.poll,
-                                 side_flush=lambda: side_deadletters.flush(30), trainer_epoch=epoch)
+                                 options, role_metrics(TrainerMetrics), poll_items=items.poll, trainer_epoch=epoch)
         handler.restore()
         if published_version > trainer.version:
             log.info("model-updates already holds v%d; the next update goes past it", published_version)
@@ -58,8 +57,7 @@ def run(settings: Settings, start: StartPosition) -> None:
         try:
             # A failing flush (a publish not acknowledged) does not pause the clicks: training goes on
             # while the commit waits for the next acknowledged (full) update.
-            run_handler(ROLE, settings, start, handler,
-                        {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)}, stack=stack,
+            process.run(start, handler, {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)},
                         pause_on_flush_failure=False)
         finally:
             handler.shutdown()
@@ -74,14 +72,15 @@ def run_rank(settings: Settings, start: StartPosition) -> None:
     rank, world = settings.rank, settings.world_size
     topics = settings.topics
     with ExitStack() as stack:
-        side_deadletters, table, items, clicks_partitions = _inputs(settings, options, stack)
+        process = RoleAssembly(ROLE, settings, stack)
+        table, items, clicks_partitions = _inputs(process, options)
         own = rank_partitions(clicks_partitions, rank, world)
         if not own:
             log.warning("rank %d of %d: %s has %d partitions, none for this rank: it joins every step with an "
                         "empty share", rank, world, topics.clicks, len(clicks_partitions))
         model = model_config(settings)
         # Only rank 0 publishes, so only it takes a fencing epoch (docs/security.md).
-        sink, epoch, published_version = _update_sink(settings, model, stack) if rank == 0 else (NoUpdates(), 0, 0)
+        sink, epoch, published_version = _update_sink(process, model) if rank == 0 else (NoUpdates(), 0, 0)
         # The slow local work (the items table, rank 0's scan) is done before joining, so no rank
         # waits for another's start-up in a collective (bounded by collective_timeout_s).
         items.start()
@@ -95,8 +94,7 @@ def run_rank(settings: Settings, start: StartPosition) -> None:
         handler = RankedTrainerHandler(trainer, table.catalog, sink,
                                        settings.role_state_dir(ROLE) / CHECKPOINT_FILE, topics.clicks,
                                        clicks_partitions, options, role_metrics(TrainerMetrics),
-                                       poll_items=items.poll, side_flush=lambda: side_deadletters.flush(30),
-                                       trainer_epoch=epoch, own=own)
+                                       poll_items=items.poll, trainer_epoch=epoch, own=own)
         handler.restore()
         trainer.advance_version(published_version)
         log.info("rank %d of %d: clicks partitions %s%s", rank, world, own,
@@ -104,43 +102,35 @@ def run_rank(settings: Settings, start: StartPosition) -> None:
         if rank == 0 and handler.restored:  # consumers may hold deltas past the checkpoint: reset them now
             handler.publish()
         try:
-            run_handler(ROLE, settings, start, handler,
-                        {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)}, stack=stack,
+            process.run(start, handler, {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)},
                         until=lambda: handler.finished, pause_on_flush_failure=False, assign_all=True,
                         only_partitions=own, poll_timeout_ms=options.rank_poll_ms)
         finally:
             handler.shutdown()
 
 
-def _inputs(settings: Settings, options: TrainerOptions, stack: ExitStack) -> tuple[Any, ItemTable, TopicReader, list[int]]:
-    """The side dead-letter sink, the items table and its reader (not started), the clicks partitions."""
-    topics = settings.topics
-    side_producer = make_producer(settings)
-    stack.callback(side_producer.close, 10)
-    side_deadletters = deadletter_sink(settings, ROLE, side_producer)
+def _inputs(process: RoleAssembly, options: TrainerOptions) -> tuple[ItemTable, TopicReader, list[int]]:
+    """The items table and its side reader (not started yet), and the clicks partitions."""
+    settings, topics = process.settings, process.settings.topics
     table = ItemTable(options.catalog_items)
-    items = TopicReader(make_consumer(settings, None), topics.items, "items",
-                        Decoder(Item, settings.max_value_bytes).decode, table.apply, side_deadletters)
-    stack.callback(items.close)
+    items = TopicReader(process.consumer(), topics.items, "items", Decoder(Item, settings.max_value_bytes).decode,
+                        table.apply, process.deadletters)
     clicks_partitions = sorted(items.consumer.partitions_for_topic(topics.clicks) or ())
     if not clicks_partitions:
         raise ConfigError(f"topic {topics.clicks} does not exist; run `streamrecall topics create`")
-    return side_deadletters, table, items, clicks_partitions
+    return table, items, clicks_partitions
 
 
-def _update_sink(settings: Settings, model: ModelConfig, stack: ExitStack) -> tuple[KafkaUpdateSink, int, int]:
+def _update_sink(process: RoleAssembly, model: ModelConfig) -> tuple[KafkaUpdateSink, int, int]:
     """The model-update sink, this process's fencing epoch and the newest version on the topic."""
-    topics = settings.topics
+    settings, topics = process.settings, process.settings.topics
     # Chunks are at most 1 MiB records; a send waits at most 15 s for metadata or buffer space
     # (then the update counts as failed: the trainer backs off and keeps training).
-    update_producer = make_producer(settings, max_request_size=MAX_RECORD_BYTES, linger_ms=0, max_block_ms=15_000)
-    stack.callback(update_producer.close, 30)
+    update_producer = process.producer(max_request_size=MAX_RECORD_BYTES, linger_ms=0, max_block_ms=15_000)
     # The fencing epoch: one past the highest on the topic (verified records only, with a key), so
     # replicas refuse a trainer this one replaces if it keeps publishing (docs/security.md).
-    scan = make_consumer(settings, None)
-    published = last_published(scan, topics.model_updates, settings.model_signing_key,
+    published = last_published(process.consumer(), topics.model_updates, settings.model_signing_key,
                                update_max_bytes(settings, model))
-    scan.close(autocommit=False)
     epoch = published.trainer_epoch + 1
     sink = KafkaUpdateSink(update_producer, topics.model_updates, epoch, settings.model_signing_key,
                            chunk_bytes=settings.model_update_chunk_bytes)
