@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from streamrecall.model.batch import ClickLike
+from streamrecall.model.batch import ClickLike, TrainBatch
 from streamrecall.model.config import ModelConfig
 from streamrecall.model.errors import ModelError
 from streamrecall.model.features import ItemLike
@@ -139,8 +139,9 @@ class Collective:
 
 @dataclass(frozen=True)
 class GlobalStep:
-    """What one collective step saw: the global batch's size, each rank's share of it, and this
-    rank's own clicks (as sent), with the training metrics of :meth:`OnlineTrainer.step`."""
+    """What one collective step saw: each rank's share of the global batch (``sizes``, rank order),
+    the training metrics (those of :meth:`OnlineTrainer.step`, plus ``own_examples``: this rank's
+    share of the examples), and the payload bytes this rank put into the step's collectives."""
 
     sizes: tuple[int, ...]
     metrics: dict[str, float]
@@ -209,7 +210,7 @@ class DataParallelTrainer(OnlineTrainer):
         return GlobalStep(sizes, metrics | {"loss": loss, "steps": float(self.steps), "version": float(self.version)},
                           sent + step_bytes)
 
-    def _optimise_global(self, local, mine: torch.Tensor, kept: torch.Tensor, keys: torch.Tensor,
+    def _optimise_global(self, local: TrainBatch, mine: torch.Tensor, kept: torch.Tensor, keys: torch.Tensor,
                          expected: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> tuple[float, int]:
         """Forward the local rows against every rank's columns, backward, combine, apply."""
         cfg, comm, rank = self.config, self.comm, self.comm.rank

@@ -1,10 +1,10 @@
 """One rank of a data-parallel training run over a seeded stream (tests/model/test_model_data_parallel.py).
 
-    python data_parallel_worker.py RANK WORLD_SIZE PORT OUT_DIR
+    python data_parallel_worker.py RANK WORLD_SIZE PORT OUT_DIR [TOWER,...]
 
 Every rank builds the same catalog and clicks; step k's global batch is clicks [k·B, (k+1)·B),
 split unevenly among the ranks (an empty share at some steps), each rank training only its share.
-It writes its replicated state (tables, estimator, trending, histories) to OUT_DIR/rank{R}.safetensors.
+It writes its replicated state (tables, estimator, trending, histories) to OUT_DIR/TOWER-rank{R}.safetensors.
 """
 
 from __future__ import annotations
@@ -48,17 +48,18 @@ def state(trainer, history: RecentHistory) -> tuple[dict, dict]:
 
 def main() -> None:
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-    tower = sys.argv[5] if len(sys.argv) > 5 else "fm"
+    towers = sys.argv[5].split(",") if len(sys.argv) > 5 else ["fm"]
     torch.set_num_threads(1)
     comm = Collective.join(rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port, timeout_s=60)
     try:
-        trainer = DataParallelTrainer(ModelConfig(**CONFIG, tower=tower), comm)
-        history = RecentHistory(trainer.config.history_len)
         catalog, clicks = stream()
-        for k in range(STEPS):
-            trainer.global_step(shares(clicks[k * BATCH:(k + 1) * BATCH], k, world)[rank], catalog, history)
-        tensors, header = state(trainer, history)
-        (out / f"rank{rank}.safetensors").write_bytes(dumps(tensors, header))
+        for tower in towers:  # one job per model family, one after the other in the same processes
+            trainer = DataParallelTrainer(ModelConfig(**CONFIG, tower=tower), comm)
+            history = RecentHistory(trainer.config.history_len)
+            for k in range(STEPS):
+                trainer.global_step(shares(clicks[k * BATCH:(k + 1) * BATCH], k, world)[rank], catalog, history)
+            tensors, header = state(trainer, history)
+            (out / f"{tower}-rank{rank}.safetensors").write_bytes(dumps(tensors, header))
     finally:
         comm.close()
 

@@ -29,16 +29,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(out: Path, world: int, tower: str) -> list[tuple[dict, dict]]:
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(out), tower],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+TOWERS = ("fm", "two_tower")
+
+
+@pytest.fixture(scope="module")
+def ranks_out(tmp_path_factory) -> Path:
+    """Two ranks, run once for every tower (starting processes and torch costs more than the steps)."""
+    out, port = tmp_path_factory.mktemp("ranks"), free_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(port), str(out), ",".join(TOWERS)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     for p in procs:
-        output, _ = p.communicate(timeout=120)
+        output, _ = p.communicate(timeout=180)
         assert p.returncode == 0, output.decode()[-3000:]
+    return out
+
+
+def rank_states(out: Path, tower: str) -> list[tuple[dict, dict]]:
     states = []
-    for r in range(world):
-        data = (out / f"rank{r}.safetensors").read_bytes()
+    for r in range(2):
+        data = (out / f"{tower}-rank{r}.safetensors").read_bytes()
         states.append((loads(data), read_layout(data)[1]))
     return states
 
@@ -54,9 +63,9 @@ def single_process(tower: str) -> tuple[dict, dict]:
     return worker.state(trainer, history)
 
 
-@pytest.mark.parametrize("tower", ["fm", "two_tower"])
-def test_two_ranks_equal_one_process_on_the_global_batches(tmp_path, tower):
-    (t0, h0), (t1, h1) = run_ranks(tmp_path, 2, tower)
+@pytest.mark.parametrize("tower", TOWERS)
+def test_two_ranks_equal_one_process_on_the_global_batches(ranks_out, tower):
+    (t0, h0), (t1, h1) = rank_states(ranks_out, tower)
     # Replicated state is bit-identical on the ranks.
     assert t0.keys() == t1.keys()
     for k in t0:

@@ -2,8 +2,9 @@
 
 N processes on this machine join over gloo on loopback and take collective steps
 (:class:`~streamrecall.model.data_parallel.DataParallelTrainer`) on the same global batches
-that ``bench train`` times in one process (its ``end_to_end`` figure: make_batch + step), each
-rank featurising and training its contiguous share of every batch. Reported: global clicks/s
+that ``bench train`` times in one process (its ``end_to_end`` figure: make_batch + step, the
+featurisation cache warm, here too), each rank featurising and training its contiguous share of
+every batch. Reported: global clicks/s
 (rank 0's wall time over the timed steps, between barriers) and the bytes each rank sent per
 step. Run a worker by hand with ``python -m streamrecall.devtools.bench.train_ranks``.
 """
@@ -66,6 +67,10 @@ def _worker(rank: int, world: int, port: int, batch_size: int, steps: int, warmu
             batch = clicks[k * batch_size:(k + 1) * batch_size]
             return trainer.global_step(batch[rank * share:(rank + 1) * share], catalog, history).comm_bytes
 
+        # Featurisation cache warm, as in bench train's end_to_end (and a long-running trainer).
+        for k in range(warmup + steps):
+            trainer.make_batch(clicks[k * batch_size:(k + 1) * batch_size], catalog,
+                               [[] for _ in range(batch_size)])
         for k in range(warmup):
             one(k)
         dist.barrier()
