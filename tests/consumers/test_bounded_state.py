@@ -12,13 +12,19 @@ from prometheus_client import CollectorRegistry
 
 from streamrecall.bounded import LRUMap
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
-from streamrecall.consumers.roles.publisher import PartitionState, PublisherHandler, PublisherOptions
-from streamrecall.consumers.roles.trainer import TrainerHandler, TrainerOptions
+from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
+from streamrecall.consumers.roles.publisher.state import PartitionState
+from streamrecall.consumers.roles.publisher.handler import PublisherHandler
+from streamrecall.consumers.roles.publisher.options import PublisherOptions
+from streamrecall.consumers.roles.trainer.handler import TrainerHandler
+from streamrecall.consumers.roles.trainer.options import TrainerOptions
 from streamrecall.consumers.runtime import Record
 from streamrecall.events import Click, Item, UserVector
-from streamrecall.metrics import (ROLE_STATES, IndexerMetrics, ModelVersionMetrics, PublisherMetrics,
-                                  RuntimeMetrics, StateMetrics, TrainerMetrics)
+from streamrecall.metrics import ROLE_STATES, ModelVersionMetrics, RuntimeMetrics, StateMetrics
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
+from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
+from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory, TowerReplica, TrendingCounter
 
 CONFIG = ModelConfig(dim=8, hidden=16, id_buckets=4096, token_buckets=4096, estimator_buckets=4096)

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers.http_api import RecallService
-from streamrecall.consumers.http_server import RecallApi, ServerLimits
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
+from streamrecall.consumers.roles.indexer.http_api import RecallService
+from streamrecall.consumers.roles.indexer.http_server import RecallApi, ServerLimits
+from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
 from streamrecall.events import Item
 from streamrecall.index import QualityMonitor
-from streamrecall.metrics import IndexerMetrics
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 from streamrecall.model import ModelConfig
 
 MODEL = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers import indexer_snapshot
-from streamrecall.consumers.http_api import cap_per_category
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState
-from streamrecall.consumers.reencoder import Job, Reencoder
+from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
+from streamrecall.consumers.roles.indexer.http_api import cap_per_category
+from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.state import IndexerState
+from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder
 from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Item
 from streamrecall.index import QualityMonitor
-from streamrecall.metrics import IndexerMetrics
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 from streamrecall.model import ModelConfig, OnlineTrainer, decode_update
 from streamrecall.settings import Settings
 
