@@ -28,8 +28,9 @@ def check_tables(settings: Settings) -> None:
     from streamrecall.consumers.app import model_config
     from streamrecall.consumers.roles.indexer.options import IndexerConfig
     from streamrecall.consumers.roles.publisher.options import PublisherOptions
+    from streamrecall.consumers.roles.router.options import RouterConfig
     from streamrecall.consumers.roles.trainer.options import TrainerOptions
 
     model_config(settings)
-    for options in (IndexerConfig, PublisherOptions, TrainerOptions):
+    for options in (IndexerConfig, PublisherOptions, RouterConfig, TrainerOptions):
         options.from_settings(settings)

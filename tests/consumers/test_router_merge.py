@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers.http_api import ApiError, MAX_OVERFETCH_FACTOR, MIN_OVERFETCH, cap_per_category
+from streamrecall.consumers.recall_api.rules import MAX_OVERFETCH_FACTOR, MIN_OVERFETCH, ApiError, cap_per_category
 from streamrecall.consumers.roles.router.fanout import Failure, Reply, parse_shard_urls
 from streamrecall.consumers.roles.router.merge import ShardAnswer, merge, needs_wider, one_version
 from streamrecall.consumers.roles.router.metrics import RouterMetrics

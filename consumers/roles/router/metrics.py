@@ -1,7 +1,7 @@
 """The router's metrics (docs/operations.md): per-shard requests and latency, incomplete answers.
 
 The query families (``streamrecall_queries_total``, ``streamrecall_query_seconds``) are the ones
-every recall API serves (:class:`~streamrecall.metrics.QueryMetrics`), so a dashboard reads the
+every recall API serves (:class:`~streamrecall.consumers.recall_api.metrics.QueryMetrics`), so a dashboard reads the
 router and a single indexer alike.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from streamrecall.metrics import LATENCY_BUCKETS, QueryMetrics
+from streamrecall.consumers.recall_api.metrics import QueryMetrics
+from streamrecall.metrics import LATENCY_BUCKETS
 
 #: Outcomes of one request to a shard: answered, past the deadline, every replica down, refused
 #: (a 4xx: a bug or a mismatch between router and shard), or answered by an older model version.

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import msgspec
 import numpy as np
 
-from streamrecall.consumers.http_api import ApiError
+from streamrecall.consumers.recall_api.rules import ApiError
 from streamrecall.consumers.roles.router.fanout import Failure, Reply, ShardClient
 from streamrecall.consumers.roles.router.merge import ShardAnswer, merge, needs_wider, one_version
 
@@ -39,6 +39,8 @@ class Plan:
 
 class RouterService:
     """Answers recall queries by asking every shard; safe to call from several threads."""
+
+    serves_items = False  # items live on the shards: no /items, no /recall/shard here
 
     def __init__(self, client: ShardClient, users: Any, config: Any, metrics: Any, dim: int,
                  cap: Callable[[Sequence[Any], int, int, Callable[[Any], Sequence[str]]], list[Any]],

@@ -17,20 +17,19 @@ from typing import Any, Callable, Mapping
 from kafka import TopicPartition
 
 from streamrecall.consumers.app import model_config, run_handler
-from streamrecall.consumers.http_api import MAX_OVERFETCH_FACTOR, MIN_OVERFETCH, cap_per_category
-from streamrecall.consumers.http_server import RecallApi
-from streamrecall.consumers.indexer_state import UserEntry
 from streamrecall.consumers.liveness import Heartbeat
+from streamrecall.consumers.recall_api.rules import MAX_OVERFETCH_FACTOR, MIN_OVERFETCH, cap_per_category
+from streamrecall.consumers.recall_api.server import RecallApi
+from streamrecall.consumers.recall_api.users import UserEntry, apply_user_record
 from streamrecall.consumers.roles.router.fanout import ShardClient, parse_shard_urls
 from streamrecall.consumers.roles.router.metrics import RouterMetrics
 from streamrecall.consumers.roles.router.options import RouterConfig
 from streamrecall.consumers.roles.router.service import RouterService
-from streamrecall.consumers.runtime import HandlerBase, Record, lag_by_topic
+from streamrecall.consumers.runtime import HandlerBase, Record, measured_lag
 from streamrecall.consumers.start import StartPosition
 from streamrecall.bounded import LRUMap
 from streamrecall.errors import ConfigError
 from streamrecall.events import user_vector_decoder
-from streamrecall.metrics import role_metrics
 from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,11 +53,7 @@ class RouterHandler(HandlerBase):
 
     def handle(self, records: list[Record]) -> None:
         for r in records:
-            if r.value is None:  # tombstone
-                if r.key is not None:
-                    self.users.pop(r.key.decode("utf-8", "replace"), None)
-            else:
-                self.users.put(r.value.user_id, UserEntry.of(r.value))
+            apply_user_record(self.users, r.key, r.value)
 
     def tick(self) -> None:
         self.metrics.user_vectors.set(len(self.users))
@@ -74,7 +69,7 @@ class RouterRole:
         self.settings = settings
         self.config = RouterConfig.from_settings(settings)
         shards = parse_shard_urls(settings.shard_urls)
-        self.metrics = metrics if metrics is not None else role_metrics(RouterMetrics, shards=len(shards))
+        self.metrics = metrics if metrics is not None else RouterMetrics(shards=len(shards))
         self.users: LRUMap[str, UserEntry] = LRUMap(self.config.max_user_vectors)
         self.handler = RouterHandler(self.users, self.metrics)
         self.client = ShardClient(shards, threads=self.config.fanout_threads, down_s=self.config.down_s)
@@ -96,7 +91,7 @@ class RouterRole:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Ready once this run measured its user-vectors lag within ``ready_max_lag`` (the shards'
         own readiness is theirs: an answer says which shards answered)."""
-        lag = lag_by_topic(ROLE, self.handler.assigned_partitions)
+        lag = measured_lag(ROLE, self.handler.assigned_partitions)
         total = sum(lag.values()) if lag is not None else None
         reasons = []
         if total is None:
