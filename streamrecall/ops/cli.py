@@ -389,6 +389,7 @@ class _LazyGroup(click.Group):
     "train": "streamrecall.devtools.bench.train",
     "model-eval": "streamrecall.devtools.bench.model_eval",
     "scale": "streamrecall.devtools.bench.scale",
+    "shards": "streamrecall.devtools.bench.shards",
 })
 def bench() -> None:
     """Benchmarks; each prints ratios against the raw library measured in the same run."""
