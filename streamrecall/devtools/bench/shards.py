@@ -32,7 +32,7 @@ import numpy as np
 
 from streamrecall.devtools.bench import Result, json_option, report, result
 from streamrecall.devtools.bench.freshness import _item
-from streamrecall.devtools.bench.query import _cpu_note, _drive
+from streamrecall.devtools.bench.query import _cpu_note, _cpu_seconds, _drive
 from streamrecall.devtools.harness import LocalSystem
 
 MODEL = {"id_buckets": 1 << 17, "estimator_buckets": 1 << 17}
@@ -106,7 +106,11 @@ def command(n_items: int, partitions: int, n_queries: int, concurrency: tuple[in
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="streamrecall-bench-") as tmp:
         root = Path(work_dir or tmp) / "shards"
-        with LocalSystem(root, roles=[], model=MODEL, partitions=partitions, name="bench-shards") as system:
+        # A deadline far above any answer time here: throughput of whole answers, not of partial ones
+        # (a loaded two-core machine misses 250 ms now and then); incomplete answers are counted below.
+        options = {"router": {"deadline_ms": 10_000}}
+        with LocalSystem(root, roles=[], model=MODEL, partitions=partitions, name="bench-shards",
+                         options=options) as system:
             assert system.settings is not None
             item_rng = random.Random(5)
             now = int(time.time() * 1000)
@@ -133,18 +137,34 @@ def command(n_items: int, partitions: int, n_queries: int, concurrency: tuple[in
                 _wait_ready(system, name)
             for c in concurrency:
                 direct = _drive(system, "/recall", bodies, c, n_queries, name="single")
-                routed = {n: _drive(system, "/recall", bodies, c, n_queries, name=f"router{n}",
-                                    servers=("single",) if n == 1 else ("shard0", "shard1")) for n in (1, 2)}
+                routed, router_ms = {}, {}
+                for n in (1, 2):
+                    pid = system.processes[f"router{n}"].process.pid  # type: ignore[union-attr]
+                    before = _cpu_seconds(pid)
+                    routed[n] = _drive(system, "/recall", bodies, c, n_queries, name=f"router{n}",
+                                       servers=("single",) if n == 1 else ("shard0", "shard1"))
+                    router_ms[n] = (_cpu_seconds(pid) - before) * 1000 / n_queries  # warm-up included: a bit high
                 extra = f"k={K}, {c} kept-alive; {_load_note()}"
                 results += [result(f"POST /recall, 1 indexer direct, {c} conn", "queries/s", direct.qps,
                                    extra=f"{extra}; {_cpu_note(direct)}"),
-                            result(f"POST /recall, 1 indexer direct, {c} conn, p50", "s", direct.p50)]
+                            result(f"POST /recall, 1 indexer direct, {c} conn, p50", "s", direct.p50),
+                            result(f"POST /recall, 1 indexer direct, {c} conn, server CPU per query", "ms",
+                                   1000 * direct.server_cpu / direct.qps)]
                 for n, load in routed.items():
                     results += [result(f"POST /recall via router, {n} shard{'s' if n > 1 else ''}, {c} conn",
                                        "queries/s", load.qps, ratio_to_raw=load.qps / direct.qps,
-                                       extra=f"{extra}; ratio: over the indexer direct; {_cpu_note(load)}"),
+                                       extra=f"{extra}; ratio: over the indexer direct; {_cpu_note(load)} "
+                                             f"(router and shards); router {router_ms[n]:.2f} CPU ms per query"),
                                 result(f"POST /recall via router, {n} shard{'s' if n > 1 else ''}, {c} conn, p50",
-                                       "s", load.p50)]
+                                       "s", load.p50),
+                                result(f"POST /recall via router, {n} shard{'s' if n > 1 else ''}, {c} conn, "
+                                       "server CPU per query", "ms", 1000 * load.server_cpu / load.qps,
+                                       extra=f"router and its shards; the router alone {router_ms[n]:.2f} ms")]
+            for name in ("router1", "router2"):
+                incomplete = sum(system.metric("streamrecall_router_incomplete_answers_total", name, kind=kind) or 0
+                                 for kind in ("partial", "none"))
+                results.append(result(f"incomplete answers: {name}", "answers", incomplete,
+                                      extra="partial or none, over every measurement (deadline 10 s)"))
             for name in ("single", "shard0", "shard1", "router2"):
                 results.append(result(f"resident memory: {name}", "MiB", _rss_mb(system, name),
                                       extra=f"{n_items} items over the index; no user vectors"))
