@@ -3,7 +3,8 @@
 One broker, one ``items`` topic of ``--partitions`` partitions, ``--items`` items, and in the same
 run:
 
-* **ingest**: the time from a process's first indexed item to all of its share, for one indexer
+* **ingest**: the time from a process's API answering (its poll loop starts right after) to all of
+  its share indexed, for one indexer
   holding every item, then for two shards started together (each holds half; both compete for the
   same cores, as they would not on two machines);
 * **queries**: ``POST /recall`` (k=100, vectors) through the load generator (its own process,
@@ -47,26 +48,28 @@ def _rss_mb(system: LocalSystem, name: str) -> float:
     return float("nan")
 
 
-def _items(system: LocalSystem, name: str) -> int:
+def _items(system: LocalSystem, name: str) -> int | None:
+    """Items ``name`` holds (its /healthz), None while it does not answer yet."""
     try:
         return int(system.get("/healthz", name)[1].get("items", 0))
-    except (OSError, AttributeError):
-        return 0
+    except OSError:
+        return None
 
 
 def _ingest_seconds(system: LocalSystem, names: list[str], total: int, timeout_s: float = 900) -> float:
-    """Seconds from the first item any of ``names`` indexed to all ``total`` items indexed over them."""
+    """Seconds from the moment every one of ``names`` answers HTTP (its API starts just before its
+    poll loop) to all ``total`` items indexed over them."""
     deadline = time.monotonic() + timeout_s
     first = None
     while time.monotonic() < deadline:
         system.check_alive()
-        held = sum(_items(system, n) for n in names)
+        held = [_items(system, n) for n in names]
         now = time.monotonic()
-        if held and first is None:
+        if first is None and all(h is not None for h in held):
             first = now
-        if held >= total:
-            return now - (first or now)
-        time.sleep(0.05)
+        if first is not None and sum(h or 0 for h in held) >= total:
+            return now - first
+        time.sleep(0.02)
     raise click.ClickException(f"{names} did not index {total} items within {timeout_s:.0f}s")
 
 
@@ -126,9 +129,9 @@ def command(n_items: int, partitions: int, n_queries: int, concurrency: tuple[in
                 system.add_role("indexer", f"shard{i}", args=("--shard", str(i), "--shards", "2"))
             two = _ingest_seconds(system, ["shard0", "shard1"], n_items)
             note = f"{n_items} items, {partitions} partitions; {_load_note()}"
-            results += [result("ingest: 1 indexer, every item", "items/s", n_items / max(one, 1e-9), extra=note),
-                        result("ingest: 2 shards at once, half each", "items/s", n_items / max(two, 1e-9),
-                               ratio_to_raw=one / max(two, 1e-9), extra=note + "; ratio: speed-up over 1 indexer")]
+            results += [result("ingest: 1 indexer, every item", "items/s", n_items / one, extra=note),
+                        result("ingest: 2 shards at once, half each", "items/s", n_items / two,
+                               ratio_to_raw=one / two, extra=note + "; ratio: speed-up over 1 indexer")]
 
             system.add_role("router", "router1", args=("--shard-urls", system.api("single")))
             system.add_role("router", "router2",
