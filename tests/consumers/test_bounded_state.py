@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.bounded import LRUMap
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.recall_api.users import UserEntry
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.roles.publisher.state import PartitionState
@@ -20,7 +21,7 @@ from streamrecall.consumers.roles.publisher.handler import PublisherHandler
 from streamrecall.consumers.roles.publisher.options import PublisherOptions
 from streamrecall.consumers.roles.trainer.handler import TrainerHandler
 from streamrecall.consumers.roles.trainer.options import TrainerOptions
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.events import Click, Item, UserVector
 from streamrecall.metrics import ROLE_STATES, ModelVersionMetrics, RuntimeMetrics, StateMetrics
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
@@ -105,7 +106,7 @@ def test_trainer_exports_the_fill_of_histories_catalog_and_trending(tmp_path: Pa
     records = [Record("clicks", 0, i, None, Click(user_id=f"u{i}", item_id=f"i{i % 10}", ts=1_700_000_000_000 + i), 0)
                for i in range(8)]
     handler.handle(records)
-    handler.flush({})
+    handler.flush(Offsets())
     assert fill(registry, "trainer", "histories") == (3.0, 3.0)  # 8 users clicked, 3 kept
     assert fill(registry, "trainer", "catalog") == (4.0, 4.0)
     entries, capacity = fill(registry, "trainer", "trending")
@@ -127,14 +128,14 @@ def test_publisher_bounds_users_and_replay_floors_and_exports_the_fill():
                                states=StateMetrics(registry))
     handler.handle([Record("clicks", 0, i, None, Click(user_id=f"u{i}", item_id="a", ts=1_700_000_000_000 + i), 0)
                     for i in range(5)])
-    handler.flush({})
+    handler.flush(Offsets())
     assert fill(registry, "publisher", "histories") == (2.0, 2.0)
     assert list(handler.states[0].users) == ["u3", "u4"]
 
 
 def test_indexer_user_vectors_stop_at_their_bound_and_the_fill_moves():
     registry = CollectorRegistry()
-    state = IndexerState(IndexerConfig(max_user_vectors=2, item_vector_cache_items=10), CONFIG,
+    state = IndexerState(IndexerOptions(max_user_vectors=2, item_vector_cache_items=10), CONFIG,
                          IndexerMetrics(registry), states=StateMetrics(registry))
     entry = UserEntry(np.zeros(8, np.float32), 1, 0, ())
     state.users.put("u1", entry)
@@ -152,7 +153,7 @@ def test_indexer_user_vectors_stop_at_their_bound_and_the_fill_moves():
 
 
 def test_indexer_epochs_before_the_served_one_are_dropped():
-    state = IndexerState(IndexerConfig(), CONFIG, IndexerMetrics(CollectorRegistry()),
+    state = IndexerState(IndexerOptions(), CONFIG, IndexerMetrics(CollectorRegistry()),
                          states=StateMetrics(CollectorRegistry()))
     for version in range(1, 1001):
         state.served_epoch = max(0, version - 2)   # the rebuild trails by two epochs

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.roles.indexer.http_api import RecallService
 from streamrecall.consumers.recall_api.server import RecallApi, ServerLimits
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.recall_api.users import UserEntry
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.events import Item
@@ -30,7 +30,7 @@ MAX_K = 50
 
 
 def make_state() -> IndexerState:
-    state = IndexerState(IndexerConfig(max_k=MAX_K, max_batch=8), MODEL, IndexerMetrics(CollectorRegistry()))
+    state = IndexerState(IndexerOptions(max_k=MAX_K, max_batch=8), MODEL, IndexerMetrics(CollectorRegistry()))
     state.upsert_items([Item(item_id=f"i{i}", created_at=1000 + i, categories=(f"c{i % 3}",), title=f"w{i % 4}")
                         for i in range(30)])
     state.users["u1"] = UserEntry(state.index.get("i7").vector, 0, 1, ("i7",))

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.roles.indexer.http_api import RecallService
 from streamrecall.consumers.recall_api.server import RecallApi
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.recall_api.users import UserEntry
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.events import Item
@@ -24,7 +24,7 @@ MODEL = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
 
 @pytest.fixture
 def api():
-    state = IndexerState(IndexerConfig(max_k=50, max_body_bytes=4096), MODEL, IndexerMetrics(CollectorRegistry()))
+    state = IndexerState(IndexerOptions(max_k=50, max_body_bytes=4096), MODEL, IndexerMetrics(CollectorRegistry()))
     state.upsert_items([Item(item_id=f"i{i}", created_at=1000 + i, categories=(f"c{i % 3}",), title=f"w{i % 4}")
                         for i in range(30)])
     seen = state.index.get("i7").vector

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
 from streamrecall.consumers.recall_api.rules import cap_per_category
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder
 from streamrecall.errors import ConfigError
@@ -26,7 +27,7 @@ def make_items(n: int, start: int = 0) -> list[Item]:
 
 
 def make_state(**config) -> IndexerState:
-    return IndexerState(IndexerConfig(**config), MODEL, IndexerMetrics(CollectorRegistry()))
+    return IndexerState(IndexerOptions(**config), MODEL, IndexerMetrics(CollectorRegistry()))
 
 
 def trained(items: list[Item], steps: int = 3) -> OnlineTrainer:
@@ -118,7 +119,7 @@ def test_snapshot_roundtrip_keeps_items_content_and_resume(tmp_path):
     state = make_state()
     items = make_items(12)
     state.upsert_items(items)
-    resume = indexer_snapshot.Resume(items={"0": 7, "1": 5}, model_updates={"0": 3}, replica_version=2,
+    resume = indexer_snapshot.Resume(offsets={"items": {"0": 7, "1": 5}, "model-updates": {"0": 3}}, replica_version=2,
                                      settled_version=1, last_full_partition=0, last_full_offset=1)
     indexer_snapshot.write(tmp_path, state.index, list(state.catalog.values()), resume)
     state.upsert_items(make_items(3, start=100))  # a second snapshot replaces the first, catalog files too
@@ -127,7 +128,8 @@ def test_snapshot_roundtrip_keeps_items_content_and_resume(tmp_path):
     loaded = indexer_snapshot.load(tmp_path)
     assert set(loaded.catalog) == set(state.catalog) == set(loaded.index.ids())
     assert loaded.catalog["i4"] == items[4]
-    assert loaded.resume.items == {"0": 7, "1": 5} and loaded.resume.last_full_offset == 1
+    assert loaded.resume.next_offsets() == Offsets({("items", 0): 7, ("items", 1): 5, ("model-updates", 0): 3})
+    assert loaded.resume.last_full_offset == 1
     assert indexer_snapshot.read_resume(tmp_path)["settled_version"] == 1
     assert indexer_snapshot.load(tmp_path / "none") is None
 
@@ -140,13 +142,13 @@ def test_cap_per_category_keeps_rank_order():
 
 
 def test_indexer_config_refuses_unknown_and_bad_values():
-    assert IndexerConfig.from_settings(Settings(extra={"indexer": {"snapshot_interval_s": 5}})).snapshot_interval_s == 5
+    assert IndexerOptions.from_settings(Settings(extra={"indexer": {"snapshot_interval_s": 5}})).snapshot_interval_s == 5
     with pytest.raises(ConfigError, match="unknown"):
-        IndexerConfig.from_settings(Settings(extra={"indexer": {"snapshot_every": 5}}))
+        IndexerOptions.from_settings(Settings(extra={"indexer": {"snapshot_every": 5}}))
     with pytest.raises(ConfigError, match="max_k"):
-        IndexerConfig(max_k=0)
+        IndexerOptions(max_k=0)
     with pytest.raises(ConfigError, match="integer"):
-        IndexerConfig(max_k=2.5)
+        IndexerOptions(max_k=2.5)
 
 
 def test_rebuilds_keep_to_their_busy_share_when_a_build_is_slow():
@@ -161,7 +163,7 @@ def test_rebuilds_keep_to_their_busy_share_when_a_build_is_slow():
     assert worker.rebuild_wait(102.0) == pytest.approx(238.0)
     assert worker.rebuild_wait(400.0) < 0
     with pytest.raises(ConfigError, match="rebuild_busy_share"):
-        IndexerConfig(rebuild_busy_share=1.5)
+        IndexerOptions(rebuild_busy_share=1.5)
 
 
 def test_a_rebuild_records_how_long_it_took():

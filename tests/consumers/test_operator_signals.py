@@ -13,13 +13,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.deadletter import DeadLetterSink, reasons_for
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.roles.indexer.reencoder import Reencoder
 from streamrecall.consumers.roles.indexer.handler import IndexerHandler
 from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.events import Item
 from streamrecall.index import QualityMonitor
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
@@ -38,7 +38,7 @@ def now_ms() -> int:
 
 # --- freshness ------------------------------------------------------------------------------
 def indexer(registry: CollectorRegistry) -> IndexerHandler:
-    state = IndexerState(IndexerConfig(), MODEL, IndexerMetrics(registry))
+    state = IndexerState(IndexerOptions(), MODEL, IndexerMetrics(registry))
     return IndexerHandler(Settings(), state, Reencoder(state, QualityMonitor(state.index)))
 
 

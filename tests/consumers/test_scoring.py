@@ -8,7 +8,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.roles.indexer.http_api import RecallService
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.recall_api.users import UserEntry
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.roles.indexer.scoring import QuerySampler, ServingMonitor
@@ -38,7 +38,7 @@ def trained_update() -> bytes:
 
 def make_state(**config) -> tuple[IndexerState, RecallService]:
     """Items indexed by the seeded v0 towers, then a trained v1 applied: the graph is stale."""
-    state = IndexerState(IndexerConfig(max_k=100, **config), MODEL, IndexerMetrics_())
+    state = IndexerState(IndexerOptions(max_k=100, **config), MODEL, IndexerMetrics_())
     state.upsert_items(ITEMS)
     with state.lock, state.model_lock.write():
         state.replica.apply(decode_update(trained_update()))
@@ -158,7 +158,7 @@ def test_a_settled_index_answers_from_the_graph_exactly_as_re_scoring_would(monk
     stale vector, re-scoring is back."""
     import streamrecall.consumers.roles.indexer.http_api as api
 
-    state = IndexerState(IndexerConfig(max_k=100), MODEL, IndexerMetrics_())
+    state = IndexerState(IndexerOptions(max_k=100), MODEL, IndexerMetrics_())
     with state.lock, state.model_lock.write():
         state.replica.apply(decode_update(trained_update()))
     state.upsert_items(ITEMS)  # encoded by the current version: settled

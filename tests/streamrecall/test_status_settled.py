@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from streamrecall.devtools.broker import free_port
 from streamrecall.consumers.roles.indexer.http_api import RecallService
 from streamrecall.consumers.recall_api.server import RecallApi
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.index import QualityMonitor
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
@@ -21,7 +21,7 @@ MODEL = ModelConfig(dim=8, hidden=8, id_buckets=64, token_buckets=64, estimator_
 
 
 def serving(health: dict) -> tuple[ExitStack, Settings]:
-    state = IndexerState(IndexerConfig(), MODEL, IndexerMetrics(CollectorRegistry()))
+    state = IndexerState(IndexerOptions(), MODEL, IndexerMetrics(CollectorRegistry()))
     service = RecallService(state, state.config, QualityMonitor(state.index), lambda: (True, health))
     api = RecallApi(service, "127.0.0.1", 0)
     stack = ExitStack()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.scoring import (QuerySampler, QueryVector, SampledQuery, Scored, UserQuery,
                                                           VectorQuery, current_vector, rescore)
 from streamrecall.consumers.recall_api.requests import ShardRecall
@@ -39,7 +39,7 @@ class RecallService:
 
     serves_items = True
 
-    def __init__(self, state: IndexerState, config: IndexerConfig, monitor: QualityMonitor,
+    def __init__(self, state: IndexerState, config: IndexerOptions, monitor: QualityMonitor,
                  health: HealthFn, sampler: QuerySampler | None = None,
                  shard: tuple[int, int] | None = None) -> None:
         self.state = state

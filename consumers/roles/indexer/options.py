@@ -12,7 +12,7 @@ ROLE = "indexer"
 
 
 @dataclass(frozen=True)
-class IndexerConfig:
+class IndexerOptions:
     """The indexer's own knobs: the ``[indexer]`` table of the TOML settings file."""
 
     snapshot_interval_s: float = 30.0   # a snapshot at most this often (and one at shutdown)
@@ -55,5 +55,5 @@ class IndexerConfig:
             raise ConfigError(f"indexer.rebuild_busy_share: must be in (0, 1], got {self.rebuild_busy_share!r}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "IndexerConfig":
+    def from_settings(cls, settings: Settings) -> "IndexerOptions":
         return role_options(cls, settings, "indexer")

@@ -43,7 +43,7 @@ import numpy as np
 from streamrecall.bounded import LRUMap
 from streamrecall.consumers.recall_api.users import UserEntry
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.scoring import ItemVectorCache
 from streamrecall.events import Item, UserVector, event_time
 from streamrecall.index import EntryMeta, ItemIndex, RWLock
@@ -66,7 +66,7 @@ def batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 class IndexerState:
     """Catalog, replica, index and users of one indexer, with the writes the role makes to them."""
 
-    def __init__(self, config: IndexerConfig, model: ModelConfig, metrics: IndexerMetrics,
+    def __init__(self, config: IndexerOptions, model: ModelConfig, metrics: IndexerMetrics,
                  index: ItemIndex | None = None, max_version_jump: int = DEFAULT_MAX_VERSION_JUMP,
                  states: StateMetrics = STATE) -> None:
         self.config = config

@@ -13,7 +13,7 @@ Partial = Literal["answer", "refuse"]
 
 
 @dataclass(frozen=True)
-class RouterConfig:
+class RouterOptions:
     """How the router fans out, waits and answers; the HTTP bounds are the indexer's, by the same names."""
 
     deadline_ms: float = 250.0          # every shard must answer within this of the query's arrival
@@ -39,5 +39,5 @@ class RouterConfig:
                               "(answer: a partial answer flagged partial; refuse: a 503)")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "RouterConfig":
+    def from_settings(cls, settings: Settings) -> "RouterOptions":
         return role_options(cls, settings, "router")

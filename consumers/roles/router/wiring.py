@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from kafka import TopicPartition
 
-from streamrecall.consumers.app import model_config, run_handler
+from streamrecall.consumers.assembly import RoleAssembly, model_config
+from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.consumers.liveness import Heartbeat
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.recall_api.rules import MAX_OVERFETCH_FACTOR, MIN_OVERFETCH, cap_per_category
 from streamrecall.consumers.recall_api.server import RecallApi
 from streamrecall.consumers.recall_api.users import UserEntry, apply_user_record
 from streamrecall.consumers.roles.router.fanout import ShardClient, parse_shard_urls
 from streamrecall.consumers.roles.router.metrics import RouterMetrics
-from streamrecall.consumers.roles.router.options import RouterConfig
+from streamrecall.consumers.roles.router.options import RouterOptions
 from streamrecall.consumers.roles.router.service import RouterService
-from streamrecall.consumers.runtime import HandlerBase, Record, measured_lag
+from streamrecall.consumers.runtime import measured_lag
 from streamrecall.consumers.start import StartPosition
 from streamrecall.bounded import LRUMap
 from streamrecall.errors import ConfigError
@@ -45,8 +47,8 @@ class RouterHandler(HandlerBase):
         self.metrics = metrics
         self.assigned_partitions: set[tuple[str, int]] = set()
 
-    def start_offsets(self) -> Mapping[TopicPartition, int]:
-        return {}  # user-vectors is always read whole (the router is stateless)
+    def start_offsets(self) -> Offsets:
+        return Offsets()  # user-vectors is always read whole (the router is stateless)
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         self.assigned_partitions |= {("user-vectors", tp.partition) for tp in partitions}
@@ -67,7 +69,7 @@ class RouterRole:
             raise ConfigError("shard_urls: the router needs the shards' addresses (--shard-urls "
                               "'http://shard0:8470;http://shard1:8470', replicas of one shard separated by ',')")
         self.settings = settings
-        self.config = RouterConfig.from_settings(settings)
+        self.config = RouterOptions.from_settings(settings)
         shards = parse_shard_urls(settings.shard_urls)
         self.metrics = metrics if metrics is not None else RouterMetrics(shards=len(shards))
         self.users: LRUMap[str, UserEntry] = LRUMap(self.config.max_user_vectors)
@@ -106,8 +108,9 @@ def run(settings: Settings, start: StartPosition) -> None:
     """Run the router until SIGTERM/SIGINT."""
     if start.kind != "committed":
         log.info("router: --from %s: the router always reads user-vectors whole; ignored", start)
-    role = RouterRole(settings)
     with ExitStack() as stack:
+        process = RoleAssembly(ROLE, settings, stack)
+        role = RouterRole(settings)
         stack.callback(role.client.close)
-        run_handler(ROLE, settings, StartPosition("earliest"), role.handler, role.topics(), assign_all=True,
-                    serve_http=role.serve_http, stack=stack)
+        process.run(StartPosition("earliest"), role.handler, role.topics(), assign_all=True,
+                    serve_http=role.serve_http)

@@ -33,7 +33,7 @@ import numpy as np
 
 from streamrecall.devtools.bench import Result, json_option, peak_rss_mb, report, result
 from streamrecall.devtools.bench.freshness import MODEL, _item, percentiles
-from streamrecall.consumers.roles.indexer.options import IndexerConfig
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.devtools.harness import LocalSystem
 from streamrecall.ops.progress import track
 
@@ -142,13 +142,13 @@ def command(n_items: int, n_queries: int, concurrency: tuple[int, ...], batch_si
     dim = int(MODEL.get("dim", 64))
     queries = rng.standard_normal((max(n_queries, batch_size), dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    threads = IndexerConfig().search_threads
+    threads = IndexerOptions().search_threads
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="streamrecall-bench-") as tmp:
         with LocalSystem(Path(work_dir or tmp) / "query", roles=["indexer"], model=MODEL, name="bench-query") as system:
             system.wait_healthy(120)
             values = _load(system, n_items)
-            ef = IndexerConfig().ef
+            ef = IndexerOptions().ef
             k = 100
             single_raw, batch_raw = _raw(values, queries, k, ef, batch_size, threads)
             raw_note = f"raw knn_query {single_raw:,.0f}/s (1 thread, ef={max(ef, k)}, {n_items} items)"
