@@ -129,6 +129,13 @@ def test_two_shards_and_a_router_answer_as_one_indexer_and_survive_a_killed_shar
         status, refused = call(system.api("shard0"), "/recall?user_id=u1&k=5")
         assert status == 400 and "router" in refused["error"]
 
+        from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
+
+        shard1_state = system.settings.replace(shard=1, shards=2).role_state_dir("indexer")
+        wait_for("shard 1's own snapshot of its items", lambda: sum(
+            (indexer_snapshot.read_resume(shard1_state) or {}).get("offsets", {}).get("items", {}).values())
+            >= held[1]["items"], system=system)
+        port, admin = shards[1].settings.port_for("indexer"), shards[1].settings.admin_port_for("indexer")
         shards[1].kill()  # SIGKILL: the router must still answer, from shard 0, saying so
         shard0 = system.api("shard0")
         for uid in ("u1", "u2"):
@@ -141,6 +148,18 @@ def test_two_shards_and_a_router_answer_as_one_indexer_and_survive_a_killed_shar
                 assert call(shard0, f"/items/{urllib.parse.quote(r['item_id'])}")[0] == 200
         assert (system.metric("streamrecall_router_incomplete_answers_total", "router", kind="partial") or 0) >= 2
         system.processes.pop("shard1")  # killed on purpose: not an unexpected exit
+
+        # Restarted at the same address, shard 1 resumes from its own snapshot and the answers are whole again.
+        system.add_role("indexer", "shard1", args=("--shard", "1", "--shards", "2", "--http-port", str(port),
+                                                  "--admin-port", str(admin)))
+        back = f"http://127.0.0.1:{port}"  # the harness knows it by the ports it gave, not the flags
+
+        def restored() -> bool:
+            health = call(back, "/healthz")[1]
+            return health.get("snapshot_loaded") is True and health.get("items") == held[1]["items"]
+        wait_for("shard 1 back from its snapshot", restored, system=system)
+        wait_for("whole answers again", lambda: call(router, "/recall?user_id=u1&k=20")[1]["partial"] is False,
+                 system=system)
 
 
 def test_a_shard_of_more_shards_than_items_partitions_is_refused(broker, tmp_path: Path):
