@@ -4,7 +4,9 @@
 Real processes, real hnswlib and torch, the session's embedded broker over a socket. The router's
 answers must be the single indexer's (overlap@100 >= 0.99) for users (stored vectors and vectors
 of another model version, encoded at query time by the shards), for vectors, with exclusions and
-category caps; with one shard SIGKILLed the router still answers, flagged partial, from the other.
+category caps, before and after a model update (scored by the one version every replica serves);
+with one shard SIGKILLed the router still answers, flagged partial, from the other, and the shard
+restarts from its own snapshot.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import numpy as np
 import pytest
 
 from streamrecall.devtools.harness import LocalSystem
+from streamrecall.events import Click, Item
+from streamrecall.model import ModelConfig, OnlineTrainer
 
 pytestmark = pytest.mark.integration
 MODEL = {"id_buckets": 4096, "token_buckets": 4096, "estimator_buckets": 4096, "dim": 32}
@@ -123,9 +127,40 @@ def test_two_shards_and_a_router_answer_as_one_indexer_and_survive_a_killed_shar
                                     [r["item_id"] for r in direct["results"]]))
         assert np.mean(overlaps) >= 0.99, sorted(overlaps)[:5]
 
-        status, unknown = call(router, "/recall?user_id=nobody&k=10")  # no vector: the popular route, merged
+        # No vector and no model update yet: the recent route, merged newest first.
+        status, unknown = call(router, "/recall?user_id=nobody&k=10")
         assert status == 200 and unknown["route"] == "recent" and len(unknown["results"]) == 10
-        assert [r["item_id"] for r in unknown["results"]] == [f"i{n}" for n in range(10)]  # newest first
+        assert [r["item_id"] for r in unknown["results"]] == [f"i{n}" for n in range(10)]
+
+        # A model update (v1, full) reaches every replica: the router's answers are scored by v1, users
+        # of v0 and v7 now encoded at query time by each shard, and still the single indexer's answers.
+        catalog = {f"i{n}": Item(item_id=f"i{n}", created_at=now - n, title=f"item {n} w{n % 37}",
+                                 categories=(f"c{n % 6}",), tags=(f"t{n % 11}",)) for n in range(N_ITEMS)}
+        trainer = OnlineTrainer(ModelConfig(**MODEL))
+        for step in range(3):
+            clicks = [Click(user_id=f"u{j % 24}", item_id=f"i{(j * 13 + step) % N_ITEMS}", ts=j)
+                      for j in range(64)]
+            trainer.step(trainer.make_batch(clicks, catalog, [[] for _ in clicks]))
+        system.produce_raw(system.settings.topics.model_updates, None, trainer.export_update(full=True))
+        system.flush()
+        wait_for("every replica at v1, re-encoded", lambda: all(
+            (h := system.get("/healthz", name)[1]).get("model_version") == 1 and h.get("reencode_pending") == 0
+            for name in ("single", "shard0", "shard1")), system=system)
+        after = []
+        for uid in list(users)[:8]:
+            (s1, via_router), (s2, direct) = (call(router, f"/recall?user_id={uid}&k={K}"),
+                                              call(indexer, f"/recall?user_id={uid}&k={K}"))
+            assert s1 == s2 == 200
+            assert via_router["model_versions"]["scored"] == direct["model_versions"]["scored"] == 1
+            assert via_router["user_encoded"] == "query-time" and via_router["partial"] is False
+            after.append(overlap([r["item_id"] for r in via_router["results"]],
+                                 [r["item_id"] for r in direct["results"]]))
+        assert np.mean(after) >= 0.99, after
+        (s1, trending), (s2, direct) = (call(router, "/recall?user_id=nobody&k=10"),
+                                        call(indexer, "/recall?user_id=nobody&k=10"))
+        assert s1 == s2 == 200 and trending["route"] == direct["route"] == "trending"  # the update's list, merged
+        assert [r["item_id"] for r in trending["results"]] == [r["item_id"] for r in direct["results"]]
+
         status, refused = call(system.api("shard0"), "/recall?user_id=u1&k=5")
         assert status == 400 and "router" in refused["error"]
 
