@@ -7,7 +7,6 @@ items, with exclusions and category caps applied to the global ranking, scored b
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any

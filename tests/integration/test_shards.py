@@ -127,6 +127,10 @@ def test_two_shards_and_a_router_answer_as_one_indexer_and_survive_a_killed_shar
                                     [r["item_id"] for r in direct["results"]]))
         assert np.mean(overlaps) >= 0.99, sorted(overlaps)[:5]
 
+        status, batch = call(router, "/recall/batch", {"k": 5, "queries": [{"user_id": "u1"}, {"vector": [0.1] * 32}]})
+        assert status == 200 and [a["route"] for a in batch["results"]] == ["user-vector", "vector"]
+        assert all(len(a["results"]) == 5 and a["partial"] is False for a in batch["results"])
+
         # No vector and no model update yet: the recent route, merged newest first.
         status, unknown = call(router, "/recall?user_id=nobody&k=10")
         assert status == 200 and unknown["route"] == "recent" and len(unknown["results"]) == 10

@@ -35,17 +35,14 @@ import heapq
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Collection, Iterable, Sequence
-
-import numpy as np
 
 from streamrecall.bounded import LRUMap
 from streamrecall.consumers.recall_api.users import UserEntry
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.scoring import ItemVectorCache
-from streamrecall.events import Item, UserVector, event_time
+from streamrecall.events import Item, event_time
 from streamrecall.index import EntryMeta, ItemIndex, RWLock
 from streamrecall.metrics import STATE, StateMetrics
 from streamrecall.model.config import ModelConfig

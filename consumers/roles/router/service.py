@@ -12,7 +12,6 @@ time encoding stays where the towers are. :mod:`.merge` keeps the answer to one 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -21,7 +20,7 @@ import msgspec
 import numpy as np
 
 from streamrecall.consumers.recall_api.rules import ApiError
-from streamrecall.consumers.roles.router.fanout import Failure, Reply, ShardClient
+from streamrecall.consumers.roles.router.fanout import Reply, ShardClient
 from streamrecall.consumers.roles.router.merge import ShardAnswer, merge, needs_wider, one_version
 
 log = logging.getLogger(__name__)
@@ -95,28 +94,25 @@ class RouterService:
         until = self.clock() + self.config.deadline_ms / 1000.0
         plan = self.plan(k, max_per_category)
         fetch = plan.first
-        kept: list[dict[str, Any]] | None = None
-        outcome: tuple[dict[int, ShardAnswer], dict[int, str]] | None = None
-        while True:
-            answers, missing = self._round(query | {"k": fetch, "exclude": list(exclude)}, fetch, until)
-            if not answers:
-                if outcome is None:  # nothing answered at all: no answer to give
-                    self.metrics.partial.labels("none").inc()
-                    raise _no_shard(missing)
-                break  # a widening round failed: the narrower answer stands
-            if outcome is not None and (len(answers) < len(outcome[0])
-                                        or _version(answers) != _version(outcome[0])):
-                break  # the wider round lost a shard or saw a newer version: keep the consistent one
-            outcome = (answers, missing)
-            kept = merge(list(answers.values()), k, exclude=exclude, max_per_category=max_per_category,
-                         cap=lambda rows, n, c: self._cap(rows, n, c, lambda r: r["categories"]))
-            if max_per_category is None or not needs_wider(list(answers.values()), len(kept), k, fetch, plan.limit) \
-                    or self.clock() >= until:
-                break
+        answers, missing = self._round(query | {"k": fetch, "exclude": list(exclude)}, fetch, until)
+        if not answers:  # nothing answered at all: no answer to give
+            self.metrics.partial.labels("none").inc()
+            raise _no_shard(missing)
+        kept = self._merge(answers, k, exclude, max_per_category)
+        while (max_per_category is not None and self.clock() < until
+               and needs_wider(list(answers.values()), len(kept), k, fetch, plan.limit)):
             fetch = min(plan.limit, fetch * 4)
-        assert outcome is not None and kept is not None
-        answers, missing = outcome
+            wider, wider_missing = self._round(query | {"k": fetch, "exclude": list(exclude)}, fetch, until)
+            if len(wider) < len(answers) or _version(wider) != _version(answers):
+                break  # the wider round lost a shard or saw another version: the narrower answer stands
+            answers, missing = wider, wider_missing
+            kept = self._merge(answers, k, exclude, max_per_category)
         return self._answer(answers, missing, kept)
+
+    def _merge(self, answers: dict[int, ShardAnswer], k: int, exclude: tuple[str, ...],
+               max_per_category: int | None) -> list[dict[str, Any]]:
+        return merge(list(answers.values()), k, exclude=exclude, max_per_category=max_per_category,
+                     cap=lambda rows, n, c: self._cap(rows, n, c, lambda r: r["categories"]))
 
     def _round(self, body: dict[str, Any], fetch: int, until: float) -> tuple[dict[int, ShardAnswer], dict[int, str]]:
         """One request to every shard, asking shards behind the newest version again until ``until``.
