@@ -15,7 +15,8 @@ def role_options(cls: type[O], settings: Settings, role: str, *, may_be_zero: Co
     """Build the frozen options dataclass ``cls`` from ``settings.extra[role]``.
 
     Unknown keys are refused; each value must have its default's type (an int where an int is
-    expected, a number where a float is; numeric strings are read as numbers) and be > 0, or >= 0 for the names in ``may_be_zero``.
+    expected, a number where a float is; numeric strings are read as numbers) and be > 0, or >= 0 for the names in ``may_be_zero``;
+    a setting whose default is text takes text (``cls`` checks its choices).
     Every error names the setting as ``role.name``.
     """
     raw = dict(settings.extra.get(role, {}))
@@ -27,6 +28,8 @@ def role_options(cls: type[O], settings: Settings, role: str, *, may_be_zero: Co
     options = cls(**values)
     for name in defaults:
         value = getattr(options, name)
+        if isinstance(value, str):
+            continue
         if value < 0 or (value == 0 and name not in may_be_zero):
             bound = ">= 0" if name in may_be_zero else "> 0"
             raise ConfigError(f"{role}.{name}: must be {bound}, got {value!r}")
@@ -34,6 +37,10 @@ def role_options(cls: type[O], settings: Settings, role: str, *, may_be_zero: Co
 
 
 def _checked(name: str, default: Any, value: Any) -> Any:
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: must be text, got {value!r}")
+        return value
     if isinstance(value, str):  # numbers written as strings ("64") are read as numbers
         try:
             value = int(value) if isinstance(default, int) else float(value)

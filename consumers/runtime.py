@@ -37,6 +37,25 @@ MAX_BACKOFF_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
 
 
+def measured_lag(role: str, partitions: Iterable[tuple[str, int]],
+                 metrics: RuntimeMetrics = RUNTIME) -> dict[str, int] | None:
+    """Records behind the high watermark per logical topic over ``partitions`` ((logical topic,
+    partition) pairs), from ``role``'s lag gauge; None until every one of them was measured."""
+    seen: dict[tuple[str, str], float] = {}
+    for metric in metrics.lag.collect():
+        for sample in metric.samples:
+            if sample.labels.get("role") == role:
+                seen[(sample.labels["topic"], sample.labels["partition"])] = sample.value
+    out: dict[str, int] = {}
+    partitions = list(partitions)
+    for topic, partition in partitions:
+        value = seen.get((topic, str(partition)))
+        if value is None:
+            return None
+        out[topic] = out.get(topic, 0) + int(value)
+    return out if partitions else None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying rather than dead-lettering: broker hiccups and a full or read-only disk."""
     if isinstance(exc, TransientError):
@@ -53,9 +72,10 @@ class Runtime:
     ``assign_all`` assigns every partition of the topics to this process (no group
     rebalancing; used by roles whose every replica needs the whole stream, such as
     the indexer); offsets are still committed under ``group_id`` so lag shows up.
-    ``only_partitions`` narrows that to these partition numbers (a data-parallel trainer
-    rank's share of clicks). ``poll_timeout_ms`` bounds each poll (and so each loop iteration
-    with nothing to read).
+    ``partitions`` narrows that to the (physical topic, partition) pairs it accepts (a shard of
+    the index takes its share of ``items``, a data-parallel trainer rank its share of
+    ``clicks``). ``poll_timeout_ms`` bounds each poll (and so each loop iteration with nothing to
+    read).
 
     A failing ``flush`` is retried with back-off (0.1 s doubling to 5 s) and nothing is
     committed until one succeeds. With ``pause_on_flush_failure`` (the default) consumption is
@@ -68,8 +88,8 @@ class Runtime:
                  start: StartPosition = StartPosition(), assign_all: bool = False,
                  flush_interval_ms: int = 200, max_poll_records: int = 2000,
                  metrics: RuntimeMetrics = RUNTIME, heartbeat: Heartbeat | None = None,
-                 pause_on_flush_failure: bool = True, only_partitions: Iterable[int] | None = None,
-                 poll_timeout_ms: int = 100) -> None:
+                 pause_on_flush_failure: bool = True,
+                 partitions: Callable[[str, int], bool] | None = None, poll_timeout_ms: int = 100) -> None:
         self.role = role
         self.consumer = consumer
         self.deadletters = deadletters
@@ -77,11 +97,11 @@ class Runtime:
         self.topics = dict(topics)
         self.start = start
         self.assign_all = assign_all
+        self.partitions = partitions  # with assign_all: which (physical topic, partition) to take (None: all)
         self.flush_interval_s = flush_interval_ms / 1000.0
         self.max_poll_records = max_poll_records
         self.metrics = metrics
         self.pause_on_flush_failure = pause_on_flush_failure
-        self.only_partitions = None if only_partitions is None else frozenset(only_partitions)
         self.poll_timeout_ms = poll_timeout_ms
         self._stop = threading.Event()
         self._lock = threading.RLock()  # handle/flush vs. the rebalance listener on kafka's IO thread
@@ -179,9 +199,9 @@ class Runtime:
         self._start_offsets = self._resolve_start(physical)
         if self.assign_all:
             partitions = {TopicPartition(t, p) for t in physical for p in (self.consumer.partitions_for_topic(t) or ())
-                          if self.only_partitions is None or p in self.only_partitions}
-            if not partitions and self.only_partitions is not None:
-                log.warning("%s: none of partitions %s exists: nothing to read", self.role, sorted(self.only_partitions))
+                          if self.partitions is None or self.partitions(t, p)}
+            if not partitions and self.partitions is not None:
+                log.warning("%s: none of its partitions of %s exists: nothing to read", self.role, physical)
             elif not partitions:
                 raise StreamrecallError(f"{self.role}: topics {physical} have no partitions; run `streamrecall topics create`")
             self.consumer.assign(sorted(partitions))

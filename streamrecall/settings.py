@@ -29,15 +29,22 @@ else:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 Role = Literal["trainer", "indexer", "publisher"]
+#: The roles of a system on one machine (``up`` runs them all).
 ROLES: tuple[str, ...] = get_args(Role)
+#: Roles of a scaled-out deployment, run beside those: the router in front of a sharded index.
+SCALE_OUT_ROLES: tuple[str, ...] = ("router",)
+#: Every role ``streamrecall run`` starts.
+RUNNABLE_ROLES: tuple[str, ...] = (*ROLES, *SCALE_OUT_ROLES)
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
 #: Each role's default HTTP port (the indexer's API, the others' /metrics).
-DEFAULT_PORTS: dict[str, int] = {"indexer": 8470, "trainer": 8471, "publisher": 8472}
+DEFAULT_PORTS: dict[str, int] = {"indexer": 8470, "trainer": 8471, "publisher": 8472, "router": 8473}
 #: The indexer's admin port (/metrics, /items/ID?with_vector=1) is its HTTP port plus this, by default.
 ADMIN_PORT_OFFSET = 1000
 #: The tables a settings file may hold besides top-level settings (``[model]``, one per role).
-TABLES: tuple[str, ...] = ("model", *ROLES)
+TABLES: tuple[str, ...] = ("model", *RUNNABLE_ROLES)
+#: Most shards an index may be split into (each takes at least one ``items`` partition).
+MAX_SHARDS = 1024
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]*$")
 #: No model-updates record is larger than this (Kafka's default message.max.bytes is about 1 MB).
 MODEL_UPDATE_RECORD_BYTES = 1 << 20
@@ -141,6 +148,12 @@ class Settings:
     # Readers assemble at most this many bytes of one update. None: the largest update the [model]
     # table's model can produce (every row of every table and the dense layers; model/update.py).
     model_update_max_bytes: int | None = None
+    # A sharded index (docs/api.md, "Sharded index"): the indexer with ``shard`` set holds the items
+    # of the ``items`` partitions p with p % shards == shard; None: one indexer holds every item.
+    shard: int | None = None
+    shards: int = 1
+    # The router: the shards' recall URLs in shard order, ';' between shards, ',' between replicas.
+    shard_urls: str | None = None
     # Source records each role remembers having dead-lettered (so a re-read one is not sent again);
     # beyond it the oldest are forgotten and may be dead-lettered a second time (docs/operations.md).
     deadletter_dedup_max: int = 100_000
@@ -195,6 +208,12 @@ class Settings:
             # the length is safe to say; the key is not
             raise ConfigError(f"model_signing_key: must be at least {MIN_SIGNING_KEY_CHARS} characters, got "
                               f"{len(self.model_signing_key.reveal())} (e.g. `openssl rand -hex 32`)")
+        _check_range("shards", self.shards, 1, MAX_SHARDS)
+        if self.shard is not None:
+            _check_range("shard", self.shard, 0, self.shards - 1)
+        elif self.shards > 1:
+            raise ConfigError(f"shards: an index of {self.shards} shards needs --shard I (0 to {self.shards - 1}) "
+                              "on each indexer")
         if self.http_port is not None:
             _check_range("http_port", self.http_port, 0, 65535)
         if self.admin_port is not None:
@@ -220,6 +239,10 @@ class Settings:
         return self.admin_port if self.admin_port is not None else self.port_for(role) + ADMIN_PORT_OFFSET
 
     def role_state_dir(self, role: str) -> Path:
+        """Where ``role`` keeps its state; shard I of an index of N keeps its own, ``indexer-shard-I-of-N``
+        (another split of the index starts from an empty one: its snapshot would hold other items)."""
+        if role == "indexer" and self.shard is not None:
+            return self.state_dir / f"indexer-shard-{self.shard}-of-{self.shards}"
         return self.state_dir / role
 
     def kafka_config(self) -> dict[str, Any]:

@@ -28,8 +28,9 @@ def check_tables(settings: Settings) -> None:
     from streamrecall.consumers.assembly import model_config
     from streamrecall.consumers.roles.indexer.options import IndexerOptions
     from streamrecall.consumers.roles.publisher.options import PublisherOptions
+    from streamrecall.consumers.roles.router.options import RouterOptions
     from streamrecall.consumers.roles.trainer.options import TrainerOptions
 
     model_config(settings)
-    for options in (IndexerOptions, PublisherOptions, TrainerOptions):
+    for options in (IndexerOptions, PublisherOptions, RouterOptions, TrainerOptions):
         options.from_settings(settings)

@@ -207,7 +207,7 @@ class LocalSystem:
         from prometheus_client.parser import text_string_to_metric_families
 
         try:
-            with urllib.request.urlopen(self.api(name, admin=self.processes[name].role == "indexer") + "/metrics", timeout=5) as r:
+            with urllib.request.urlopen(self.api(name, admin=self.processes[name].role in ("indexer", "router")) + "/metrics", timeout=5) as r:
                 text = r.read().decode()
         except OSError:
             return None

@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from kafka.errors import KafkaError
 
 from streamrecall.errors import StreamrecallError
-from streamrecall.settings import ROLES, SaslMechanism, SecurityProtocol, Settings
+from streamrecall.settings import ROLES, RUNNABLE_ROLES, SaslMechanism, SecurityProtocol, Settings
 
 log = logging.getLogger("streamrecall")
 
@@ -73,6 +73,12 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--model-update-max-bytes", "model_update_max_bytes", int,
      "Readers assemble at most this many bytes of one model update; larger ones are dead-lettered "
      "(default: the largest update the [model] can produce)."),
+    ("--shard", "shard", int,
+     "indexer: hold shard I of a sharded index, the items partitions p with p % --shards == I (default: every item)."),
+    ("--shards", "shards", int, "indexer: how many shards the index is split into (default 1)."),
+    ("--shard-urls", "shard_urls", str,
+     "router: the shards' URLs in shard order, ';' between shards, ',' between replicas of one "
+     "(e.g. 'http://idx-0:8470;http://idx-1:8470')."),
     ("--deadletter-dedup-max", "deadletter_dedup_max", int,
      "Dead-lettered source records each role remembers, so a re-read one is not sent again; the oldest "
      "beyond it are forgotten (default 100000)."),
@@ -262,7 +268,7 @@ def generate(settings: Settings, n_items: int, n_users: int, n_clicks: int, seed
 
 # --- roles ---------------------------------------------------------------------------
 @main.command()
-@click.argument("role", type=click.Choice(list(ROLES)))
+@click.argument("role", type=click.Choice(list(RUNNABLE_ROLES)))
 @click.option("--from", "start", default="committed", envvar=ENV + "FROM", show_envvar=True,
               help="Start position: committed | earliest | latest | timestamp:ISO | offsets:TOPIC:P=O,...")
 @with_settings
@@ -391,6 +397,7 @@ class _LazyGroup(click.Group):
     "train": "streamrecall.devtools.bench.train",
     "model-eval": "streamrecall.devtools.bench.model_eval",
     "scale": "streamrecall.devtools.bench.scale",
+    "shards": "streamrecall.devtools.bench.shards",
 })
 def bench() -> None:
     """Benchmarks; each prints ratios against the raw library measured in the same run."""

@@ -14,7 +14,8 @@ from streamrecall.consumers.offsets import Offsets
 from streamrecall.bounded import LRUMap
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
-from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
+from streamrecall.consumers.recall_api.users import UserEntry
+from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.roles.publisher.state import PartitionState
 from streamrecall.consumers.roles.publisher.handler import PublisherHandler
 from streamrecall.consumers.roles.publisher.options import PublisherOptions

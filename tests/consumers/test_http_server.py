@@ -16,9 +16,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.roles.indexer.http_api import RecallService
-from streamrecall.consumers.roles.indexer.http_server import RecallApi, ServerLimits
+from streamrecall.consumers.recall_api.server import RecallApi, ServerLimits
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
-from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
+from streamrecall.consumers.recall_api.users import UserEntry
+from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.events import Item
 from streamrecall.index import QualityMonitor
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics

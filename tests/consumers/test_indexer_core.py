@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
-from streamrecall.consumers.roles.indexer.http_api import cap_per_category
+from streamrecall.consumers.recall_api.rules import cap_per_category
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder

@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.roles.indexer.http_api import RecallService
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
-from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
+from streamrecall.consumers.recall_api.users import UserEntry
+from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.roles.indexer.scoring import QuerySampler, ServingMonitor
 from streamrecall.events import Click, Item
 from streamrecall.index import EntryMeta, QualityMonitor

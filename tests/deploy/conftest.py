@@ -19,14 +19,17 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+import streamrecall.consumers.recall_api.metrics
 import streamrecall.consumers.roles.indexer.metrics
 import streamrecall.consumers.roles.publisher.metrics
+import streamrecall.consumers.roles.router.metrics
 import streamrecall.consumers.roles.trainer.metrics
 import streamrecall.metrics
 
 #: Where metric groups are defined: the shared ones, then each role's own.
-METRIC_MODULES = (streamrecall.metrics, streamrecall.consumers.roles.trainer.metrics,
-                  streamrecall.consumers.roles.indexer.metrics, streamrecall.consumers.roles.publisher.metrics)
+METRIC_MODULES = (streamrecall.metrics, streamrecall.consumers.recall_api.metrics,
+                  streamrecall.consumers.roles.trainer.metrics, streamrecall.consumers.roles.indexer.metrics,
+                  streamrecall.consumers.roles.publisher.metrics, streamrecall.consumers.roles.router.metrics)
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

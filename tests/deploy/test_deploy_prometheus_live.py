@@ -50,10 +50,13 @@ UP_DURATION_S = 110  # a hard stop for `up`; the test normally ends it sooner
 POLL_BUDGET_S = 85  # how long to wait for every query to have data, once Prometheus is ready
 POLL_EVERY_S = 3.0
 #: Metric families that only have series after something went wrong.
-EXCUSED = {"streamrecall_transient_retries_total": "retries happen only after transient broker errors"}
+EXCUSED = {"streamrecall_transient_retries_total": "retries happen only after transient broker errors",
+           **{f"streamrecall_router_{name}": "the router runs in front of a sharded index, not under `up`"
+              for name in ("shard_requests_total", "shard_seconds", "incomplete_answers_total", "user_vectors")}}
 #: Families of each metrics group, by which role emits them ("any": every role's runtime).
 GROUP_ROLE = {"RuntimeMetrics": "any", "ModelVersionMetrics": "any", "StateMetrics": "any", "TrainerMetrics": "trainer",
-              "IndexerMetrics": "indexer", "PublisherMetrics": "publisher"}
+              "IndexerMetrics": "indexer", "PublisherMetrics": "publisher", "QueryMetrics": "indexer",
+              "RouterMetrics": "router"}
 
 
 # --- processes ---------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ LIVENESS_PATH = {"indexer": "/livez", "trainer": "/livez", "publisher": "/livez"
 #: the items table or model-updates catch-up 120 s): the startupProbe must wait at least this long.
 STARTUP_BOUND_S = 300
 #: Where each role's /metrics is: the indexer's on its admin port, apart from the recall API.
-METRICS_PORTS = {**DEFAULT_PORTS, "indexer": DEFAULT_PORTS["indexer"] + ADMIN_PORT_OFFSET}
+METRICS_PORTS = {**DEFAULT_PORTS, "indexer": DEFAULT_PORTS["indexer"] + ADMIN_PORT_OFFSET,
+                 "router": DEFAULT_PORTS["router"] + ADMIN_PORT_OFFSET}
 EXPECTED_ALERTS = {
     "StreamrecallRoleDown", "StreamrecallConsumerLagHigh", "StreamrecallFreshnessSLOBreached",
     "StreamrecallDeadLetterRateHigh", "StreamrecallModelUpdatesStalled", "StreamrecallIndexRecallLow",
@@ -432,7 +433,7 @@ def test_k8s_every_role_has_a_service(k8s, role: str) -> None:
 def test_k8s_prometheus_scrape_config(k8s) -> None:
     config = yaml.safe_load(find(k8s, "ConfigMap", "streamrecall-prometheus")["data"]["prometheus.yml"])
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {f"streamrecall-{role}" for role in ROLES}
+    assert set(jobs) == {f"streamrecall-{role}" for role in (*ROLES, "indexer-shard", "router")}
     for role in ROLES:
         keep = [r for r in jobs[f"streamrecall-{role}"]["relabel_configs"] if r.get("action") == "keep"]
         assert any(r["regex"].endswith(role) for r in keep), f"job for {role} does not keep {role} pods"
@@ -452,6 +453,84 @@ def test_k8s_network_policy_keeps_the_admin_port_for_prometheus(k8s) -> None:
     assert "from" not in by_port["http"], "the recall API is open to the cluster"
     (source,) = by_port["admin"]["from"]
     assert source["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+# --- a sharded index and its router (compose profile "scale-out", k8s 33- and 34-) -------------------
+def test_compose_scale_out_has_two_shards_and_a_router(compose) -> None:
+    from streamrecall.consumers.roles.router.fanout import parse_shard_urls
+
+    services = compose["services"]
+    router = services["router"]
+    urls = parse_shard_urls(router["environment"]["STREAMRECALL_SHARD_URLS"])
+    assert len(urls) == 2
+    volumes = set()
+    for i, (replica,) in enumerate(urls):
+        shard = services[f"indexer-shard-{i}"]
+        assert shard["profiles"] == ["scale-out"]
+        assert shard["command"] == ["run", "indexer", "--shard", str(i), "--shards", "2"]
+        port = int(shard["environment"]["STREAMRECALL_HTTP_PORT"])
+        assert replica == f"http://indexer-shard-{i}:{port}", "the router asks each shard in shard order"
+        assert f"127.0.0.1:{port}/healthz" in " ".join(shard["healthcheck"]["test"])
+        assert "ports" not in shard, "clients query the router, not a shard"
+        (volume,) = shard["volumes"]
+        volumes.add(volume.split(":")[0])
+    assert len(volumes) == 2 and volumes <= set(compose["volumes"]), "each shard its own snapshot volume"
+    assert volumes.isdisjoint(v.split(":")[0] for r in ROLES for v in services[r]["volumes"])
+    assert router["command"] == ["run", "router"] and router["profiles"] == ["scale-out"]
+    assert "volumes" not in router, "the router is stateless"
+    port, admin = DEFAULT_PORTS["router"], METRICS_PORTS["router"]
+    env = router["environment"]
+    assert (int(env["STREAMRECALL_HTTP_PORT"]), int(env["STREAMRECALL_ADMIN_PORT"])) == (port, admin)
+    assert {f"127.0.0.1:{port}:{port}", f"127.0.0.1:{admin}:{admin}"} == set(router["ports"])
+    assert f"127.0.0.1:{port}/healthz" in " ".join(router["healthcheck"]["test"])
+
+
+def test_k8s_statefulset_ordinal_is_the_shard_and_the_router_asks_each(k8s) -> None:
+    from streamrecall.consumers.roles.router.fanout import parse_shard_urls
+
+    sts = find(k8s, "StatefulSet", "streamrecall-indexer-shard")
+    container = _container(sts)
+    assert container["args"] == ["run", "indexer"]
+    env = {e["name"]: e for e in container["env"]}
+    shards = int(env["STREAMRECALL_SHARDS"]["value"])
+    assert sts["spec"]["replicas"] == shards, "one pod per shard: the ordinal is the shard"
+    assert env["STREAMRECALL_SHARD"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "indexer-shard"
+    for service in (d for d in k8s if d["kind"] == "Service" and d["spec"]["selector"].items() <= labels.items()):
+        assert service["spec"].get("clusterIP") == "None", "no client Service load-balances over shards"
+    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
+    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["state"] == STATE_DIR and "state" in claims
+    governing = find(k8s, "Service", sts["spec"]["serviceName"])
+    assert governing["spec"]["clusterIP"] == "None"
+    http = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+
+    router = find(k8s, "Deployment", "streamrecall-router")
+    rc = _container(router)
+    assert rc["args"] == ["run", "router"] and {"configMapRef": {"name": "streamrecall-settings"}} in rc["envFrom"]
+    renv = {e["name"]: e.get("value") for e in rc["env"]}
+    urls = parse_shard_urls(renv["STREAMRECALL_SHARD_URLS"])
+    assert urls == [[f"http://{sts['metadata']['name']}-{i}.{governing['metadata']['name']}:{http}"]
+                    for i in range(shards)], "shard I is the pod of ordinal I"
+    ports = {p["name"]: p["containerPort"] for p in rc["ports"]}
+    assert ports == {"http": DEFAULT_PORTS["router"], "admin": METRICS_PORTS["router"]}
+    assert (int(renv["STREAMRECALL_HTTP_PORT"]), int(renv["STREAMRECALL_ADMIN_PORT"])) == (ports["http"], ports["admin"])
+    for probe, path in (("readinessProbe", "/healthz"), ("livenessProbe", "/livez"), ("startupProbe", "/livez")):
+        assert rc[probe]["httpGet"]["path"] == path
+    service = find(k8s, "Service", "streamrecall-router")
+    assert service["spec"]["selector"].items() <= router["spec"]["template"]["metadata"]["labels"].items()
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert int(router["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]) == ports["admin"]
+    # The shards' recall port answers the routers only; the admin ports Prometheus only.
+    shard_policy = find(k8s, "NetworkPolicy", "streamrecall-indexer-shard")["spec"]
+    by_port = {p["port"]: rule for rule in shard_policy["ingress"] for p in rule["ports"]}
+    (source,) = by_port["http"]["from"]
+    assert source["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
+    router_policy = find(k8s, "NetworkPolicy", "streamrecall-router")["spec"]
+    by_port = {p["port"]: rule for rule in router_policy["ingress"] for p in rule["ports"]}
+    assert "from" not in by_port["http"] and by_port["admin"]["from"][0]["podSelector"]["matchLabels"] == \
+        {"app.kubernetes.io/name": "prometheus"}
 
 
 def test_no_stray_files_in_deploy() -> None:

@@ -22,6 +22,7 @@ TINY = {
     "freshness": ["--seconds", "3", "--item-rate", "20", "--query-rate", "5", "--click-rate", "50",
                   "--backlog", "300", "--sample-every", "2"],
     "query": ["--items", "300", "--queries", "30", "--concurrency", "2"],
+    "shards": ["--items", "300", "--queries", "30", "--concurrency", "2"],
     "scale": ["--items", "3000", "--users", "500", "--clicks", "5000", "--id-buckets", "16384",
               "--full-every-s", "5"],
 }

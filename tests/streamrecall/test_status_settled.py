@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from streamrecall.devtools.broker import free_port
 from streamrecall.consumers.roles.indexer.http_api import RecallService
-from streamrecall.consumers.roles.indexer.http_server import RecallApi
+from streamrecall.consumers.recall_api.server import RecallApi
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.index import QualityMonitor

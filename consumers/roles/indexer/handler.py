@@ -14,9 +14,11 @@ from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
 from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
 from streamrecall.consumers.roles.indexer.options import ROLE
 from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder
-from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
+from streamrecall.consumers.recall_api.users import apply_user_record
+from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.handler import HandlerBase, Record
+from streamrecall.consumers.runtime import measured_lag
 from streamrecall.consumers.updates import ModelUpdateStream
 from streamrecall.consumers.update_codec import update_max_bytes
 from streamrecall.events import Item
@@ -130,11 +132,7 @@ class IndexerHandler(HandlerBase):
             self.state.upsert_items(live, fresh)
 
     def _user(self, r: Record) -> None:
-        if r.value is None:  # tombstone
-            if r.key is not None:
-                self.state.users.pop(r.key.decode("utf-8", "replace"), None)
-            return
-        self.state.users.put(r.value.user_id, UserEntry.of(r.value))
+        apply_user_record(self.state.users, r.key, r.value)
 
     def apply_update(self, update: ModelUpdate, partition: int, offset: int, *, reencode_above: int = -1) -> None:
         """Apply one model update (``offset``: its first record's) to the replica and queue the re-encode it causes.
@@ -187,15 +185,4 @@ class IndexerHandler(HandlerBase):
     # --------------------------------------------------------------- health
     def lag(self) -> dict[str, int] | None:
         """Records behind the high watermark per logical topic, from this run's lag gauge (None: not measured yet)."""
-        seen: dict[tuple[str, str], float] = {}
-        for metric in RUNTIME.lag.collect():
-            for sample in metric.samples:
-                if sample.labels.get("role") == ROLE:
-                    seen[(sample.labels["topic"], sample.labels["partition"])] = sample.value
-        out: dict[str, int] = {}
-        for topic, partition in self.assigned_partitions:
-            value = seen.get((topic, str(partition)))
-            if value is None:
-                return None
-            out[topic] = out.get(topic, 0) + int(value)
-        return out if self.assigned_partitions else None
+        return measured_lag(ROLE, self.assigned_partitions)

@@ -1,9 +1,11 @@
-"""The indexer's recall API (docs/api.md), without the transport: recall by user or by vector, items.
+"""The indexer's recall API (docs/api.md), without the transport: recall by user or by vector, items,
+and a shard's part of a sharded index's answer (``POST /recall/shard``, what the router asks).
 
 :class:`RecallService` knows nothing of HTTP; it is safe to call from several threads at once
 (the index's reader-writer lock lets searches run in parallel, and they never take the role's
-write lock). consumers/roles/indexer/http_requests.py turns requests into its arguments and
-consumers/roles/indexer/http_server.py serves it; :class:`ApiError` is how either refuses a request.
+write lock). consumers/recall_api/requests.py turns requests into its arguments and
+consumers/recall_api/server.py serves it; :class:`~streamrecall.consumers.recall_api.rules.ApiError`
+is how either refuses a request.
 """
 
 from __future__ import annotations
@@ -17,35 +19,43 @@ import numpy as np
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.scoring import (QuerySampler, QueryVector, SampledQuery, Scored, UserQuery,
                                                           VectorQuery, current_vector, rescore)
+from streamrecall.consumers.recall_api.requests import ShardRecall
+from streamrecall.consumers.recall_api.rules import MIN_OVERFETCH, ApiError, cap_per_category, overfetch_limit
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.index import Hit, QualityMonitor
 
 log = logging.getLogger(__name__)
 
 HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
-#: How far a ``max_per_category`` query over-fetches, at most (multiples of k, and an absolute floor).
-MAX_OVERFETCH_FACTOR = 64
-MIN_OVERFETCH = 4096
-
-
-class ApiError(Exception):
-    """A request the API refuses; ``status`` is the HTTP status, the message says what to fix."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class RecallService:
-    """Answers recall queries from the index, the user vectors and the trending list."""
+    """Answers recall queries from the index, the user vectors and the trending list.
+
+    ``shard`` is (I, N) on shard I of a sharded index (``--shard I --shards N``): it holds no user
+    vectors (the router does), so it refuses user queries and answers the router's
+    ``/recall/shard`` instead; None on an indexer that holds every item.
+    """
+
+    serves_items = True
 
     def __init__(self, state: IndexerState, config: IndexerOptions, monitor: QualityMonitor,
-                 health: HealthFn, sampler: QuerySampler | None = None) -> None:
+                 health: HealthFn, sampler: QuerySampler | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
         self.state = state
         self.config = config
         self.monitor = monitor
         self.health = health
         self.sampler = sampler or QuerySampler(config.overlap_sample_size)
+        self.shard = shard
+
+    @property
+    def metrics(self) -> Any:
+        return self.state.metrics
+
+    @property
+    def dim(self) -> int:
+        return self.state.index.dim
 
     # -------------------------------------------------------------- queries
     def recall_for_user(self, user_id: str, k: int, exclude_seen: bool = False,
@@ -58,6 +68,9 @@ class RecallService:
         carries, so the user and the items always come from the same towers.
         """
         state = self.state
+        if self.shard is not None:
+            raise ApiError(400, f"this indexer is shard {self.shard[0]} of {self.shard[1]}: it holds no user vectors "
+                                "and a share of the items; ask the router (docs/api.md)")
         user = state.users.get(user_id)
         base = {"user_id": user_id, "k": k}
         if user is not None and len(user.vector) != state.index.dim:
@@ -86,6 +99,34 @@ class RecallService:
         return {"route": "vector", "k": k, "model_versions": self._versions(None, scored.version),
                 "results": _results(scored.hits, scored.version)}
 
+    def shard_recall(self, q: ShardRecall) -> dict[str, Any]:
+        """This shard's exact top ``q.k`` for the router (``POST /recall/shard``): no caps (the router
+        caps the merged ranking), scored by this replica's current version, which the answer names.
+
+        A user comes with its stored vector, that vector's version and its recent items: scored as
+        :meth:`recall_for_user` scores it (the vector as it is when this version made it, else the
+        user encoded now), so the shard that holds the towers does the query-time encoding. Neither
+        a user nor a vector: the trending (else recent) items this shard holds.
+        """
+        state = self.state
+        if q.user is None and q.vector is None:
+            route, rows = self._popular_rows(q.k, None)
+            return {"route": route, "version": state.replica.version, "user_encoded": None,
+                    "rows": [{"item_id": i, "score": s, "model_version": m.model_version,
+                              "categories": list(m.categories), "event_ts": m.event_ts_ms} for i, s, m in rows[:q.k]]}
+        exclude = set(q.exclude) or None
+        query: QueryVector = UserQuery(q.user_id or "", q.user) if q.user is not None else VectorQuery(q.vector)
+        scored = self.search(query, q.k, exclude, None)
+        self.monitor.observe(scored.vector)
+        # the serving-overlap monitor asks it again as the vector it was scored with (no users here)
+        self.sampler.offer(SampledQuery(None, (), scored.vector, q.k, exclude, None))
+        encoded = None
+        if q.user is not None:
+            encoded = "stored" if query.used_stored else "query-time"
+            state.metrics.user_encodes.labels(encoded).inc()
+        return {"route": "user-vector" if q.user is not None else "vector", "version": scored.version,
+                "user_encoded": encoded, "rows": _results(scored.hits, scored.version)}
+
     def search(self, query: QueryVector, k: int, exclude: set[str] | None,
                max_per_category: int | None) -> Scored:
         """The top ``k`` by the current towers: candidates from the graph, re-scored exactly.
@@ -103,7 +144,7 @@ class RecallService:
             current = self._search_settled(query, k, fetch, exclude)
             if current is not None:
                 return current
-        limit = min(live, max(MIN_OVERFETCH, k * MAX_OVERFETCH_FACTOR)) if max_per_category is not None else fetch
+        limit = min(live, overfetch_limit(k)) if max_per_category is not None else fetch
         vector = current_vector(state, query)
         while True:
             hits = index.query(vector, fetch, exclude=exclude)[0]
@@ -137,6 +178,13 @@ class RecallService:
 
     def _popular(self, k: int, max_per_category: int | None) -> dict[str, Any]:
         """Users without a vector: the trainer's trending items (minus deleted), else the newest items."""
+        route, rows = self._popular_rows(k, max_per_category)
+        results = [{"rank": n + 1, "item_id": i, "score": s, "model_version": m.model_version,
+                    "categories": list(m.categories)} for n, (i, s, m) in enumerate(rows[:k])]
+        return {"route": route, "model_versions": self._versions(None), "results": results}
+
+    def _popular_rows(self, k: int, max_per_category: int | None) -> tuple[str, list[tuple[str, float | None, Any]]]:
+        """(route, [(item id, score, meta)]) of the popular answer, best first (route trending or recent)."""
         index = self.state.index
         trending = self.state.replica.trending  # replaced wholesale by each update: a consistent list
         if trending:
@@ -150,9 +198,7 @@ class RecallService:
             route = "recent"
         if max_per_category is not None:
             rows = cap_per_category(rows, k, max_per_category, lambda r: r[2].categories)
-        results = [{"rank": n + 1, "item_id": i, "score": s, "model_version": m.model_version,
-                    "categories": list(m.categories)} for n, (i, s, m) in enumerate(rows[:k])]
-        return {"route": route, "model_versions": self._versions(None), "results": results}
+        return route, rows
 
     def _versions(self, user_version: int | None, scored: int | None = None) -> dict[str, Any]:
         state = self.state
@@ -175,26 +221,6 @@ class RecallService:
         if vector is not None:
             out["vector"] = [round(float(v), 7) for v in vector]
         return out
-
-
-def cap_per_category(rows: Sequence[Any], k: int, cap: int, categories: Callable[[Any], Sequence[str]]) -> list[Any]:
-    """The first ``k`` rows, in order, such that no category appears more than ``cap`` times.
-
-    A row with several categories counts against each and is skipped if any is full;
-    rows without categories are never capped.
-    """
-    counts: dict[str, int] = {}
-    out = []
-    for row in rows:
-        cats = categories(row)
-        if any(counts.get(c, 0) >= cap for c in cats):
-            continue
-        for c in cats:
-            counts[c] = counts.get(c, 0) + 1
-        out.append(row)
-        if len(out) == k:
-            break
-    return out
 
 
 def _results(hits: Sequence[Hit], version: int) -> list[dict[str, Any]]:

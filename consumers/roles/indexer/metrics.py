@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from streamrecall.consumers.recall_api.metrics import QueryMetrics
 from streamrecall.metrics import FRESHNESS_BUCKETS, LATENCY_BUCKETS
 
-#: Label values known in advance (initialised at 0): the indexer's upsert causes, the recall API's
-#: answered routes, and the statuses of refused /recall requests (counted under route "invalid").
+#: Label values known in advance (initialised at 0): the indexer's upsert causes.
 UPSERT_CAUSES = ("item", "reencode", "rebuild")
 
 
-QUERY_ROUTES = ("user-vector", "vector", "trending", "recent")
+class IndexerMetrics(QueryMetrics):
+    """The index's families, and the query families of every recall API (:class:`QueryMetrics`)."""
 
-
-QUERY_ERROR_STATUSES = ("400", "404", "405", "411", "413")
-
-
-class IndexerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        super().__init__(registry)
         self.items = Gauge("streamrecall_index_items", "Live items in the index.", registry=registry)
         self.deleted_share = Gauge("streamrecall_index_deleted_slots_ratio",
                                    "Share of index slots marked deleted (awaiting reuse).", registry=registry)
@@ -40,15 +37,6 @@ class IndexerMetrics:
         self.recall_at_10 = Gauge("streamrecall_index_recall_at_10",
                                   "ANN recall@10 against exact search over the same live vectors (sampled).",
                                   registry=registry)
-        self.queries = Counter("streamrecall_queries_total", "Recall queries, by route and status.",
-                               ["route", "status"], registry=registry)
-        self.query_seconds = Histogram("streamrecall_query_seconds", "Recall query latency, by route.",
-                                       ["route"], buckets=LATENCY_BUCKETS, registry=registry)
-        for route in QUERY_ROUTES:
-            self.queries.labels(route, "200")
-            self.query_seconds.labels(route)
-        for status in QUERY_ERROR_STATUSES:
-            self.queries.labels("invalid", status)
         self.user_vectors = Gauge("streamrecall_index_user_vectors", "User vectors held for /recall.",
                                   registry=registry)
         self.snapshot_time = Gauge("streamrecall_index_snapshot_timestamp_seconds",

@@ -27,7 +27,8 @@ from streamrecall.model.replica import TowerReplica
 
 if TYPE_CHECKING:  # import cycle at run time: the state module does not need these
     from streamrecall.consumers.roles.indexer.http_api import RecallService
-    from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
+    from streamrecall.consumers.recall_api.users import UserEntry
+    from streamrecall.consumers.roles.indexer.state import IndexerState
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class ServingMonitor:
         return self.last
 
     def _overlap(self, q: SampledQuery) -> float | None:
-        from streamrecall.consumers.roles.indexer.http_api import cap_per_category
+        from streamrecall.consumers.recall_api.rules import cap_per_category
 
         state = self.service.state
         entry = state.users.get(q.user_id) if q.user_id is not None else None

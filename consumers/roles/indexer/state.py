@@ -35,16 +35,14 @@ import heapq
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Collection, Iterable, Sequence
 
-import numpy as np
-
 from streamrecall.bounded import LRUMap
+from streamrecall.consumers.recall_api.users import UserEntry
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.scoring import ItemVectorCache
-from streamrecall.events import Item, UserVector, event_time
+from streamrecall.events import Item, event_time
 from streamrecall.index import EntryMeta, ItemIndex, RWLock
 from streamrecall.metrics import STATE, StateMetrics
 from streamrecall.model.config import ModelConfig
@@ -55,20 +53,6 @@ log = logging.getLogger(__name__)
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class UserEntry:
-    """A user's latest vector, as read from ``user-vectors``."""
-
-    vector: np.ndarray  # float32 (dim,)
-    model_version: int
-    event_ts: int
-    recent_items: tuple[str, ...]
-
-    @classmethod
-    def of(cls, uv: UserVector) -> "UserEntry":
-        return cls(np.asarray(uv.vector, dtype=np.float32), uv.model_version, uv.event_ts, tuple(uv.recent_items))
 
 
 def batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -17,7 +17,7 @@ from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
 from streamrecall.consumers.roles.indexer.handler import IndexerHandler
 from streamrecall.consumers.roles.indexer.http_api import RecallService
-from streamrecall.consumers.roles.indexer.http_server import RecallApi
+from streamrecall.consumers.recall_api.server import RecallApi
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 from streamrecall.consumers.roles.indexer.options import ROLE, IndexerOptions
 from streamrecall.consumers.roles.indexer.reencoder import Reencoder
@@ -26,7 +26,7 @@ from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.handler import decode_value
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.update_chunks import ChunkReader
-from streamrecall.errors import StreamrecallError
+from streamrecall.errors import ConfigError, StreamrecallError
 from streamrecall.events import Decoder, Item, user_vector_decoder
 from streamrecall.index import QualityMonitor
 from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, role_metrics
@@ -47,6 +47,10 @@ class IndexerRole:
         self.deadletters = process.deadletters
         self.start = start
         self.config = IndexerOptions.from_settings(settings)
+        #: (I, N) on shard I of a sharded index; None when this indexer holds every item
+        self.shard = (settings.shard, settings.shards) if settings.shard is not None else None
+        if self.shard is not None:
+            self._check_shard_partitions()
         self.metrics = metrics if metrics is not None else role_metrics(IndexerMetrics)
         root = settings.role_state_dir(ROLE)
         loaded = indexer_snapshot.load(root) if start.kind == "committed" else None
@@ -67,21 +71,47 @@ class IndexerRole:
         self.handler = IndexerHandler(settings, self.state, self.reencoder, version_metrics, resume,
                                       snapshot_loaded=loaded is not None, deadletters=self.deadletters)
         self.api: RecallApi | None = None
-        self.service = RecallService(self.state, self.config, self.monitor, self.health)
+        self.service = RecallService(self.state, self.config, self.monitor, self.health, shard=self.shard)
         self.serving_monitor = ServingMonitor(self.service, self.service.sampler, self.config.overlap_interval_s,
                                               self.config.overlap_max_items)
         if start.kind == "committed":
             self._prepare_resume(resume)
+
+    # ---------------------------------------------------------------- shards
+    def owns(self, topic: str, partition: int) -> bool:
+        """Whether this indexer reads ``topic[partition]``: every partition, but on shard I of N only
+        the ``items`` partitions p with p % N == I (items are keyed, so partitioned, by item id)."""
+        if self.shard is None or topic != self.settings.topics.items:
+            return True
+        return partition % self.shard[1] == self.shard[0]
+
+    def _check_shard_partitions(self) -> None:
+        """Refuse to start a shard of an index split in more shards than ``items`` has partitions."""
+        assert self.shard is not None
+        consumer = make_consumer(self.settings, None, client_id="streamrecall-indexer-shard-check")
+        try:
+            partitions = consumer.partitions_for_topic(self.settings.topics.items) or set()
+        finally:
+            consumer.close(autocommit=False)
+        shard, shards = self.shard
+        if len(partitions) < shards:
+            raise ConfigError(f"shards: the index is split in {shards} shards but topic {self.settings.topics.items} "
+                              f"has {len(partitions)} partition(s); each shard needs at least one (shard I takes "
+                              f"the partitions p with p % {shards} == I): add partitions or use fewer shards")
+        log.info("indexer: shard %d of %d: items partitions %s", shard, shards,
+                 sorted(p for p in partitions if p % shards == shard))
 
     # ---------------------------------------------------------------- restart
     def _prepare_resume(self, resume: indexer_snapshot.Resume | None) -> None:
         """Explicit start offsets for every partition, and the replay of model updates."""
         consumer = make_consumer(self.settings, None, client_id="streamrecall-indexer-restore")
         try:
+            items = self.settings.topics.items
             start_at = Offsets({(logical, p): 0 for physical, (logical, _) in self.topics().items()
-                                for p in consumer.partitions_for_topic(physical) or ()})
-            if resume is not None:
-                start_at.update(resume.next_offsets())
+                                for p in consumer.partitions_for_topic(physical) or () if self.owns(physical, p)})
+            if resume is not None:  # a shard's snapshot holds only its partitions; filtered all the same
+                start_at.update(Offsets({(t, p): o for (t, p), o in resume.next_offsets().items()
+                                         if t != "items" or self.owns(items, p)}))
                 if resume.last_full_offset is not None:
                     self._replay_updates(consumer, resume)
                 self._reconcile()
@@ -155,9 +185,11 @@ class IndexerRole:
     def topics(self) -> dict[str, tuple[str, Callable[[bytes | None], Any]]]:
         t = self.settings.topics
         limit = self.settings.max_value_bytes
-        return {t.items: ("items", Decoder(Item, limit).decode),
-                t.model_updates: ("model-updates", ChunkReader()),
-                t.user_vectors: ("user-vectors", user_vector_decoder(limit))}
+        topics: dict[str, tuple[str, Callable[[bytes | None], Any]]] = {
+            t.items: ("items", Decoder(Item, limit).decode), t.model_updates: ("model-updates", ChunkReader())}
+        if self.shard is None:  # a shard holds no user vectors: the router does
+            topics[t.user_vectors] = ("user-vectors", user_vector_decoder(limit))
+        return topics
 
     def serve_http(self, stack: ExitStack, heartbeat: Heartbeat) -> None:
         self.api = RecallApi(self.service, self.settings.http_host, self.settings.port_for(ROLE),
@@ -202,6 +234,8 @@ class IndexerRole:
                 "settled_version": self.reencoder.settled_version, "reencode_pending": self.reencoder.pending,
                 "user_vectors": len(state.users), "lag": total, "lag_by_topic": lag,
                 "snapshot_loaded": self.handler.snapshot_loaded}
+        if self.shard is not None:
+            body["shard"] = {"index": self.shard[0], "of": self.shard[1]}
         return not reasons, body
 
 
@@ -212,4 +246,5 @@ def run(settings: Settings, start: StartPosition) -> None:
         role = IndexerRole(process, start)
         stack.callback(role.close)  # after the runtime's final flush and the API's shutdown
         role.begin()
-        process.run(start, role.handler, role.topics(), assign_all=True, serve_http=role.serve_http)
+        process.run(start, role.handler, role.topics(), assign_all=True, serve_http=role.serve_http,
+                    partitions=role.owns if role.shard else None)

@@ -104,7 +104,7 @@ def run_rank(settings: Settings, start: StartPosition) -> None:
         try:
             process.run(start, handler, {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)},
                         until=lambda: handler.finished, pause_on_flush_failure=False, assign_all=True,
-                        only_partitions=own, poll_timeout_ms=options.rank_poll_ms)
+                        partitions=lambda _topic, p: p in own, poll_timeout_ms=options.rank_poll_ms)
         finally:
             handler.shutdown()
 

@@ -70,15 +70,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _drive(system: LocalSystem, path: str, bodies: list[str], concurrency: int, requests: int) -> Load:
-    host, port = system.api().removeprefix("http://").rsplit(":", 1)
+def _drive(system: LocalSystem, path: str, bodies: list[str], concurrency: int, requests: int,
+           name: str = "indexer", servers: tuple[str, ...] = ()) -> Load:
+    """Load process ``name``'s API; the server CPU is that of ``name`` and of ``servers`` (the
+    processes that answer behind it: a router's shards)."""
+    host, port = system.api(name).removeprefix("http://").rsplit(":", 1)
     spec = {"host": host, "port": int(port), "path": path, "bodies": bodies, "concurrency": concurrency,
             "requests": requests, "warmup": min(requests, 4 * concurrency)}
-    pid = system.processes["indexer"].process.pid  # type: ignore[union-attr]
-    cpu0 = _cpu_seconds(pid)
+    pids = [system.processes[n].process.pid for n in (name, *servers)]  # type: ignore[union-attr]
+    cpu0 = sum(_cpu_seconds(pid) for pid in pids)
     proc = subprocess.run([sys.executable, "-m", "streamrecall.devtools.bench.loadgen"], input=json.dumps(spec),
                           capture_output=True, text=True, timeout=900)
-    cpu1 = _cpu_seconds(pid)
+    cpu1 = sum(_cpu_seconds(pid) for pid in pids)
     if proc.returncode != 0:
         raise click.ClickException(f"the load generator failed: {proc.stderr[-2000:]}")
     out: dict[str, Any] = json.loads(proc.stdout)

@@ -1,4 +1,7 @@
-"""Decoding and validating the recall API's requests (docs/api.md): bytes in, typed requests out.
+"""Decoding and validating the recall APIs' requests (docs/api.md): bytes in, typed requests out.
+
+One validation for every recall API: the indexer's and the router's (the same routes and
+rules), and the shard route a sharded indexer answers the router on (``POST /recall/shard``).
 
 Every way a request can be wrong ends here as an :class:`ApiError` with a 4xx status and a
 message that says what to fix. Bodies are decoded by msgspec into typed structs, so a wrong
@@ -17,10 +20,14 @@ from urllib.parse import parse_qs
 import msgspec
 import numpy as np
 
-from streamrecall.consumers.roles.indexer.http_api import ApiError
+from streamrecall.consumers.recall_api.rules import ApiError, overfetch_limit
+from streamrecall.consumers.recall_api.users import UserEntry
 
 #: Query-string parameters any route takes, at most (parse_qs stops at this many fields).
 MAX_QUERY_FIELDS = 16
+#: A user vector's recent items, at most (the user-vectors event's bound): the router sends them,
+#: and excludes them with ``exclude_seen``.
+MAX_RECENT_ITEMS = 1024
 
 
 class VectorBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -71,8 +78,38 @@ class VectorRecall:
 
 RecallRequest = Union[UserRecall, VectorRecall]
 
+
+class ShardUser(msgspec.Struct, forbid_unknown_fields=True):
+    """A user as the router holds it: the stored vector, the version that made it, its recent items."""
+
+    user_id: str
+    vector: list[float]
+    model_version: int
+    recent_items: list[str] = []
+
+
+class ShardBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /recall/shard``: a user, a vector, or neither (the popular route); never capped."""
+
+    k: Union[int, None] = None
+    user: Union[ShardUser, None] = None
+    vector: Union[list[float], None] = None
+    exclude: list[str] = []
+
+
+@dataclass(frozen=True)
+class ShardRecall:
+    """What the router asks one shard: its exact top ``k`` (``k`` may reach the over-fetch of a capped query)."""
+
+    k: int
+    user_id: str | None
+    user: UserEntry | None
+    vector: np.ndarray | None
+    exclude: tuple[str, ...]
+
 _VECTOR_DECODER = msgspec.json.Decoder(VectorBody)
 _BATCH_DECODER = msgspec.json.Decoder(BatchBody)
+_SHARD_DECODER = msgspec.json.Decoder(ShardBody)
 
 
 @dataclass(frozen=True)
@@ -104,6 +141,24 @@ def vector_request(raw: bytes, limits: Limits) -> VectorRecall:
     cap = positive(body.max_per_category, "max_per_category")
     return VectorRecall(vector(body.vector, limits.dim, "vector"), k_, cap,
                         exclusions(body.exclude, limits.max_k, "exclude"))
+
+
+def shard_request(raw: bytes, limits: Limits) -> ShardRecall:
+    """The router's request to a shard; ``k`` up to the over-fetch of a capped query of ``max_k``."""
+    body = decode(_SHARD_DECODER, raw, '{"k": K, "user": {...} | "vector": [...], "exclude": [...]}')
+    k_ = k(body.k, overfetch_limit(limits.max_k), "k")
+    if body.user is not None and body.vector is not None:
+        raise ApiError(400, "give at most one of user or vector")
+    exclude = exclusions(body.exclude, max(limits.max_k, MAX_RECENT_ITEMS), "exclude")
+    if body.user is None:
+        return ShardRecall(k_, None, None, vector(body.vector, limits.dim, "vector") if body.vector is not None
+                           else None, exclude)
+    u = body.user
+    if u.model_version < 0:
+        raise ApiError(400, f"user.model_version must be >= 0, got {u.model_version}")
+    entry = UserEntry(vector(u.vector, limits.dim, "user.vector"), u.model_version, 0,
+                      exclusions(u.recent_items, MAX_RECENT_ITEMS, "user.recent_items"))
+    return ShardRecall(k_, user_id(u.user_id, "user.user_id"), entry, None, exclude)
 
 
 def batch_request(raw: bytes, limits: Limits) -> list[RecallRequest]:

@@ -1,10 +1,12 @@
-"""The indexer's HTTP transport (docs/api.md): uvicorn (httptools + uvloop) serving two small ASGI apps.
+"""The recall APIs' HTTP transport (docs/api.md): uvicorn (httptools + uvloop) serving two small ASGI apps.
 
-* The **public** listener (``http_port``) answers ``/recall``, ``/recall/batch``, ``/items/{id}``
-  and ``/healthz``.
-* The **admin** listener (``admin_port``) answers ``/metrics``, ``/healthz`` and ``/items/{id}``
-  with ``with_vector=1``: what only Prometheus and operators should reach (a NetworkPolicy
-  keeps it so, deploy/k8s/31-indexer.yaml).
+One server for the indexer and the router (a :class:`RecallBackend` each):
+
+* The **public** listener (``http_port``) answers ``/recall``, ``/recall/batch`` and ``/healthz``;
+  an indexer also ``/items/{id}`` and ``/recall/shard`` (the router's request to a shard).
+* The **admin** listener (``admin_port``) answers ``/metrics``, ``/healthz`` and, on an indexer,
+  ``/items/{id}`` with ``with_vector=1``: what only Prometheus and operators should reach (a
+  NetworkPolicy keeps it so, deploy/k8s/31-indexer.yaml).
 
 Why this stack: measured on the project's two-core machine against the standard library's
 threaded server, Starlette on uvicorn and granian, a bare ASGI app on uvicorn with httptools
@@ -29,7 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 from urllib.parse import unquote
 
 import msgspec
@@ -37,9 +39,8 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from streamrecall.consumers.roles.indexer import http_requests as req
-from streamrecall.consumers.roles.indexer.http_api import ApiError, RecallService
-from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.recall_api import requests as req
+from streamrecall.consumers.recall_api.rules import ApiError
 from streamrecall.metrics import Livez
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,36 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+class RecallBackend(Protocol):
+    """What a recall API answers with: the indexer's RecallService, the router's RouterService.
+
+    ``config`` carries the HTTP settings (``max_k``, ``max_batch``, ``http_*``, ``search_threads``)
+    under the same names in ``[indexer]`` and ``[router]``; ``metrics`` the query families
+    (consumers/recall_api/metrics.py). A backend with ``serves_items`` also answers
+    ``/items/{id}`` (``item``) and ``/recall/shard`` (``shard_recall``).
+    """
+
+    config: Any
+    serves_items: bool
+
+    @property
+    def metrics(self) -> Any: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def health(self) -> tuple[bool, dict[str, Any]]: ...
+
+    def recall_for_user(self, user_id: str, k: int, exclude_seen: bool = False,
+                        max_per_category: int | None = None) -> dict[str, Any]: ...
+
+    def recall_for_vector(self, vector: Any, k: int, max_per_category: int | None = None,
+                          exclude: Sequence[str] = ()) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class ServerLimits:
-    """How much the server accepts, and for how long (the ``[indexer]`` settings, docs/api.md)."""
+    """How much the server accepts, and for how long (the ``[indexer]`` or ``[router]`` settings, docs/api.md)."""
 
     max_body_bytes: int = 1 << 20
     max_batch: int = 256
@@ -66,7 +94,7 @@ class ServerLimits:
     search_threads: int = 2             # the pool that runs searches and encodes
 
     @classmethod
-    def of(cls, config: IndexerOptions) -> "ServerLimits":
+    def of(cls, config: Any) -> "ServerLimits":
         return cls(max_body_bytes=config.max_body_bytes, max_batch=config.max_batch,
                    request_timeout_s=config.http_request_timeout_s, idle_timeout_s=config.http_idle_timeout_s,
                    max_connections=config.http_max_connections, backlog=config.http_backlog,
@@ -181,7 +209,7 @@ def _protocol_class(limits: ServerLimits) -> type[_BoundedProtocol]:
 class _App:
     """One listener's routes; ``admin`` selects the admin set."""
 
-    def __init__(self, service: RecallService, limits: ServerLimits, pool: ThreadPoolExecutor, admin: bool,
+    def __init__(self, service: RecallBackend, limits: ServerLimits, pool: ThreadPoolExecutor, admin: bool,
                  livez: Livez | None = None) -> None:
         self.service = service
         self.limits = limits
@@ -191,6 +219,8 @@ class _App:
         self.routes: dict[str, tuple[str, ...]] = (
             {"/metrics": ("GET",), "/healthz": ("GET",)} if admin
             else {"/recall": ("GET", "POST"), "/recall/batch": ("POST",), "/healthz": ("GET",)})
+        if service.serves_items and not admin:
+            self.routes["/recall/shard"] = ("POST",)
         if livez is not None:  # liveness from the poll loop's heartbeat, on both listeners
             self.routes["/livez"] = ("GET",)
 
@@ -198,12 +228,13 @@ class _App:
         if scope["type"] != "http":  # lifespan is off; nothing else is served
             return
         method, path = scope["method"], scope["path"]
-        metrics = self.service.state.metrics
+        metrics = self.service.metrics
         started = time.perf_counter()
         route = "invalid"
         headers: list[tuple[bytes, bytes]] = []
         try:
-            allowed = self.routes.get(path, ("GET",) if path.startswith("/items/") else None)
+            items = path.startswith("/items/") and self.service.serves_items
+            allowed = self.routes.get(path, ("GET",) if items else None)
             if allowed is None:
                 raise ApiError(404, self._unknown(path))
             if method not in allowed:
@@ -221,7 +252,7 @@ class _App:
         except Exception:
             log.exception("%s %s failed", method, path)
             status, ctype, body = 500, JSON, error_body(500, "internal error")
-        if path in ("/recall", "/recall/batch"):
+        if path in ("/recall", "/recall/batch", "/recall/shard"):
             metrics.queries.labels(route, str(status)).inc()
             if status == 200:
                 metrics.query_seconds.labels(route).observe(time.perf_counter() - started)
@@ -245,6 +276,10 @@ class _App:
         if path == "/recall/batch":
             queries = req.batch_request(await self._body(scope, receive), limits)
             return 200, JSON, await self._batch(queries), "batch"
+        if path == "/recall/shard":
+            shard_query = req.shard_request(await self._body(scope, receive), limits)
+            answer = await self._off_loop(self.service.shard_recall, shard_query)  # type: ignore[attr-defined]
+            return 200, JSON, msgspec.json.encode(answer), answer["route"]
         if method == "GET":
             query: req.RecallRequest = req.user_request(scope["query_string"], limits)
         else:
@@ -273,13 +308,17 @@ class _App:
         with_vector = req.flag("with_vector", req.one(req.query_params(query_string), "with_vector"))
         if with_vector and not self.admin:
             raise ApiError(403, "with_vector=1 is served on the admin port only (admin_port, docs/api.md)")
-        found = self.service.item(item_id, with_vector) if item_id else None
+        found = self.service.item(item_id, with_vector) if item_id else None  # type: ignore[attr-defined]
         if found is None:
             raise ApiError(404, f"item {item_id!r} is not in the index")
         return msgspec.json.encode(found)
 
     # ------------------------------------------------------------------ helpers
     def _unknown(self, path: str) -> str:
+        if not self.service.serves_items:  # the router: recall only; items live on the shards
+            where = " (/metrics is served on the admin port)" if path == "/metrics" and not self.admin else ""
+            return (f"no such path {path!r}{where}; the router serves /recall, /recall/batch and /healthz "
+                    "(/metrics on its admin port); items are on the shards (docs/api.md)")
         if self.admin:
             where = " (/recall is served on the public port)" if path.startswith("/recall") else ""
             return f"no such path {path!r} on the admin port{where}; it serves /metrics, /healthz, /items/ID"
@@ -289,7 +328,7 @@ class _App:
 
     def _request_limits(self) -> req.Limits:
         config = self.service.config
-        return req.Limits(dim=self.service.state.index.dim, max_k=config.max_k, max_batch=self.limits.max_batch)
+        return req.Limits(dim=self.service.dim, max_k=config.max_k, max_batch=self.limits.max_batch)
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -351,25 +390,27 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
 
 
 class RecallApi:
-    """The indexer's HTTP server: ``start()`` serves on a daemon thread, ``stop()`` drains and stops.
+    """A recall API's HTTP server: ``start()`` serves on a daemon thread, ``stop()`` drains and stops.
 
-    ``admin_port`` None serves no admin listener (``/metrics`` and vectors are then not served).
+    ``admin_port`` None serves no admin listener (``/metrics`` and vectors are then not served);
+    ``name`` (the role) names its threads and log lines.
     """
 
-    def __init__(self, service: RecallService, host: str, port: int, max_body_bytes: int = 1 << 20,
+    def __init__(self, service: RecallBackend, host: str, port: int, max_body_bytes: int = 1 << 20,
                  *, admin_port: int | None = None, limits: ServerLimits | None = None,
-                 livez: Livez | None = None) -> None:
+                 livez: Livez | None = None, name: str = "indexer") -> None:
+        self.name = name
         self.service = service
         base = limits or ServerLimits.of(service.config)
         self.limits = ServerLimits(**{**base.__dict__, "max_body_bytes": max_body_bytes})
         self.max_body_bytes = max_body_bytes
-        self._pool = ThreadPoolExecutor(self.limits.search_threads, thread_name_prefix="indexer-search")
+        self._pool = ThreadPoolExecutor(self.limits.search_threads, thread_name_prefix=f"{name}-search")
         self._sockets = [_listen(host, port, self.limits.backlog)]
         if admin_port is not None:
             self._sockets.append(_listen(host, admin_port, self.limits.backlog))
         self._servers = [self._server(_App(service, self.limits, self._pool, admin=i == 1, livez=livez))
                          for i in range(len(self._sockets))]
-        self._thread = threading.Thread(target=self._run, name="indexer-http", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{name}-http", daemon=True)
         self._started = threading.Event()
 
     def _server(self, app: _App) -> uvicorn.Server:
@@ -402,8 +443,9 @@ class RecallApi:
     def start(self) -> None:
         self._thread.start()
         if not self._started.wait(30):
-            raise RuntimeError("the indexer's HTTP server did not start within 30 s")
-        log.info("indexer API on %s (recall, items, healthz)%s", self.url,
+            raise RuntimeError(f"the {self.name}'s HTTP server did not start within 30 s")
+        log.info("%s API on %s (recall%s, healthz)%s", self.name, self.url,
+                 ", items, shard" if self.service.serves_items else "",
                  f"; admin on {self.admin_url} (metrics, healthz, items with vectors)" if self.admin_url else "")
 
     def stop(self) -> None:
@@ -424,7 +466,7 @@ class RecallApi:
         try:
             loop.run_until_complete(self._serve())
         except Exception:
-            log.exception("the indexer's HTTP server failed")
+            log.exception("the %s's HTTP server failed", self.name)
         finally:
             self._started.set()
             loop.close()
