@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned. TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build
 	# from PyTorch's own index (PyPI's Linux x86_64 wheel bundles CUDA libraries, several GB).
 	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -q -e '.[dev,plot]'
+	$(PIP) install -q -e '.[dev,devtools]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -40,7 +40,7 @@ from typing import Any, Callable
 from kafka import KafkaConsumer, TopicPartition
 
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink, header_int, headers_dict
-from streamrecall.consumers.runtime import Record, decode_value
+from streamrecall.consumers.runtime import decode_value
 from streamrecall.consumers.table import TopicReader
 # The header names are re-exported here: this module is where readers and writers find them.
 from streamrecall.consumers.update_chunks import (HEADER_EPOCH, HEADER_KIND, HEADER_SIGNATURE, HEADER_VERSION,

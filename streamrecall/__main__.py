@@ -1,3 +1,3 @@
-from streamrecall.cli import main
+from streamrecall.ops.cli import main
 
 main()

@@ -22,13 +22,11 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
-#: Label values known in advance (initialised at 0): the indexer's upsert causes, the recall API's
-#: answered routes, and the statuses of refused /recall requests (counted under route "invalid").
-UPSERT_CAUSES = ("item", "reencode", "rebuild")
-QUERY_ROUTES = ("user-vector", "vector", "trending", "recent")
-QUERY_ERROR_STATUSES = ("400", "404", "405", "411", "413")
+
 #: Buckets for latencies that should stay well under a second.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 #: Buckets for event-time-to-effect delays; the SLO is 1 s.
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -96,109 +94,6 @@ class ModelVersionMetrics:
                              ["role"], registry=registry)
 
 
-class TrainerMetrics:
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.loss = Gauge("streamrecall_trainer_loss", "Loss of the latest training step.", registry=registry)
-        self.steps = Counter("streamrecall_trainer_steps_total", "Training steps taken.", registry=registry)
-        self.examples = Counter("streamrecall_trainer_examples_total", "Clicks trained on.", registry=registry)
-        self.replay_steps = Counter("streamrecall_trainer_replay_steps_total",
-                                    "Training steps on replayed clicks, taken while the stream was idle.",
-                                    registry=registry)
-        self.unknown_items = Counter("streamrecall_trainer_unknown_item_clicks_total",
-                                     "Clicks on items not (yet) seen on the items topic; trained on the id only.",
-                                     registry=registry)
-        self.step_seconds = Histogram("streamrecall_trainer_step_seconds", "Time of one training step.",
-                                      buckets=LATENCY_BUCKETS, registry=registry)
-        self.estimator_top_p = Gauge("streamrecall_trainer_estimator_top_probability",
-                                     "Largest estimated item sampling probability (1/B).", registry=registry)
-        self.estimator_median_p = Gauge("streamrecall_trainer_estimator_median_probability",
-                                        "Median estimated probability over items seen in recent batches.",
-                                        registry=registry)
-        self.updates_published = Counter("streamrecall_trainer_updates_published_total",
-                                         "Model updates sent, by kind.", ["kind"], registry=registry)
-        for kind in ("full", "delta"):
-            self.updates_published.labels(kind)
-        self.publish_failures = Counter("streamrecall_trainer_update_publish_failures_total",
-                                        "Model updates the broker did not acknowledge.", registry=registry)
-        self.acked_version = Gauge("streamrecall_trainer_acked_model_version",
-                                   "Newest model version the broker acknowledged on model-updates.", registry=registry)
-        self.acked_time = Gauge("streamrecall_trainer_last_acked_update_timestamp_seconds",
-                                "Unix time the broker last acknowledged a model update.", registry=registry)
-        self.update_bytes = Histogram("streamrecall_trainer_update_bytes", "Size of published model updates.",
-                                      buckets=(1e4, 1e5, 1e6, 4e6, 16e6, 64e6, 256e6, 1e9), registry=registry)
-        self.update_chunks = Histogram("streamrecall_trainer_update_chunks",
-                                       "Records (chunks of at most 1 MiB) per published model update.",
-                                       buckets=(1, 2, 4, 16, 64, 256, 1024), registry=registry)
-        self.checkpoint_time = Gauge("streamrecall_trainer_checkpoint_timestamp_seconds",
-                                     "Unix time of the last durable checkpoint.", registry=registry)
-
-
-class IndexerMetrics:
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.items = Gauge("streamrecall_index_items", "Live items in the index.", registry=registry)
-        self.deleted_share = Gauge("streamrecall_index_deleted_slots_ratio",
-                                   "Share of index slots marked deleted (awaiting reuse).", registry=registry)
-        self.upserts = Counter("streamrecall_index_upserts_total", "Item vectors upserted, by cause.",
-                               ["cause"], registry=registry)
-        for cause in UPSERT_CAUSES:
-            self.upserts.labels(cause)
-        self.deletes = Counter("streamrecall_index_deletes_total", "Items deleted.", registry=registry)
-        self.encode_seconds = Histogram("streamrecall_index_encode_seconds", "Item tower time per micro-batch.",
-                                        buckets=LATENCY_BUCKETS, registry=registry)
-        self.upsert_seconds = Histogram("streamrecall_index_upsert_seconds", "HNSW upsert time per micro-batch.",
-                                        buckets=LATENCY_BUCKETS, registry=registry)
-        self.freshness = Histogram("streamrecall_index_freshness_seconds",
-                                   "Item event time (updated_at, else created_at) to searchable in the index, "
-                                   "for events new to this indexer (docs/api.md).",
-                                   buckets=FRESHNESS_BUCKETS, registry=registry)
-        self.stale_share = Gauge("streamrecall_index_stale_ratio",
-                                 "Share of indexed items encoded by an older model version.", registry=registry)
-        self.recall_at_10 = Gauge("streamrecall_index_recall_at_10",
-                                  "ANN recall@10 against exact search over the same live vectors (sampled).",
-                                  registry=registry)
-        self.queries = Counter("streamrecall_queries_total", "Recall queries, by route and status.",
-                               ["route", "status"], registry=registry)
-        self.query_seconds = Histogram("streamrecall_query_seconds", "Recall query latency, by route.",
-                                       ["route"], buckets=LATENCY_BUCKETS, registry=registry)
-        for route in QUERY_ROUTES:
-            self.queries.labels(route, "200")
-            self.query_seconds.labels(route)
-        for status in QUERY_ERROR_STATUSES:
-            self.queries.labels("invalid", status)
-        self.user_vectors = Gauge("streamrecall_index_user_vectors", "User vectors held for /recall.",
-                                  registry=registry)
-        self.snapshot_time = Gauge("streamrecall_index_snapshot_timestamp_seconds",
-                                   "Unix time of the last durable index snapshot.", registry=registry)
-        self.user_encodes = Counter("streamrecall_query_user_vectors_total",
-                                    "User vectors /recall scored with, by source: the stored one (made by the "
-                                    "current model version) or one encoded at query time by this replica.",
-                                    ["source"], registry=registry)
-        for source in ("stored", "query-time"):
-            self.user_encodes.labels(source)
-        self.serving_overlap = Gauge("streamrecall_serving_overlap_at_k",
-                                     "Sampled live queries asked again: share of the exact top-K (a fresh encode "
-                                     "of the catalog by the current towers) that the served top-K holds.",
-                                     registry=registry)
-        self.serving_overlap.set(float("nan"))  # not measured yet: no alert fires, dashboards show a gap
-        self.serving_overlap_queries = Counter("streamrecall_serving_overlap_queries_total",
-                                               "Queries the serving-overlap monitor asked again.", registry=registry)
-
-
-class PublisherMetrics:
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.published = Counter("streamrecall_publisher_vectors_published_total",
-                                 "User vectors published, by cause (click or model update).", ["cause"],
-                                 registry=registry)
-        for cause in ("click", "model_update"):
-            self.published.labels(cause)
-        self.click_to_vector = Histogram("streamrecall_publisher_click_to_vector_seconds",
-                                         "Click event time (ts) to its user's vector published.",
-                                         buckets=FRESHNESS_BUCKETS, registry=registry)
-        self.users = Gauge("streamrecall_publisher_users", "Users with recent history held.", registry=registry)
-        self.pending_refresh = Gauge("streamrecall_publisher_pending_refresh_users",
-                                     "Users still to re-publish after a model update.", registry=registry)
-
-
 #: The bounded in-memory states of each role (docs/operations.md#bounded-memory): the label values
 #: of ``streamrecall_state_entries`` and ``streamrecall_state_capacity``.
 ROLE_STATES: dict[str, tuple[str, ...]] = {
@@ -231,10 +126,15 @@ class StateMetrics:
 
 
 RUNTIME = RuntimeMetrics()
+
+
 MODEL_VERSION = ModelVersionMetrics()
+
+
 STATE = StateMetrics()
 
-M = TypeVar("M", TrainerMetrics, IndexerMetrics, PublisherMetrics)
+
+M = TypeVar("M")
 
 
 @functools.cache

@@ -1,7 +1,7 @@
 """One frozen, validated settings object for the whole app.
 
 Sources, highest precedence first: CLI flags, ``STREAMRECALL_*`` environment
-variables (click reads both; see ``streamrecall.cli``), an optional TOML file
+variables (click reads both; see ``streamrecall.ops.cli``), an optional TOML file
 (``--config`` / ``STREAMRECALL_CONFIG``), then the defaults below. Secrets are
 :class:`Secret` and never print.
 """

@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 import torch
 
-from streamrecall.broker import EmbeddedBroker
+from streamrecall.devtools.broker import EmbeddedBroker
 from streamrecall.settings import Settings
 from streamrecall.consumers.topics import create_topics
 

@@ -12,13 +12,19 @@ from prometheus_client import CollectorRegistry
 
 from streamrecall.bounded import LRUMap
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
-from streamrecall.consumers.roles.publisher import PartitionState, PublisherHandler, PublisherOptions
-from streamrecall.consumers.roles.trainer import TrainerHandler, TrainerOptions
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
+from streamrecall.consumers.roles.publisher.state import PartitionState
+from streamrecall.consumers.roles.publisher.handler import PublisherHandler
+from streamrecall.consumers.roles.publisher.options import PublisherOptions
+from streamrecall.consumers.roles.trainer.handler import TrainerHandler
+from streamrecall.consumers.roles.trainer.options import TrainerOptions
 from streamrecall.consumers.runtime import Record
 from streamrecall.events import Click, Item, UserVector
-from streamrecall.metrics import (ROLE_STATES, IndexerMetrics, ModelVersionMetrics, PublisherMetrics,
-                                  RuntimeMetrics, StateMetrics, TrainerMetrics)
+from streamrecall.metrics import ROLE_STATES, ModelVersionMetrics, RuntimeMetrics, StateMetrics
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
+from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
+from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory, TowerReplica, TrendingCounter
 
 CONFIG = ModelConfig(dim=8, hidden=16, id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
@@ -127,7 +133,7 @@ def test_publisher_bounds_users_and_replay_floors_and_exports_the_fill():
 
 def test_indexer_user_vectors_stop_at_their_bound_and_the_fill_moves():
     registry = CollectorRegistry()
-    state = IndexerState(IndexerConfig(max_user_vectors=2, item_vector_cache_items=10), CONFIG,
+    state = IndexerState(IndexerOptions(max_user_vectors=2, item_vector_cache_items=10), CONFIG,
                          IndexerMetrics(registry), states=StateMetrics(registry))
     entry = UserEntry(np.zeros(8, np.float32), 1, 0, ())
     state.users.put("u1", entry)
@@ -145,7 +151,7 @@ def test_indexer_user_vectors_stop_at_their_bound_and_the_fill_moves():
 
 
 def test_indexer_epochs_before_the_served_one_are_dropped():
-    state = IndexerState(IndexerConfig(), CONFIG, IndexerMetrics(CollectorRegistry()),
+    state = IndexerState(IndexerOptions(), CONFIG, IndexerMetrics(CollectorRegistry()),
                          states=StateMetrics(CollectorRegistry()))
     for version in range(1, 1001):
         state.served_epoch = max(0, version - 2)   # the rebuild trails by two epochs

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers.http_api import RecallService
-from streamrecall.consumers.http_server import RecallApi, ServerLimits
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
+from streamrecall.consumers.roles.indexer.http_api import RecallService
+from streamrecall.consumers.roles.indexer.http_server import RecallApi, ServerLimits
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
 from streamrecall.events import Item
 from streamrecall.index import QualityMonitor
-from streamrecall.metrics import IndexerMetrics
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 from streamrecall.model import ModelConfig
 
 MODEL = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
@@ -28,7 +29,7 @@ MAX_K = 50
 
 
 def make_state() -> IndexerState:
-    state = IndexerState(IndexerConfig(max_k=MAX_K, max_batch=8), MODEL, IndexerMetrics(CollectorRegistry()))
+    state = IndexerState(IndexerOptions(max_k=MAX_K, max_batch=8), MODEL, IndexerMetrics(CollectorRegistry()))
     state.upsert_items([Item(item_id=f"i{i}", created_at=1000 + i, categories=(f"c{i % 3}",), title=f"w{i % 4}")
                         for i in range(30)])
     state.users["u1"] = UserEntry(state.index.get("i7").vector, 0, 1, ("i7",))

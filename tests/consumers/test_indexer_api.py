@@ -9,12 +9,13 @@ from contextlib import ExitStack
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers.http_api import RecallService
-from streamrecall.consumers.http_server import RecallApi
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
+from streamrecall.consumers.roles.indexer.http_api import RecallService
+from streamrecall.consumers.roles.indexer.http_server import RecallApi
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
 from streamrecall.events import Item
 from streamrecall.index import QualityMonitor
-from streamrecall.metrics import IndexerMetrics
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 from streamrecall.model import ModelConfig
 
 MODEL = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
@@ -22,7 +23,7 @@ MODEL = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
 
 @pytest.fixture
 def api():
-    state = IndexerState(IndexerConfig(max_k=50, max_body_bytes=4096), MODEL, IndexerMetrics(CollectorRegistry()))
+    state = IndexerState(IndexerOptions(max_k=50, max_body_bytes=4096), MODEL, IndexerMetrics(CollectorRegistry()))
     state.upsert_items([Item(item_id=f"i{i}", created_at=1000 + i, categories=(f"c{i % 3}",), title=f"w{i % 4}")
                         for i in range(30)])
     seen = state.index.get("i7").vector
@@ -125,7 +126,7 @@ def test_clear_client_errors(api, method, path, body, status, needle):
 def test_query_command_prints_a_table_and_clear_errors(api, tmp_path):
     from click.testing import CliRunner
 
-    from streamrecall.query import command
+    from streamrecall.ops.query import command
 
     server, state = api
     runner = CliRunner()

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers import indexer_snapshot
-from streamrecall.consumers.http_api import cap_per_category
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState
-from streamrecall.consumers.reencoder import Job, Reencoder
+from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
+from streamrecall.consumers.roles.indexer.http_api import cap_per_category
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.roles.indexer.state import IndexerState
+from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder
 from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Item
 from streamrecall.index import QualityMonitor
-from streamrecall.metrics import IndexerMetrics
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 from streamrecall.model import ModelConfig, OnlineTrainer, decode_update
 from streamrecall.settings import Settings
 
@@ -25,7 +26,7 @@ def make_items(n: int, start: int = 0) -> list[Item]:
 
 
 def make_state(**config) -> IndexerState:
-    return IndexerState(IndexerConfig(**config), MODEL, IndexerMetrics(CollectorRegistry()))
+    return IndexerState(IndexerOptions(**config), MODEL, IndexerMetrics(CollectorRegistry()))
 
 
 def trained(items: list[Item], steps: int = 3) -> OnlineTrainer:
@@ -139,13 +140,13 @@ def test_cap_per_category_keeps_rank_order():
 
 
 def test_indexer_config_refuses_unknown_and_bad_values():
-    assert IndexerConfig.from_settings(Settings(extra={"indexer": {"snapshot_interval_s": 5}})).snapshot_interval_s == 5
+    assert IndexerOptions.from_settings(Settings(extra={"indexer": {"snapshot_interval_s": 5}})).snapshot_interval_s == 5
     with pytest.raises(ConfigError, match="unknown"):
-        IndexerConfig.from_settings(Settings(extra={"indexer": {"snapshot_every": 5}}))
+        IndexerOptions.from_settings(Settings(extra={"indexer": {"snapshot_every": 5}}))
     with pytest.raises(ConfigError, match="max_k"):
-        IndexerConfig(max_k=0)
+        IndexerOptions(max_k=0)
     with pytest.raises(ConfigError, match="integer"):
-        IndexerConfig(max_k=2.5)
+        IndexerOptions(max_k=2.5)
 
 
 def test_rebuilds_keep_to_their_busy_share_when_a_build_is_slow():
@@ -160,7 +161,7 @@ def test_rebuilds_keep_to_their_busy_share_when_a_build_is_slow():
     assert worker.rebuild_wait(102.0) == pytest.approx(238.0)
     assert worker.rebuild_wait(400.0) < 0
     with pytest.raises(ConfigError, match="rebuild_busy_share"):
-        IndexerConfig(rebuild_busy_share=1.5)
+        IndexerOptions(rebuild_busy_share=1.5)
 
 
 def test_a_rebuild_records_how_long_it_took():

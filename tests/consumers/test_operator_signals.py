@@ -10,20 +10,22 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.deadletter import DeadLetterSink, reasons_for
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.liveness import Heartbeat
-from streamrecall.consumers.reencoder import Reencoder
-from streamrecall.consumers.roles.indexer import IndexerHandler
-from streamrecall.consumers.roles.trainer import KafkaUpdateSink
+from streamrecall.consumers.roles.indexer.reencoder import Reencoder
+from streamrecall.consumers.roles.indexer.handler import IndexerHandler
+from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
 from streamrecall.consumers.runtime import Record
 from streamrecall.events import Item
 from streamrecall.index import QualityMonitor
-from streamrecall.metrics import (IndexerMetrics, PublisherMetrics, RuntimeMetrics, TrainerMetrics,
-                                  serve_metrics)
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
+from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
+from streamrecall.metrics import RuntimeMetrics, serve_metrics
+from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.model import ModelConfig
 from streamrecall.settings import Settings
 
@@ -36,7 +38,7 @@ def now_ms() -> int:
 
 # --- freshness ------------------------------------------------------------------------------
 def indexer(registry: CollectorRegistry) -> IndexerHandler:
-    state = IndexerState(IndexerConfig(), MODEL, IndexerMetrics(registry))
+    state = IndexerState(IndexerOptions(), MODEL, IndexerMetrics(registry))
     return IndexerHandler(Settings(), state, Reencoder(state, QualityMonitor(state.index)))
 
 

@@ -6,11 +6,13 @@ import pytest
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers.roles.publisher import PublisherHandler, PublisherOptions
+from streamrecall.consumers.roles.publisher.handler import PublisherHandler
+from streamrecall.consumers.roles.publisher.options import PublisherOptions
 from streamrecall.consumers.runtime import Record
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, UserVector
-from streamrecall.metrics import ModelVersionMetrics, PublisherMetrics
+from streamrecall.metrics import ModelVersionMetrics
+from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
 from streamrecall.model import ModelConfig, OnlineTrainer, TowerReplica, decode_update
 from streamrecall.settings import Settings
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers.http_api import RecallService
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState, UserEntry
-from streamrecall.consumers.scoring import QuerySampler, ServingMonitor
+from streamrecall.consumers.roles.indexer.http_api import RecallService
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
+from streamrecall.consumers.roles.indexer.scoring import QuerySampler, ServingMonitor
 from streamrecall.events import Click, Item
 from streamrecall.index import EntryMeta, QualityMonitor
 from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory, decode_update
@@ -36,7 +37,7 @@ def trained_update() -> bytes:
 
 def make_state(**config) -> tuple[IndexerState, RecallService]:
     """Items indexed by the seeded v0 towers, then a trained v1 applied: the graph is stale."""
-    state = IndexerState(IndexerConfig(max_k=100, **config), MODEL, IndexerMetrics_())
+    state = IndexerState(IndexerOptions(max_k=100, **config), MODEL, IndexerMetrics_())
     state.upsert_items(ITEMS)
     with state.lock, state.model_lock.write():
         state.replica.apply(decode_update(trained_update()))
@@ -46,7 +47,7 @@ def make_state(**config) -> tuple[IndexerState, RecallService]:
 
 
 def IndexerMetrics_():  # noqa: N802 - a fresh registry per state
-    from streamrecall.metrics import IndexerMetrics
+    from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 
     return IndexerMetrics(CollectorRegistry())
 
@@ -106,7 +107,7 @@ def test_the_serving_monitor_measures_overlap_with_exact_search(graph, exact):
 
 def test_the_sampler_keeps_only_the_latest_queries():
     sampler = QuerySampler(3)
-    from streamrecall.consumers.scoring import SampledQuery
+    from streamrecall.consumers.roles.indexer.scoring import SampledQuery
 
     for j in range(5):
         sampler.offer(SampledQuery(f"u{j}", (), None, 1, None, None))
@@ -114,7 +115,7 @@ def test_the_sampler_keeps_only_the_latest_queries():
 
 
 def test_item_vectors_are_encoded_once_per_version_and_again_for_new_content(monkeypatch):
-    from streamrecall.consumers.scoring import ItemVectorCache
+    from streamrecall.consumers.roles.indexer.scoring import ItemVectorCache
 
     state, _ = make_state()
     cache = ItemVectorCache()
@@ -135,7 +136,7 @@ def test_item_vectors_are_encoded_once_per_version_and_again_for_new_content(mon
 
 
 def test_the_item_vector_cache_grows_past_its_first_block_and_keeps_to_its_bound():
-    from streamrecall.consumers.scoring import ItemVectorCache
+    from streamrecall.consumers.roles.indexer.scoring import ItemVectorCache
 
     state, _ = make_state()
     many = [Item(item_id=f"m{i}", created_at=1, categories=(f"c{i % 7}",), title=f"w{i % 11}") for i in range(1500)]
@@ -154,9 +155,9 @@ def test_a_settled_index_answers_from_the_graph_exactly_as_re_scoring_would(monk
     """Every indexed vector of the current version: the graph's scores are the current towers'
     inner products, so the answer skips re-scoring and equals what re-scoring gives; with one
     stale vector, re-scoring is back."""
-    import streamrecall.consumers.http_api as api
+    import streamrecall.consumers.roles.indexer.http_api as api
 
-    state = IndexerState(IndexerConfig(max_k=100), MODEL, IndexerMetrics_())
+    state = IndexerState(IndexerOptions(max_k=100), MODEL, IndexerMetrics_())
     with state.lock, state.model_lock.write():
         state.replica.apply(decode_update(trained_update()))
     state.upsert_items(ITEMS)  # encoded by the current version: settled

@@ -8,11 +8,13 @@ import pytest
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers.roles.trainer import TrainerHandler, TrainerOptions
+from streamrecall.consumers.roles.trainer.handler import TrainerHandler
+from streamrecall.consumers.roles.trainer.options import TrainerOptions
 from streamrecall.consumers.runtime import Record
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Item
-from streamrecall.metrics import ModelVersionMetrics, TrainerMetrics
+from streamrecall.metrics import ModelVersionMetrics
+from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, decode_update
 from streamrecall.settings import Settings
 

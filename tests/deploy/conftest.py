@@ -19,7 +19,14 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-import streamrecall.metrics as metrics_module
+import streamrecall.consumers.roles.indexer.metrics
+import streamrecall.consumers.roles.publisher.metrics
+import streamrecall.consumers.roles.trainer.metrics
+import streamrecall.metrics
+
+#: Where metric groups are defined: the shared ones, then each role's own.
+METRIC_MODULES = (streamrecall.metrics, streamrecall.consumers.roles.trainer.metrics,
+                  streamrecall.consumers.roles.indexer.metrics, streamrecall.consumers.roles.publisher.metrics)
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -57,11 +64,12 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    """Build every metrics group of streamrecall/metrics.py on its own registry and read it back."""
+    """Build every metrics group (streamrecall/metrics.py and each role's metrics.py) on its own
+    registry and read it back."""
     out: dict[str, Family] = {}
-    for cls_name, cls in inspect.getmembers(metrics_module, inspect.isclass):
-        if cls.__module__ != metrics_module.__name__ or "registry" not in inspect.signature(cls).parameters:
-            continue
+    groups = [(name, cls) for module in METRIC_MODULES for name, cls in inspect.getmembers(module, inspect.isclass)
+              if cls.__module__ == module.__name__ and "registry" in inspect.signature(cls).parameters]
+    for cls_name, cls in groups:
         registry = CollectorRegistry()
         group = cls(registry=registry)
         declared = {m._name for m in vars(group).values() if isinstance(m, MetricWrapperBase)}

@@ -51,7 +51,7 @@ def test_every_alert_and_recording_rule_is_documented(doc, alert_rules, recordin
 
 
 def test_documented_settings_exist(doc) -> None:
-    from streamrecall.cli import SETTING_OPTIONS, env_name
+    from streamrecall.ops.cli import SETTING_OPTIONS, env_name
 
     known = {env_name(name) for _, name, _, _ in SETTING_OPTIONS} | {"STREAMRECALL_CONFIG"}
     mentioned = set(re.findall(r"STREAMRECALL_[A-Z_]+[A-Z]", doc))

@@ -27,7 +27,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -187,22 +186,9 @@ def roles_needed(expr: str, promql_names_of, sample_names, rule_exprs: dict[str,
     return roles, excused
 
 
-def expected(roles: set[str], implemented: set[str]) -> bool:
-    for role in roles:
-        if role == "any":
-            if not implemented:
-                return False
-        elif not implemented & set(role.split("|")):
-            return False
-    return True
-
-
 # --- the test ------------------------------------------------------------------------------------
 def test_every_panel_query_and_recording_rule_has_data(tmp_path: Path, panel_queries, recording_rules,
                                                        sample_names, promql_names_of) -> None:
-    from streamrecall.consumers.roles import available_roles
-
-    implemented = set(available_roles())
     base = free_port_block(len(ROLES))
     prom_port = free_port_block(1)
     prom = f"http://127.0.0.1:{prom_port}"
@@ -235,16 +221,15 @@ def test_every_panel_query_and_recording_rule_has_data(tmp_path: Path, panel_que
         produce_malformed_records(producer)
 
         def worth_waiting_for(expr: str) -> bool:
-            roles, excused = roles_needed(expr, promql_names_of, sample_names, rule_exprs)
-            return not excused and expected(roles, implemented)
+            _, excused = roles_needed(expr, promql_names_of, sample_names, rule_exprs)
+            return not excused
 
         with_data: dict[str, bool] = {label: False for label, _ in queries}
         latest: dict[str, dict[str, str]] = {}  # recorded series: their last values, for the report
         deadline = time.monotonic() + POLL_BUDGET_S
         while time.monotonic() < deadline:
             produce_fresh_items(producer, count=5)
-            if "indexer" in implemented:
-                send_recall_queries(f"http://127.0.0.1:{base + ROLES.index('indexer')}")
+            send_recall_queries(f"http://127.0.0.1:{base + ROLES.index('indexer')}")
             for label, expr in queries:
                 if not with_data[label] or label.startswith("recording rule"):
                     result = query(prom, expr)
@@ -261,23 +246,17 @@ def test_every_panel_query_and_recording_rule_has_data(tmp_path: Path, panel_que
 
         logs = "\n".join(tail(p, 15) for p in [up_log, *sorted((state / "logs").glob("*.log"))])
 
-    report = {"implemented roles": sorted(implemented), "no data, role not implemented": [],
-              "no data, excused": [], "no data": []}
+    report = {"no data, excused": [], "no data": []}
     for label, expr in queries:
         if with_data[label]:
             continue
-        roles, excused = roles_needed(expr, promql_names_of, sample_names, rule_exprs)
-        if not expected(roles, implemented):
-            report["no data, role not implemented"].append(label)
-        elif excused:
+        _, excused = roles_needed(expr, promql_names_of, sample_names, rule_exprs)
+        if excused:
             report["no data, excused"].append(f"{label} ({'; '.join(EXCUSED[f] for f in excused)})")
         else:
             report["no data"].append(label)
     report["recorded series, last values"] = {k: v for k, v in latest.items() if k.startswith("recording rule")}
     print(json.dumps(report, indent=2))
-    if report["no data, role not implemented"]:
-        warnings.warn(f"{len(report['no data, role not implemented'])} queries not checked: their roles are not "
-                      f"implemented in this checkout (implemented: {sorted(implemented) or 'none'})")
     assert any(with_data[f"panel {title!r} {ref}"] for title, ref, expr in panel_queries if "up{" in expr), \
         "Prometheus never scraped the role targets"
     assert not report["no data"], f"queries without data: {json.dumps(report['no data'], indent=2)}\n{logs}"

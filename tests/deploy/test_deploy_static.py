@@ -345,7 +345,7 @@ def test_k8s_settings(k8s) -> None:
     parsed = tomllib.loads(config)
     assert settings["STREAMRECALL_CONFIG"].endswith("/config.toml") and "model" in parsed
     # Every setting in the ConfigMap is one the CLI reads.
-    from streamrecall.cli import SETTING_OPTIONS, env_name
+    from streamrecall.ops.cli import SETTING_OPTIONS, env_name
 
     known = {env_name(name) for _, name, _, _ in SETTING_OPTIONS} | {"STREAMRECALL_CONFIG"}
     assert not set(settings) - known, f"unknown settings: {set(settings) - known}"

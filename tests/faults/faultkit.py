@@ -27,9 +27,9 @@ import msgspec
 from streamrecall.consumers.deadletter import (HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_ROLE,
                                                HEADER_TOPIC, headers_dict)
 from streamrecall.consumers.updates import HEADER_KIND, HEADER_VERSION
-from streamrecall.harness import LocalSystem
+from streamrecall.devtools.harness import LocalSystem
 from streamrecall.model.safeio import read_layout
-from streamrecall.synthetic import SyntheticConfig, generate
+from streamrecall.devtools.synthetic import SyntheticConfig, generate
 
 _encode = msgspec.json.Encoder().encode
 

@@ -10,7 +10,6 @@ pause, 5,000 bad records); by default a reduced size for CI.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -25,8 +24,8 @@ from typing import Iterator
 import pytest
 
 import faultkit as fk
-from streamrecall.harness import LocalSystem, pid_running, start_up
-from streamrecall.status import high_watermarks
+from streamrecall.devtools.harness import LocalSystem, pid_running, start_up
+from streamrecall.ops.status import high_watermarks
 
 S = fk.scale()
 pytestmark = [pytest.mark.integration, pytest.mark.faults,
@@ -297,7 +296,7 @@ def test_state_dir_full_then_read_only(tmp_path: Path) -> None:
     """Each role's state dir is its own small tmpfs: filled up (ENOSPC), then remounted
     read-only (EROFS). The role pauses with a clear error, the last snapshot stays loadable,
     and it resumes by itself when the disk is fixed."""
-    from streamrecall.consumers import indexer_snapshot
+    from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
     from streamrecall.model import ModelConfig, OnlineTrainer
 
     ledger = fk.Ledger()
@@ -490,7 +489,7 @@ def test_sigkill_of_up_leaves_no_orphans(tmp_path: Path) -> None:
 def test_unreachable_broker_at_start(tmp_path: Path) -> None:
     """Every entry point started against a broker that does not answer exits non-zero within the
     bootstrap timeout with one line that says what to do, and no traceback."""
-    from streamrecall.broker import free_port
+    from streamrecall.devtools.broker import free_port
 
     port = free_port()  # nothing listens there
     commands = [["run", role] for role in fk.ROLES] + [["topics", "create"], ["status"],

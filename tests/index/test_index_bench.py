@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from streamrecall.bench.index import command
+from streamrecall.devtools.bench.index import command
 
 
 def test_bench_index_json():

@@ -12,15 +12,15 @@ from typing import Any, Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers import indexer_snapshot
+from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
 from streamrecall.consumers.clients import make_producer
 from streamrecall.consumers.deadletter import HEADER_TOPIC, headers_dict
-from streamrecall.consumers.roles.trainer import KafkaUpdateSink
+from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
 from streamrecall.consumers.update_chunks import MAX_RECORD_BYTES, split_update
 from streamrecall.consumers.updates import sign_update
 from streamrecall.events import Click
-from streamrecall.harness import LocalSystem
-from streamrecall.metrics import TrainerMetrics
+from streamrecall.devtools.harness import LocalSystem
+from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.model import ModelConfig, OnlineTrainer
 from streamrecall.settings import Secret
 

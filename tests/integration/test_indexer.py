@@ -26,14 +26,15 @@ from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamrecall.consumers import indexer_snapshot
+from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import DeadLetterSink, headers_dict
-from streamrecall.consumers.roles.indexer import IndexerRole
+from streamrecall.consumers.roles.indexer.wiring import IndexerRole
 from streamrecall.consumers.runtime import Runtime
 from streamrecall.consumers.start import StartPosition
 from streamrecall.events import Click, Item
-from streamrecall.metrics import IndexerMetrics, ModelVersionMetrics
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
+from streamrecall.metrics import ModelVersionMetrics
 from streamrecall.model import ModelConfig, OnlineTrainer, TowerReplica, decode_update
 from streamrecall.settings import Settings
 

@@ -16,7 +16,7 @@ from kafka import TopicPartition
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import HEADER_OFFSET, HEADER_REASON, HEADER_ROLE, HEADER_TOPIC, headers_dict
 from streamrecall.consumers.updates import Published, last_published, sign_update, update_headers
-from streamrecall.harness import LocalSystem
+from streamrecall.devtools.harness import LocalSystem
 from streamrecall.model import ModelConfig, OnlineTrainer
 from streamrecall.model.safeio import META_KEY
 from streamrecall.settings import Secret

@@ -13,7 +13,7 @@ import torch
 from streamrecall.events import Click, Item
 from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory
 from streamrecall.model.sparse_optim import SparseRowOptimizer
-from streamrecall.synthetic import SyntheticConfig, generate
+from streamrecall.devtools.synthetic import SyntheticConfig, generate
 
 torch.set_num_threads(1)
 

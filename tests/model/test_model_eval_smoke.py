@@ -1,9 +1,9 @@
 """The evaluation harness runs end to end on a tiny stream (its figures live in docs/model.md)."""
 
-from streamrecall.bench.model_eval import Variant, evaluate_stream, parse_variant
-from streamrecall.evaluate import Replay
+from streamrecall.devtools.bench.model_eval import Variant, evaluate_stream, parse_variant
+from streamrecall.devtools.evaluate import Replay
 from streamrecall.model import ModelConfig
-from streamrecall.synthetic import SyntheticConfig
+from streamrecall.devtools.synthetic import SyntheticConfig
 
 
 def test_evaluate_stream_scores_every_peer(small_config):

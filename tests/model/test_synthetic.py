@@ -3,7 +3,7 @@ import pytest
 
 from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Item
-from streamrecall.synthetic import SyntheticConfig, generate
+from streamrecall.devtools.synthetic import SyntheticConfig, generate
 
 
 def test_deterministic_ordered_and_on_contract():

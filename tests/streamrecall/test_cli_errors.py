@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from streamrecall.broker import free_port
+from streamrecall.devtools.broker import free_port
 
 
 def streamrecall(*args: str, timeout_s: float = 60) -> tuple[int, str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMRECALL_")}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "streamrecall.cli", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "streamrecall.ops.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout_s)
     return done.returncode, done.stderr, time.monotonic() - started
 

@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from streamrecall.evaluate import ItemCFPeer, Popularity, PopularPeer, RecentPopularPeer, Score, chunks, prepare, score_chunk
+from streamrecall.devtools.evaluate import ItemCFPeer, Popularity, PopularPeer, RecentPopularPeer, Score, chunks, prepare, score_chunk
 
 
 def item(i: str, t: int) -> tuple:
@@ -55,7 +55,7 @@ def test_chunks_cover_the_stream_after_warmup():
 
 
 def test_the_offline_peer_trains_in_the_trainer_batch_size_and_never_returns_seen_items():
-    from streamrecall.evaluate import OfflinePeer
+    from streamrecall.devtools.evaluate import OfflinePeer
 
     model = {"dim": 8, "hidden": 8, "id_buckets": 256, "token_buckets": 256, "estimator_buckets": 256}
     peer = OfflinePeer(model, batch_size=4)
@@ -72,7 +72,7 @@ def test_role_options_parse_to_tables_with_typed_values():
     import pytest
 
     from streamrecall.errors import StreamrecallError
-    from streamrecall.evaluate import parse_options
+    from streamrecall.devtools.evaluate import parse_options
 
     assert parse_options(["trainer.batch_size=256", "model.logq=false", "indexer.rescore_factor=1.5",
                           "model.tower=fm"]) == {

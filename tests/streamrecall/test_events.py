@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import jsonschema
-import msgspec
 import pytest
 
 from streamrecall.events import Click, Decoder, InvalidEvent, Item, UserVector, encode, json_schema

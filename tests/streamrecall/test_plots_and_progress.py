@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamrecall.bench import plots
-from streamrecall.progress import track
+from streamrecall.devtools.bench import plots
+from streamrecall.ops.progress import track
 
 
 def is_png(path) -> bool:

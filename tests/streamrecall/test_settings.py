@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamrecall.cli import main
+from streamrecall.ops.cli import main
 from streamrecall.errors import ConfigError
 from streamrecall.settings import Secret, Settings
 
@@ -236,7 +236,7 @@ def test_no_log_line_or_repr_shows_a_secret(caplog: pytest.LogCaptureFixture, tm
 
 
 def test_every_setting_flag_shows_its_environment_variable():
-    from streamrecall.cli import SETTING_OPTIONS, env_name
+    from streamrecall.ops.cli import SETTING_OPTIONS, env_name
 
     result = CliRunner().invoke(main, ["run", "--help"], terminal_width=400)
     assert result.exit_code == 0

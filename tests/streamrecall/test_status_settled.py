@@ -6,21 +6,22 @@ from contextlib import ExitStack
 
 from prometheus_client import CollectorRegistry
 
-from streamrecall.broker import free_port
-from streamrecall.consumers.http_api import RecallService
-from streamrecall.consumers.http_server import RecallApi
-from streamrecall.consumers.indexer_state import IndexerConfig, IndexerState
+from streamrecall.devtools.broker import free_port
+from streamrecall.consumers.roles.indexer.http_api import RecallService
+from streamrecall.consumers.roles.indexer.http_server import RecallApi
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.index import QualityMonitor
-from streamrecall.metrics import IndexerMetrics
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
 from streamrecall.model import ModelConfig
 from streamrecall.settings import Settings
-from streamrecall.status import settled_line
+from streamrecall.ops.status import settled_line
 
 MODEL = ModelConfig(dim=8, hidden=8, id_buckets=64, token_buckets=64, estimator_buckets=64)
 
 
 def serving(health: dict) -> tuple[ExitStack, Settings]:
-    state = IndexerState(IndexerConfig(), MODEL, IndexerMetrics(CollectorRegistry()))
+    state = IndexerState(IndexerOptions(), MODEL, IndexerMetrics(CollectorRegistry()))
     service = RecallService(state, state.config, QualityMonitor(state.index), lambda: (True, health))
     api = RecallApi(service, "127.0.0.1", 0)
     stack = ExitStack()

@@ -8,10 +8,10 @@ import sys
 
 from click.testing import CliRunner
 
-from streamrecall.cli import main
+from streamrecall.ops.cli import main
 from streamrecall.settings import Settings
-from streamrecall.status import PartitionLag
-from streamrecall.up import clear_address, running_address, write_address
+from streamrecall.ops.status import PartitionLag
+from streamrecall.ops.up import clear_address, running_address, write_address
 
 
 def test_a_running_up_is_found_and_a_dead_one_is_not(tmp_path):
@@ -28,7 +28,7 @@ def test_a_running_up_is_found_and_a_dead_one_is_not(tmp_path):
 
 def test_commands_without_a_broker_use_the_one_up_recorded(tmp_path):
     write_address(Settings(bootstrap_servers="127.0.0.1:1", state_dir=tmp_path), {})
-    from streamrecall.cli import require_bootstrap
+    from streamrecall.ops.cli import require_bootstrap
 
     assert require_bootstrap(Settings(state_dir=tmp_path)).bootstrap_servers == "127.0.0.1:1"
     clear_address(Settings(state_dir=tmp_path))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from streamrecall.harness import pid_running, start_up
+from streamrecall.devtools.harness import pid_running, start_up
 from streamrecall.settings import Settings
-from streamrecall.supervisor import MAX_RESTART_BACKOFF_S, RoleProcess, restart_delay
+from streamrecall.ops.supervisor import MAX_RESTART_BACKOFF_S, RoleProcess, restart_delay
 
 
 @pytest.mark.integration

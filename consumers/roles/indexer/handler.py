@@ -1,0 +1,206 @@
+"""The indexer's handler: items, model updates and user vectors applied to the indexer's state, per polled batch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+from kafka import TopicPartition
+
+from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
+from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
+from streamrecall.consumers.roles.indexer.options import ROLE
+from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder
+from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
+from streamrecall.consumers.runtime import HandlerBase, Record
+from streamrecall.consumers.updates import ModelUpdateStream, update_max_bytes
+from streamrecall.events import Item
+from streamrecall.metrics import MODEL_VERSION, RUNTIME, ModelVersionMetrics
+from streamrecall.model import ModelUpdate
+from streamrecall.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+
+
+class IndexerHandler(HandlerBase):
+    """The poll loop's side of the indexer (runs on the runtime's thread)."""
+
+    def __init__(self, settings: Settings, state: IndexerState, reencoder: Reencoder,
+                 version_metrics: ModelVersionMetrics = MODEL_VERSION, resume: indexer_snapshot.Resume | None = None,
+                 snapshot_loaded: bool = False, deadletters: DeadLetterSink | None = None) -> None:
+        self.settings = settings
+        self.deadletters = deadletters  # broken or refused model updates (None: logged only, in unit tests)
+        self.state = state
+        self.reencoder = reencoder
+        self.version_metrics = version_metrics
+        self.topics = settings.topics
+        self.root = settings.role_state_dir(ROLE)
+        self.snapshot_loaded = snapshot_loaded
+        #: next offsets to read, by (logical topic, partition): what the next snapshot covers
+        self.next_offsets: dict[tuple[str, int], int] = {}
+        if resume is not None:
+            self.next_offsets.update({("items", int(p)): o for p, o in resume.items.items()})
+            self.next_offsets.update({("model-updates", int(p)): o for p, o in resume.model_updates.items()})
+        self._logical = {self.topics.items: "items", self.topics.model_updates: "model-updates",
+                         self.topics.user_vectors: "user-vectors"}
+        self.start_at: dict[TopicPartition, int] = {}
+        self.assigned_partitions: set[tuple[str, int]] = set()
+        self.last_snapshot = time.monotonic()
+        self.started_ms = int(time.time() * 1000)  # records appended earlier are re-reads (freshness)
+        self._last_gauges = 0.0
+        self.started = threading.Event()
+        self.updates = self.update_stream(lambda update, offset: self.apply_update(update, 0, offset),
+                                          self._deadletter)
+
+    # ---------------------------------------------------------- Handler protocol
+    def start_offsets(self) -> Mapping[TopicPartition, int]:
+        return dict(self.start_at)
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (self._logical[tp.topic], tp.partition)
+            self.assigned_partitions.add(key)
+            RUNTIME.lag.remove(ROLE, key[0], str(key[1]))  # readiness waits for this run's own lag reading
+        self.started.set()
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self.assigned_partitions.discard((self._logical[tp.topic], tp.partition))
+
+    def handle(self, records: list[Record]) -> None:
+        updates = [r for r in records if r.topic == "model-updates"]
+        items = [r for r in records if r.topic == "items"]
+        users = [r for r in records if r.topic == "user-vectors"]
+        for r in updates:
+            self.updates.add(r.offset, r.value, r.key)
+        if items:
+            self._items(items)
+        for r in users:
+            self._user(r)
+
+    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Cheap: note what the next snapshot covers; snapshot when the interval is up."""
+        for tp, offset in offsets.items():
+            logical = self._logical[tp.topic]
+            if logical == "model-updates":  # never the middle of a chunk sequence
+                offset = self.updates.resume_offset(offset)
+            if logical != "user-vectors":
+                self.next_offsets[(logical, tp.partition)] = offset
+        if self.deadletters is not None:
+            self.deadletters.flush(30)
+        if time.monotonic() - self.last_snapshot >= self.state.config.snapshot_interval_s:
+            self.snapshot()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_gauges >= 1.0:
+            self._last_gauges = now
+            self.state.update_gauges()
+
+    # ------------------------------------------------------------------- steps
+    def update_stream(self, apply: Callable[[ModelUpdate, int], None],
+                      deadletter: Callable[[DeadLetter], None]) -> ModelUpdateStream:
+        """A model-update stream with this indexer's limits and key (the poll loop's, the replay's)."""
+        return ModelUpdateStream(self.topics.model_updates, apply, deadletter,
+                                 max_bytes=update_max_bytes(self.settings, self.state.replica.config),
+                                 signing_key=self.settings.model_signing_key)
+
+    def _deadletter(self, letter: DeadLetter) -> None:
+        if self.deadletters is not None:
+            self.deadletters.send(letter, "model-updates")
+        else:
+            log.error("model update at %s refused (%s): %s", letter.where, letter.reason, letter.error)
+
+    def _items(self, records: list[Record]) -> None:
+        latest: dict[str, Item] = {}
+        appended: dict[str, int] = {}
+        for r in records:  # a later event for the same id wins
+            latest.pop(r.value.item_id, None)
+            latest[r.value.item_id] = r.value
+            appended[r.value.item_id] = r.timestamp_ms
+        deleted = [i for i, it in latest.items() if it.deleted]
+        live = [it for it in latest.values() if not it.deleted]
+        # Freshness counts events new to this indexer that reached the topic while it ran: a record
+        # appended before the process started is a replay or a restart's backlog (that shows as lag).
+        fresh = {it.item_id for it in live if appended[it.item_id] >= self.started_ms and self.state.is_new(it)}
+        if deleted:
+            self.state.delete_items(deleted)
+        if live:
+            self.state.upsert_items(live, fresh)
+
+    def _user(self, r: Record) -> None:
+        if r.value is None:  # tombstone
+            if r.key is not None:
+                self.state.users.pop(r.key.decode("utf-8", "replace"), None)
+            return
+        self.state.users.put(r.value.user_id, UserEntry.of(r.value))
+
+    def apply_update(self, update: ModelUpdate, partition: int, offset: int, *, reencode_above: int = -1) -> None:
+        """Apply one model update (``offset``: its first record's) to the replica and queue the re-encode it causes.
+
+        Updates with ``version <= reencode_above`` re-encode nothing (replay after a restart:
+        the snapshot's index already holds their vectors).
+        """
+        state = self.state
+        with state.lock, state.model_lock.write():
+            applied = state.replica.apply(update)  # ModelUpdateError (wrong model) → dead letter
+        if applied.status == "gap":
+            log.warning("model update v%d (base v%d) at model-updates[%d]@%d does not follow v%d: skipped; "
+                        "vectors stay at v%d until the next full update", update.version, update.base_version,
+                        partition, offset, applied.version, applied.version)
+            return
+        if applied.status == "duplicate":
+            log.info("model update v%d at model-updates[%d]@%d already applied (at v%d): skipped",
+                     update.version, partition, offset, applied.version)
+            return
+        if update.kind == "full":
+            state.last_full = (partition, offset)
+        if applied.reencode_all:
+            state.start_epoch(applied.version)
+        self.version_metrics.version.labels(ROLE).set(applied.version)
+        if applied.version <= reencode_above:
+            return
+        log.info("model update v%d (%s) applied: re-encoding %s", applied.version, applied.kind,
+                 "everything (new epoch)" if applied.reencode_all else "the items it touches")
+        self.reencoder.submit(Job(applied.version, None if applied.reencode_all else update))
+
+    # --------------------------------------------------------------- snapshots
+    def snapshot(self) -> Path:
+        """Write the snapshot now (poll-loop thread: no item write runs meanwhile)."""
+        self.last_snapshot = time.monotonic()
+        state = self.state
+        settled, served = self.reencoder.settled_version, state.served_epoch  # read before the index copy
+        resume = indexer_snapshot.Resume(
+            items={str(p): o for (t, p), o in self.next_offsets.items() if t == "items"},
+            model_updates={str(p): o for (t, p), o in self.next_offsets.items() if t == "model-updates"},
+            replica_version=state.replica.version, settled_version=settled, served_epoch=served,
+            epochs=list(state.epochs),
+            last_full_partition=state.last_full[0] if state.last_full else None,
+            last_full_offset=state.last_full[1] if state.last_full else None)
+        with state.lock:
+            items = list(state.catalog.values())
+        path = indexer_snapshot.write(self.root, state.index, items, resume)
+        state.metrics.snapshot_time.set(time.time())
+        log.debug("snapshot %s: %d items, v%d (settled v%d)", path.name, len(items), resume.replica_version, settled)
+        return path
+
+    # --------------------------------------------------------------- health
+    def lag(self) -> dict[str, int] | None:
+        """Records behind the high watermark per logical topic, from this run's lag gauge (None: not measured yet)."""
+        seen: dict[tuple[str, str], float] = {}
+        for metric in RUNTIME.lag.collect():
+            for sample in metric.samples:
+                if sample.labels.get("role") == ROLE:
+                    seen[(sample.labels["topic"], sample.labels["partition"])] = sample.value
+        out: dict[str, int] = {}
+        for topic, partition in self.assigned_partitions:
+            value = seen.get((topic, str(partition)))
+            if value is None:
+                return None
+            out[topic] = out.get(topic, 0) + int(value)
+        return out if self.assigned_partitions else None

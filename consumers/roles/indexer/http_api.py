@@ -1,0 +1,203 @@
+"""The indexer's recall API (docs/api.md), without the transport: recall by user or by vector, items.
+
+:class:`RecallService` knows nothing of HTTP; it is safe to call from several threads at once
+(the index's reader-writer lock lets searches run in parallel, and they never take the role's
+write lock). consumers/roles/indexer/http_requests.py turns requests into its arguments and
+consumers/roles/indexer/http_server.py serves it; :class:`ApiError` is how either refuses a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.roles.indexer.scoring import (QuerySampler, QueryVector, SampledQuery, Scored, UserQuery,
+                                                          VectorQuery, current_vector, rescore)
+from streamrecall.consumers.roles.indexer.state import IndexerState
+from streamrecall.index import Hit, QualityMonitor
+
+log = logging.getLogger(__name__)
+
+HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
+#: How far a ``max_per_category`` query over-fetches, at most (multiples of k, and an absolute floor).
+MAX_OVERFETCH_FACTOR = 64
+MIN_OVERFETCH = 4096
+
+
+class ApiError(Exception):
+    """A request the API refuses; ``status`` is the HTTP status, the message says what to fix."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RecallService:
+    """Answers recall queries from the index, the user vectors and the trending list."""
+
+    def __init__(self, state: IndexerState, config: IndexerOptions, monitor: QualityMonitor,
+                 health: HealthFn, sampler: QuerySampler | None = None) -> None:
+        self.state = state
+        self.config = config
+        self.monitor = monitor
+        self.health = health
+        self.sampler = sampler or QuerySampler(config.overlap_sample_size)
+
+    # -------------------------------------------------------------- queries
+    def recall_for_user(self, user_id: str, k: int, exclude_seen: bool = False,
+                        max_per_category: int | None = None) -> dict[str, Any]:
+        """Top ``k`` for a known user, scored by one model version for the user and every item.
+
+        The stored user vector is used when it was computed by the replica's current version;
+        otherwise (the publisher has not re-published the user since the last model update, or
+        is ahead of this replica) the user is encoded now from the recent items the vector
+        carries, so the user and the items always come from the same towers.
+        """
+        state = self.state
+        user = state.users.get(user_id)
+        base = {"user_id": user_id, "k": k}
+        if user is not None and len(user.vector) != state.index.dim:
+            log.warning("user %s has a %d-d vector, the index is %d-d: answering from trending",
+                        user_id, len(user.vector), state.index.dim)
+            user = None
+        if user is None:
+            return base | self._popular(k, max_per_category)
+        exclude = set(user.recent_items) if exclude_seen else None
+        query = UserQuery(user_id, user)
+        scored = self.search(query, k, exclude, max_per_category)
+        self.monitor.observe(scored.vector)
+        self.sampler.offer(SampledQuery(user_id, user.recent_items, None, k, exclude, max_per_category))
+        state.metrics.user_encodes.labels("stored" if query.used_stored else "query-time").inc()
+        return base | {"route": "user-vector", "compatible": True,
+                       "user_encoded": "stored" if query.used_stored else "query-time",
+                       "model_versions": self._versions(user.model_version, scored.version),
+                       "results": _results(scored.hits, scored.version)}
+
+    def recall_for_vector(self, vector: np.ndarray, k: int, max_per_category: int | None = None,
+                          exclude: Iterable[str] = ()) -> dict[str, Any]:
+        self.monitor.observe(vector)
+        excluded = set(exclude) or None
+        scored = self.search(VectorQuery(vector), k, excluded, max_per_category)
+        self.sampler.offer(SampledQuery(None, (), vector, k, excluded, max_per_category))
+        return {"route": "vector", "k": k, "model_versions": self._versions(None, scored.version),
+                "results": _results(scored.hits, scored.version)}
+
+    def search(self, query: QueryVector, k: int, exclude: set[str] | None,
+               max_per_category: int | None) -> Scored:
+        """The top ``k`` by the current towers: candidates from the graph, re-scored exactly.
+
+        The graph supplies ``rescore_factor × k`` candidates; their vectors are computed now by
+        the replica (with the user's, under one read of the towers) and ranked by exact inner
+        product. So an answer never mixes model versions, whatever the index's re-encode is
+        doing: graph vectors only decide which items are candidates. With a category cap the
+        candidate pool widens ×4 per round until ``k`` pass the cap.
+        """
+        state, index = self.state, self.state.index
+        live = len(index)
+        fetch = min(live, max(k, math.ceil(k * self.config.rescore_factor)))
+        if max_per_category is None:
+            current = self._search_settled(query, k, fetch, exclude)
+            if current is not None:
+                return current
+        limit = min(live, max(MIN_OVERFETCH, k * MAX_OVERFETCH_FACTOR)) if max_per_category is not None else fetch
+        vector = current_vector(state, query)
+        while True:
+            hits = index.query(vector, fetch, exclude=exclude)[0]
+            scored = rescore(state, query, hits)
+            vector = scored.vector
+            if max_per_category is None:
+                return scored.top(k)
+            kept = cap_per_category(scored.hits, k, max_per_category, lambda h: h.categories)
+            if len(kept) >= k or len(hits) < fetch or fetch >= limit:
+                return scored.with_hits(kept)
+            fetch = min(limit, fetch * 4)
+
+    def _search_settled(self, query: QueryVector, k: int, fetch: int, exclude: set[str] | None) -> Scored | None:
+        """The answer straight from the graph when every indexed vector is of the replica's current
+        version (a settled index: no update since the last re-encode finished), else None.
+
+        Then the graph's scores are the current towers' exact inner products, so re-scoring would
+        only recompute them (it was about 40% of a query). The check and the search run under one
+        read of the towers: no update can land between them, and a re-encode writes vectors of a
+        newer version only after an update did. The same ``fetch`` candidates as the re-scoring
+        path are searched, so the graph explores as widely, and the best ``k`` are kept.
+        """
+        state = self.state
+        with state.model_lock.read():
+            version = state.replica.version
+            if not state.index.all_at_version(version):
+                return None
+            vector = query.at(state.replica)
+            hits = state.index.query(vector, fetch, exclude=exclude)[0]
+        return Scored(hits[:k], version, vector)
+
+    def _popular(self, k: int, max_per_category: int | None) -> dict[str, Any]:
+        """Users without a vector: the trainer's trending items (minus deleted), else the newest items."""
+        index = self.state.index
+        trending = self.state.replica.trending  # replaced wholesale by each update: a consistent list
+        if trending:
+            candidates = ((item_id, score, index.meta(item_id)) for item_id, score in trending)
+            rows = [(i, s, m) for i, s, m in candidates if m is not None]
+            route = "trending"
+        else:
+            n = k if max_per_category is None else min(len(index), max(MIN_OVERFETCH, 8 * k))
+            rows = [(it.item_id, None, index.meta(it.item_id)) for it in self.state.recent_items(n)]
+            rows = [r for r in rows if r[2] is not None]
+            route = "recent"
+        if max_per_category is not None:
+            rows = cap_per_category(rows, k, max_per_category, lambda r: r[2].categories)
+        results = [{"rank": n + 1, "item_id": i, "score": s, "model_version": m.model_version,
+                    "categories": list(m.categories)} for n, (i, s, m) in enumerate(rows[:k])]
+        return {"route": route, "model_versions": self._versions(None), "results": results}
+
+    def _versions(self, user_version: int | None, scored: int | None = None) -> dict[str, Any]:
+        state = self.state
+        return {"user_vector": user_version, "scored": state.replica.version if scored is None else scored,
+                "index": state.replica.version, "index_epoch": state.served_epoch}
+
+    # --------------------------------------------------------------- items
+    def item(self, item_id: str, with_vector: bool = False) -> dict[str, Any] | None:
+        """When and by which model version ``item_id`` was encoded (one dict lookup), or None."""
+        if not with_vector:
+            meta = self.state.index.meta(item_id)
+            vector = None
+        else:
+            entry = self.state.index.get(item_id)
+            meta, vector = (entry.meta, entry.vector) if entry is not None else (None, None)
+        if meta is None:
+            return None
+        out = {"item_id": item_id, "model_version": meta.model_version, "encoded_at": meta.encoded_at_ms,
+               "event_ts": meta.event_ts_ms, "categories": list(meta.categories)}
+        if vector is not None:
+            out["vector"] = [round(float(v), 7) for v in vector]
+        return out
+
+
+def cap_per_category(rows: Sequence[Any], k: int, cap: int, categories: Callable[[Any], Sequence[str]]) -> list[Any]:
+    """The first ``k`` rows, in order, such that no category appears more than ``cap`` times.
+
+    A row with several categories counts against each and is skipped if any is full;
+    rows without categories are never capped.
+    """
+    counts: dict[str, int] = {}
+    out = []
+    for row in rows:
+        cats = categories(row)
+        if any(counts.get(c, 0) >= cap for c in cats):
+            continue
+        for c in cats:
+            counts[c] = counts.get(c, 0) + 1
+        out.append(row)
+        if len(out) == k:
+            break
+    return out
+
+
+def _results(hits: Sequence[Hit], version: int) -> list[dict[str, Any]]:
+    """Scores come from model ``version`` (the re-scoring), whichever version the graph holds."""
+    return [{"rank": n + 1, "item_id": h.item_id, "score": round(h.score, 6), "model_version": version,
+             "categories": list(h.categories)} for n, h in enumerate(hits)]

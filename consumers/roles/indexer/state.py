@@ -1,0 +1,178 @@
+"""What one indexer replica holds in memory, and the rules that change it.
+
+The indexer keeps, side by side:
+
+* ``catalog`` — the latest content of every live item (the ``Item`` events), so items can
+  be re-encoded when the item tower changes and the index can be rebuilt from scratch;
+* ``replica`` — the towers at the latest model version read from ``model-updates``;
+* ``index`` — the HNSW :class:`~streamrecall.index.ItemIndex` of item vectors;
+* ``users`` — the latest vector of the ``max_user_vectors`` users most recently written to the
+  compacted ``user-vectors`` topic (the least recently written forgotten beyond it: such a user is
+  answered like an unknown one, from trending, until its next vector arrives).
+
+**Locking.** ``lock`` serialises every change of the replica, the catalog and the index made
+by this role: the poll loop holds it for one micro-batch of items (encode + upsert) or one
+model update, the background re-encoder for one bounded batch. So an item is never
+re-encoded from content the poll loop has just replaced, nor written with a tower halfway
+through an update. Queries never take it: the index is safe to query while it is written
+(see docs/index.md), and the user table is replaced entry by entry. Queries encode with the
+towers (``consumers/roles/indexer/scoring.py``) under ``model_lock`` for reading; applying an update holds
+it for writing, so a query never sees a half-applied update.
+
+**Model versions.** An update after which every vector changes (a full update, or a delta
+with new dense layers) starts a new *epoch*. Vectors of one epoch share one space (the dense
+layers): a delta changes only the items whose sparse rows moved, and only those are
+re-encoded, so an untouched item may keep an older ``model_version`` tag while its vector
+is exactly what the current tower computes. ``served_epoch`` is the epoch whose re-encode
+into the index is complete; a user vector is *compatible* with the index when it was
+computed in that epoch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Collection, Iterable, Sequence
+
+import numpy as np
+
+from streamrecall.bounded import LRUMap
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
+from streamrecall.consumers.roles.indexer.options import IndexerOptions
+from streamrecall.consumers.roles.indexer.scoring import ItemVectorCache
+from streamrecall.events import Item, UserVector, event_time
+from streamrecall.index import EntryMeta, ItemIndex, RWLock
+from streamrecall.metrics import STATE, StateMetrics
+from streamrecall.model.config import ModelConfig
+from streamrecall.model.replica import DEFAULT_MAX_VERSION_JUMP, TowerReplica
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class UserEntry:
+    """A user's latest vector, as read from ``user-vectors``."""
+
+    vector: np.ndarray  # float32 (dim,)
+    model_version: int
+    event_ts: int
+    recent_items: tuple[str, ...]
+
+    @classmethod
+    def of(cls, uv: UserVector) -> "UserEntry":
+        return cls(np.asarray(uv.vector, dtype=np.float32), uv.model_version, uv.event_ts, tuple(uv.recent_items))
+
+
+def batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
+
+
+class IndexerState:
+    """Catalog, replica, index and users of one indexer, with the writes the role makes to them."""
+
+    def __init__(self, config: IndexerOptions, model: ModelConfig, metrics: IndexerMetrics,
+                 index: ItemIndex | None = None, max_version_jump: int = DEFAULT_MAX_VERSION_JUMP,
+                 states: StateMetrics = STATE) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.states = states
+        self.replica = TowerReplica(model, max_version_jump)
+        self.index = index if index is not None else ItemIndex(
+            model.dim, space="ip", M=config.M, ef_construction=config.ef_construction, ef=config.ef)
+        self.catalog: dict[str, Item] = {}
+        self.users: LRUMap[str, UserEntry] = LRUMap(config.max_user_vectors)
+        self.lock = threading.RLock()
+        # The towers: applying an update writes them, query-time encodes read them (queries never
+        # take ``lock``). Writers take it inside ``lock``; it is not reentrant.
+        self.model_lock = RWLock()
+        self.item_vectors = ItemVectorCache(config.item_vector_cache_items)  # current-version vectors of recent candidates
+        self.epochs: list[int] = [0]    # versions that started an epoch (0: the seeded weights)
+        self.served_epoch = 0           # the epoch whose re-encode into the index is complete
+        self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied
+
+    # ------------------------------------------------------------------ items
+    def upsert_items(self, items: Sequence[Item], fresh: Collection[str] = ()) -> None:
+        """Encode ``items`` with the current item tower and upsert them, in micro-batches.
+
+        Freshness (event time to searchable) is observed for the ids in ``fresh`` only: events new
+        to this indexer (see :meth:`is_new`), so replays and re-reads do not count against the SLO."""
+        m = self.metrics
+        for chunk in batches(items, self.config.encode_batch):
+            with self.lock:
+                started = time.perf_counter()
+                vectors = self.replica.encode_items(chunk)
+                encoded = time.perf_counter()
+                version, at = self.replica.version, now_ms()
+                metas = [EntryMeta(version, at, it.created_at, tuple(it.categories)) for it in chunk]
+                self.index.upsert([it.item_id for it in chunk], vectors, metas)
+                for it in chunk:
+                    self.catalog[it.item_id] = it
+            done = time.perf_counter()
+            m.encode_seconds.observe(encoded - started)
+            m.upsert_seconds.observe(done - encoded)
+            m.upserts.labels("item").inc(len(chunk))
+            searchable_ms = now_ms()
+            for it in chunk:
+                if it.item_id in fresh:
+                    m.freshness.observe(max(0.0, (searchable_ms - event_time(it)) / 1000.0))
+
+    def is_new(self, item: Item) -> bool:
+        """Whether ``item``'s event is a change this indexer has not applied: an id it does not hold,
+        or a later event time (``updated_at``, else ``created_at``) than the one it holds. A
+        re-read or duplicate event, and an update that carries no ``updated_at``, are not new."""
+        held = self.catalog.get(item.item_id)
+        return held is None or event_time(item) > event_time(held)
+
+    def delete_items(self, item_ids: Sequence[str]) -> int:
+        with self.lock:
+            for item_id in item_ids:
+                self.catalog.pop(item_id, None)
+            removed = self.index.delete(item_ids)
+        self.metrics.deletes.inc(removed)
+        return removed
+
+    def recent_items(self, n: int) -> list[Item]:
+        """The ``n`` most recently created live items, newest first (O(catalog); the fallback route)."""
+        with self.lock:
+            return heapq.nlargest(n, self.catalog.values(), key=lambda it: (it.created_at, it.item_id))
+
+    # ----------------------------------------------------------------- epochs
+    def start_epoch(self, version: int) -> None:
+        """Record that ``version`` starts an epoch. Epochs before the served one are dropped: no
+        decision tells them apart (a vector of any of them is simply not compatible), and with dense
+        layers in every update a new epoch comes with every update, so the list would grow forever."""
+        if version > self.epochs[-1]:
+            self.epochs.append(version)
+        del self.epochs[:bisect.bisect_left(self.epochs, self.served_epoch)]
+
+    @property
+    def current_epoch(self) -> int:
+        return self.epochs[-1]
+
+    def epoch_of(self, version: int) -> int | None:
+        """The epoch a vector of ``version`` belongs to, or None when older than every epoch known."""
+        i = bisect.bisect_right(self.epochs, version) - 1
+        return self.epochs[i] if i >= 0 else None
+
+    def compatible(self, user_version: int) -> bool:
+        """Whether a user vector of ``user_version`` lives in the space the index serves."""
+        return self.epoch_of(user_version) == self.served_epoch
+
+    # ---------------------------------------------------------------- gauges
+    def update_gauges(self) -> None:
+        m = self.metrics
+        m.items.set(len(self.index))
+        m.deleted_share.set(self.index.deleted_share())
+        m.stale_share.set(self.index.stale_share(self.current_epoch))
+        m.user_vectors.set(len(self.users))
+        self.states.fill("indexer", "user_vectors", len(self.users), self.users.capacity)
+        self.states.fill("indexer", "item_vector_cache", len(self.item_vectors), self.item_vectors.max_items)

@@ -1,0 +1,225 @@
+"""The indexer process assembled in one place: state (from its snapshot), handler, re-encoder, HTTP API."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from typing import Any, Callable
+
+from kafka import KafkaConsumer, TopicPartition
+
+from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
+from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.deadletter import DeadLetter
+from streamrecall.consumers.liveness import Heartbeat
+from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
+from streamrecall.consumers.roles.indexer.handler import IndexerHandler
+from streamrecall.consumers.roles.indexer.http_api import RecallService
+from streamrecall.consumers.roles.indexer.http_server import RecallApi
+from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
+from streamrecall.consumers.roles.indexer.options import ROLE, IndexerOptions
+from streamrecall.consumers.roles.indexer.reencoder import Reencoder
+from streamrecall.consumers.roles.indexer.scoring import ServingMonitor
+from streamrecall.consumers.roles.indexer.state import IndexerState
+from streamrecall.consumers.runtime import decode_value
+from streamrecall.consumers.start import StartPosition
+from streamrecall.consumers.update_chunks import ChunkReader
+from streamrecall.errors import StreamrecallError
+from streamrecall.events import Decoder, Item, user_vector_decoder
+from streamrecall.index import QualityMonitor
+from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, role_metrics
+from streamrecall.model import ModelUpdate
+from streamrecall.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class IndexerRole:
+    """Builds the indexer's state (restoring the snapshot), its handler, re-encoder and API."""
+
+    def __init__(self, settings: Settings, start: StartPosition, metrics: IndexerMetrics | None = None,
+                 version_metrics: ModelVersionMetrics = MODEL_VERSION) -> None:
+        self.settings = settings
+        # Its own producer for the dead letters of model updates: a broken chunk sequence is found
+        # by the handler, after the runtime's decode (closed last, in close()).
+        self.producer = make_producer(settings)
+        self.deadletters = deadletter_sink(settings, ROLE, self.producer)
+        self.start = start
+        self.config = IndexerOptions.from_settings(settings)
+        self.metrics = metrics if metrics is not None else role_metrics(IndexerMetrics)
+        root = settings.role_state_dir(ROLE)
+        loaded = indexer_snapshot.load(root) if start.kind == "committed" else None
+        if start.kind != "committed" and indexer_snapshot.exists(root):
+            log.info("indexer: --from %s: ignoring the snapshot under %s, starting from an empty index", start, root)
+        self.state = IndexerState(self.config, model_config(settings), self.metrics,
+                                  index=loaded.index if loaded else None,
+                                  max_version_jump=settings.model_max_version_jump)
+        resume = loaded.resume if loaded else None
+        if loaded:
+            self.state.catalog = loaded.catalog
+            self.state.served_epoch = resume.served_epoch
+            self.state.epochs = sorted(set(resume.epochs) | {0})
+            log.info("indexer: snapshot loaded: %d items, model v%d (settled v%d)", len(loaded.catalog),
+                     resume.replica_version, resume.settled_version)
+        self.monitor = QualityMonitor(self.state.index)
+        self.reencoder = Reencoder(self.state, self.monitor, settled_version=resume.settled_version if resume else 0)
+        self.handler = IndexerHandler(settings, self.state, self.reencoder, version_metrics, resume,
+                                      snapshot_loaded=loaded is not None, deadletters=self.deadletters)
+        self.api: RecallApi | None = None
+        self.service = RecallService(self.state, self.config, self.monitor, self.health)
+        self.serving_monitor = ServingMonitor(self.service, self.service.sampler, self.config.overlap_interval_s,
+                                              self.config.overlap_max_items)
+        self.restored = False
+        if start.kind == "committed":
+            self._prepare_resume(resume)
+        self.restored = True
+
+    # ---------------------------------------------------------------- restart
+    def _prepare_resume(self, resume: indexer_snapshot.Resume | None) -> None:
+        """Explicit start offsets for every partition, and the replay of model updates."""
+        t = self.settings.topics
+        consumer = make_consumer(self.settings, None, client_id="streamrecall-indexer-restore")
+        try:
+            start_at: dict[TopicPartition, int] = {}
+            for topic in (t.items, t.model_updates, t.user_vectors):
+                for p in consumer.partitions_for_topic(topic) or ():
+                    start_at[TopicPartition(topic, p)] = 0
+            if resume is not None:
+                start_at.update({TopicPartition(t.items, int(p)): o for p, o in resume.items.items()})
+                start_at.update({TopicPartition(t.model_updates, int(p)): o for p, o in resume.model_updates.items()})
+                if resume.last_full_offset is not None:
+                    self._replay_updates(consumer, resume)
+                self._reconcile()
+            self.handler.start_at = start_at
+        finally:
+            consumer.close(autocommit=False)
+
+    def _replay_updates(self, consumer: KafkaConsumer, resume: indexer_snapshot.Resume) -> None:
+        tp = TopicPartition(self.settings.topics.model_updates, resume.last_full_partition or 0)
+        stop = resume.model_updates.get(str(tp.partition), 0)
+        start = resume.last_full_offset or 0
+        if start >= stop:
+            return
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        deadline = time.monotonic() + self.config.replay_timeout_s
+        replayed = 0
+
+        def apply(update: ModelUpdate, offset: int) -> None:
+            nonlocal replayed
+            self.handler.apply_update(update, tp.partition, offset, reencode_above=resume.settled_version)
+            replayed += 1
+
+        def skipped(letter: DeadLetter) -> None:  # dead-lettered when first read
+            log.info("indexer: model update at %s skipped on replay (%s): %s", letter.where, letter.reason,
+                     letter.error)
+
+        # stop is a sequence boundary (the snapshot's resume offset), so every update before it is whole
+        stream = self.handler.update_stream(apply, skipped)
+        read_chunk = ChunkReader()
+        while True:
+            position = consumer.position(tp, timeout_ms=5000)
+            high = consumer.highwater(tp)
+            if position is not None and (position >= stop or (high is not None and position >= high)):
+                break
+            if time.monotonic() > deadline:
+                raise StreamrecallError(f"indexer: could not re-read model updates {start}..{stop} of {tp.topic}"
+                                        f"[{tp.partition}] within {self.config.replay_timeout_s:.0f}s")
+            for messages in consumer.poll(timeout_ms=500).values():
+                for m in messages:
+                    if m.offset >= stop:
+                        continue
+                    try:
+                        chunk = decode_value(read_chunk, m.value, f"{tp.topic}[{tp.partition}]@{m.offset}", m.headers)
+                    except StreamrecallError as exc:  # dead-lettered when first read
+                        log.info("indexer: model update at %s[%d]@%d skipped on replay: %s",
+                                 tp.topic, tp.partition, m.offset, exc)
+                        continue
+                    stream.add(m.offset, chunk, m.key)
+        if self.state.replica.version != resume.replica_version:
+            log.warning("indexer: replayed model updates reach v%d, the snapshot was at v%d (topic truncated?)",
+                        self.state.replica.version, resume.replica_version)
+        log.info("indexer: replica rebuilt from %d model update(s) (offsets %d..%d), now v%d",
+                 replayed, start, stop, self.state.replica.version)
+
+    def _reconcile(self) -> None:
+        """Make index and catalog hold the same ids (a crash between the two writes of a batch)."""
+        state = self.state
+        in_index = set(state.index.ids())
+        missing = [it for i, it in state.catalog.items() if i not in in_index]
+        orphans = [i for i in in_index if i not in state.catalog]
+        if orphans:
+            state.index.delete(orphans)
+        if missing:
+            state.upsert_items(missing)
+        if missing or orphans:
+            log.warning("indexer: snapshot reconciled: %d item(s) encoded, %d orphan vector(s) removed",
+                        len(missing), len(orphans))
+
+    # ----------------------------------------------------------------- wiring
+    def topics(self) -> dict[str, tuple[str, Callable[[bytes | None], Any]]]:
+        t = self.settings.topics
+        limit = self.settings.max_value_bytes
+        return {t.items: ("items", Decoder(Item, limit).decode),
+                t.model_updates: ("model-updates", ChunkReader()),
+                t.user_vectors: ("user-vectors", user_vector_decoder(limit))}
+
+    def serve_http(self, stack: ExitStack, heartbeat: Heartbeat) -> None:
+        self.api = RecallApi(self.service, self.settings.http_host, self.settings.port_for(ROLE),
+                             self.config.max_body_bytes, admin_port=self.settings.admin_port_for(ROLE),
+                             livez=heartbeat.answer)
+        self.api.start()
+        stack.callback(self.api.stop)
+
+    def begin(self) -> None:
+        """Start the background re-encoder (after the replay queued its work) and the serving monitor."""
+        # The version series exists from the start (a replica that never applies an update must show
+        # its skew against the trainer, not "no data").
+        self.handler.version_metrics.version.labels(ROLE).set(self.state.replica.version)
+        self.reencoder.start()
+        self.serving_monitor.start()
+
+    def close(self) -> None:
+        """Stop the background threads, then write the final snapshot."""
+        self.serving_monitor.stop()
+        self.reencoder.stop()
+        try:
+            self.handler.snapshot()
+        except Exception:
+            log.exception("indexer: final snapshot failed; the previous one stays current")
+        finally:
+            self.producer.close(10)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        state = self.state
+        lag = self.handler.lag()
+        total = sum(lag.values()) if lag is not None else None
+        reasons = []
+        if not self.restored:
+            reasons.append("restoring the snapshot")
+        if lag is None:
+            reasons.append("lag not measured yet")
+        elif total > self.config.ready_max_lag:
+            reasons.append(f"lag {total} records is above {self.config.ready_max_lag}")
+        # Settled: this replica has read every model update there is and its re-encode is done, so
+        # its graph holds the current model's vectors (answers are version-consistent regardless).
+        settled = lag is not None and lag.get("model-updates", 0) == 0 and self.reencoder.idle
+        body = {"ready": not reasons, "reasons": reasons, "settled": settled, "items": len(state.index),
+                "model_version": state.replica.version, "served_epoch": state.served_epoch,
+                "stale_share": state.index.stale_share(state.current_epoch),
+                "model_trained_through_ms": state.replica.trained_through_ms,
+                "settled_version": self.reencoder.settled_version, "reencode_pending": self.reencoder.pending,
+                "user_vectors": len(state.users), "lag": total, "lag_by_topic": lag,
+                "snapshot_loaded": self.handler.snapshot_loaded}
+        return not reasons, body
+
+
+def run(settings: Settings, start: StartPosition) -> None:
+    """Run the indexer until SIGTERM/SIGINT; exit writes a final snapshot."""
+    role = IndexerRole(settings, start)
+    with ExitStack() as stack:
+        stack.callback(role.close)  # runs last: after the runtime's final flush and the API's shutdown
+        role.begin()
+        run_handler(ROLE, settings, start, role.handler, role.topics(), assign_all=True,
+                    serve_http=role.serve_http, stack=stack)

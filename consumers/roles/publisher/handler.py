@@ -1,0 +1,228 @@
+"""The publisher's handler: clicks and model updates in, user vectors out. Kafka-free."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Callable, Iterable, Mapping
+
+from kafka import TopicPartition
+
+from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
+from streamrecall.consumers.roles.publisher.options import ROLE, PublisherOptions
+from streamrecall.consumers.roles.publisher.sink import VectorSink
+from streamrecall.consumers.roles.publisher.state import PartitionState
+from streamrecall.consumers.runtime import HandlerBase, Record
+from streamrecall.errors import TransientError
+from streamrecall.events import UserVector
+from streamrecall.metrics import MODEL_VERSION, STATE, ModelVersionMetrics, StateMetrics, role_metrics
+from streamrecall.model import Applied, ModelUpdate, TowerReplica
+
+log = logging.getLogger(__name__)
+
+
+#: While clicks flow, re-publication never bursts more than this many seconds of its rate at once.
+REFRESH_BURST_S = 0.1
+
+
+class PublisherHandler(HandlerBase):
+    """Keeps user histories, publishes user vectors. Kafka-free: the role wires the edges.
+
+    ``load_partitions(ps)`` returns the latest vector per user in each ``user-vectors`` partition
+    of ``ps`` (one read of them all: a rebalance that moves several partitions waits once).
+    """
+
+    def __init__(self, replica: TowerReplica, sink: VectorSink,
+                 load_partitions: Callable[[list[int]], Mapping[int, Iterable[UserVector]]], clicks_topic: str,
+                 options: PublisherOptions = PublisherOptions(), metrics: PublisherMetrics | None = None,
+                 version_metrics: ModelVersionMetrics = MODEL_VERSION,
+                 poll_updates: Callable[[], object] = lambda: None, side_flush: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+                 states: StateMetrics = STATE) -> None:
+        self.replica = replica
+        self.sink = sink
+        self.load_partitions = load_partitions
+        self.clicks_topic = clicks_topic
+        self.options = options
+        self.metrics = metrics or role_metrics(PublisherMetrics)
+        self.state_metrics = states
+        self.version_metrics = version_metrics
+        self.poll_updates = poll_updates
+        self.side_flush = side_flush
+        self.clock = clock
+        self.wall_ms = wall_ms
+        self.states: dict[int, PartitionState] = {}
+        self.loading: set[int] = set()
+        self._dirty: dict[tuple[int, str], None] = {}      # users with clicks not yet published (ordered)
+        self._fresh_published = False  # fresh clicks were published since the last tick
+        self._dirty_since = 0.0
+        self._refresh: dict[tuple[int, str], None] = {}    # users to re-publish at the current version
+        self._scans: deque[tuple[ModelUpdate, deque[tuple[int, str]]]] = deque()  # deltas to check users against
+        self._last_round = float("-inf")  # when the last re-publication round started (clock s)
+        self._refresh_tokens = 0.0        # re-publications allowed now while clicks flow (a token bucket)
+        self._last_tick = clock()
+        self._round_due = False           # an update arrived since, within refresh_interval_s of it
+
+    # --- partitions -------------------------------------------------------------------------
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        """Runs on the client's IO thread: only note the partitions; they are rebuilt in the main loop."""
+        self.loading |= {tp.partition for tp in partitions if tp.topic == self.clicks_topic} - set(self.states)
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        gone = {tp.partition for tp in partitions if tp.topic == self.clicks_topic}
+        for p in gone:
+            self.states.pop(p, None)
+        self.loading -= gone
+        self._dirty = {k: None for k in self._dirty if k[0] not in gone}
+        self._refresh = {k: None for k in self._refresh if k[0] not in gone}
+        self._gauges()
+
+    def _load_pending(self) -> None:
+        pending = sorted(self.loading)
+        loaded = self.load_partitions(pending)
+        for p in pending:
+            state = PartitionState(self.replica.config.history_len, self.options.history_users)
+            state.load(list(loaded.get(p, ())), self.clock(), self.wall_ms())
+            self.states[p] = state
+            self.loading.discard(p)
+            log.info("clicks[%d]: rebuilt %d users from user-vectors[%d]", p, len(state.users), p)
+        self._gauges()
+
+    # --- the runtime's calls ------------------------------------------------------------------
+    def handle(self, records: list[Record]) -> None:
+        if self.loading:
+            self._load_pending()
+        now = self.clock()
+        for r in records:
+            state = self.states.get(r.partition)
+            if state is None:  # records without an assignment callback (assign_all): start empty
+                state = self.states[r.partition] = PartitionState(self.replica.config.history_len,
+                                                                  self.options.history_users)
+            if state.click(r.value, now):
+                if not self._dirty:
+                    self._dirty_since = now
+                self._dirty[(r.partition, r.value.user_id)] = None
+        if self._dirty and (self.options.flush_ms == 0 or len(self._dirty) >= self.options.flush_users
+                            or now - self._dirty_since >= self.options.flush_ms / 1000):
+            self._publish_dirty()
+
+    def tick(self) -> None:
+        self.poll_updates()
+        if self._round_due and self.clock() - self._last_round >= self.options.refresh_interval_s:
+            self._start_round(None, True)
+        if self.loading:
+            self._load_pending()
+        if self._dirty and self.clock() - self._dirty_since >= self.options.flush_ms / 1000:
+            self._publish_dirty()
+        # Fresh clicks first: while they keep coming, re-publication after a model update is held
+        # to refresh_per_s (a token bucket, so it is smooth: bursts of it after each round doubled
+        # the click → vector p99), and goes at refresh_per_tick per loop once the clicks pause.
+        now = self.clock()
+        elapsed, self._last_tick = max(0.0, now - self._last_tick), now
+        busy, self._fresh_published = self._fresh_published, False
+        if not busy:
+            self._refresh_some(self.options.refresh_per_tick)
+            return
+        burst = min(float(self.options.refresh_per_tick), max(1.0, self.options.refresh_per_s * REFRESH_BURST_S))
+        self._refresh_tokens = min(burst, self._refresh_tokens + elapsed * self.options.refresh_per_s)
+        if self._refresh_tokens >= 1.0 and (self._refresh or self._scans):
+            self._refresh_tokens -= self._refresh_some(int(self._refresh_tokens))
+
+    def flush(self, offsets: object) -> None:
+        """Publish what is pending and wait until it is durable; a failed send blocks the commit."""
+        self._publish_dirty()
+        self.side_flush()
+        failed = self.sink.flush()
+        if failed:
+            for key in failed:
+                if key[0] in self.states:
+                    self._dirty[key] = None
+            raise TransientError(f"{len(failed)} user vectors could not be published")
+
+    # --- model updates ----------------------------------------------------------------------
+    def on_model_update(self, update: ModelUpdate, applied: Applied) -> None:
+        """Queue the re-publishing of recently active users at the new version.
+
+        The trainer publishes an update at every flush, so rounds are rate-limited: an update
+        within ``refresh_interval_s`` of the last round only marks one due, and the round that
+        ``tick`` starts later re-publishes every active user (the deltas it covers are merged).
+        """
+        self.version_metrics.version.labels(ROLE).set(self.replica.version)
+        if self.clock() - self._last_round < self.options.refresh_interval_s:
+            self._round_due = True
+            return
+        self._start_round(update, applied.reencode_all)
+
+    def _start_round(self, update: ModelUpdate | None, everything: bool) -> None:
+        self._last_round = self.clock()
+        self._round_due = False
+        since = self.clock() - self.options.refresh_active_s
+        active = [(p, u) for p, st in self.states.items() for u in st.active_since(since)]
+        if everything or update is None:
+            self._scans.clear()
+            self._refresh.update(dict.fromkeys(active))
+        elif active:
+            self._scans.append((update, deque(active)))
+        self._gauges()
+
+    def _refresh_some(self, budget: int) -> int:
+        """Check and re-publish up to ``budget`` users; returns how many were re-published."""
+        budget = max(1, budget)
+        limit = budget
+        while self._scans and budget > 0:
+            update, candidates = self._scans[0]
+            chunk = [candidates.popleft() for _ in range(min(budget, len(candidates)))]
+            chunk = [(p, u) for p, u in chunk if p in self.states and u in self.states[p].users]
+            histories = [self.states[p].history.get(u) for p, u in chunk]
+            touched = set(self.replica.users_touched(update, [u for _, u in chunk], histories))
+            self._refresh.update(dict.fromkeys((p, u) for p, u in chunk if u in touched))
+            budget -= max(1, len(chunk))
+            if not candidates:
+                self._scans.popleft()
+        published = 0
+        if self._refresh:
+            keys = list(itertools.islice(self._refresh, limit))
+            for k in keys:
+                del self._refresh[k]
+            published = self._publish(keys, "model_update")
+        if self._scans or self._refresh:
+            self._gauges()
+        return published
+
+    # --- publishing -------------------------------------------------------------------------
+    def _publish_dirty(self) -> None:
+        if not self._dirty:
+            return
+        keys, self._dirty = list(self._dirty), {}
+        self._fresh_published = True
+        for k in keys:
+            self._refresh.pop(k, None)  # published at the current version now
+        size = self.options.flush_users
+        for i in range(0, len(keys), size):
+            self._publish(keys[i:i + size], "click")
+        self._gauges()
+
+    def _publish(self, keys: list[tuple[int, str]], cause: str) -> int:
+        keys = [(p, u) for p, u in keys if p in self.states and u in self.states[p].users]
+        if not keys:
+            return 0
+        histories = [self.states[p].history.get(u) for p, u in keys]
+        vectors = self.replica.encode_users([u for _, u in keys], histories)
+        published_at = self.wall_ms()
+        version = self.replica.version
+        for (p, user_id), history, vector in zip(keys, histories, vectors):
+            event_ts = int(self.states[p].users[user_id][0])
+            self.sink.send(UserVector(user_id=user_id, vector=vector.tolist(), model_version=version,
+                                      event_ts=event_ts, published_at=published_at, recent_items=history), p)
+            if cause == "click":
+                self.metrics.click_to_vector.observe(max(0, published_at - event_ts) / 1000)
+        self.metrics.published.labels(cause).inc(len(keys))
+        return len(keys)
+
+    def _gauges(self) -> None:
+        users = sum(len(st.users) for st in self.states.values())
+        self.metrics.users.set(users)
+        self.state_metrics.fill(ROLE, "histories", users, self.options.history_users * len(self.states))
+        self.metrics.pending_refresh.set(len(self._refresh) + sum(len(c) for _, c in self._scans))

@@ -1,0 +1,1 @@
+"""Operating streamrecall: the CLI, `up` and its supervisor, status, produce and query."""
