@@ -171,14 +171,14 @@ class TowerReplica:
                                                                         accumulate=True)
         return [items[i].item_id for i in hit.nonzero().flatten().tolist()]
 
-    def users_touched(self, update: ModelUpdate, user_ids: Sequence[str],
+    def users_touched(self, applied: Applied, user_ids: Sequence[str],
                       histories: Sequence[Sequence[str]]) -> list[str]:
-        """Ids of users whose vectors ``update`` changes: all after a full update or a dense
-        change, else those whose id row or any history item's id row changed."""
-        if update.kind == "full" or update.dense_changed:
+        """Ids of users whose vectors the update ``applied`` changed: all after a dense change, else
+        those whose id row or any history item's id row moved."""
+        if applied.reencode_all:
             return list(user_ids)
-        user_mask = _mask(update.changed_rows("user_id"), self.config.id_buckets)
-        item_mask = _mask(update.changed_rows("item_id"), self.config.id_buckets)
+        user_mask = _mask(applied.moved.get("user_id", _NO_ROWS), self.config.id_buckets)
+        item_mask = _mask(applied.moved.get("item_id", _NO_ROWS), self.config.id_buckets)
         out = []
         for user_id, history in zip(user_ids, histories):
             recent = history[-self.config.history_len:]

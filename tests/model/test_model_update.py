@@ -59,7 +59,7 @@ def test_full_then_deltas_reproduce_the_trainer(small_config, stream):
     np.testing.assert_array_equal(replica.encode_items(items), expected)
     np.testing.assert_array_equal(replica.encode_users(users, hists), expected_u)
     assert replica.trending and replica.trending[0][1] >= replica.trending[-1][1]
-    assert set(replica.users_touched(with_dense, users, hists)) == set(users)
+    assert set(replica.users_touched(dense_applied, users, hists)) == set(users)
 
 
 def test_duplicates_and_gaps_are_flagged_not_applied(small_config, stream):

@@ -69,6 +69,7 @@ class RecallService:
         exclude = set(user.recent_items) if exclude_seen else None
         query = UserQuery(user_id, user)
         scored = self.search(query, k, exclude, max_per_category)
+        state.retrievals.observe(h.item_id for h in scored.hits)  # the re-encoder serves these first
         self.monitor.observe(scored.vector)
         self.sampler.offer(SampledQuery(user_id, user.recent_items, None, k, exclude, max_per_category))
         state.metrics.user_encodes.labels("stored" if query.used_stored else "query-time").inc()
@@ -82,6 +83,7 @@ class RecallService:
         self.monitor.observe(vector)
         excluded = set(exclude) or None
         scored = self.search(VectorQuery(vector), k, excluded, max_per_category)
+        self.state.retrievals.observe(h.item_id for h in scored.hits)
         self.sampler.offer(SampledQuery(None, (), vector, k, excluded, max_per_category))
         return {"route": "vector", "k": k, "model_versions": self._versions(None, scored.version),
                 "results": _results(scored.hits, scored.version)}
