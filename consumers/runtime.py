@@ -8,14 +8,12 @@ user). Every wait is bounded well below ``max_poll_interval_ms``.
 
 from __future__ import annotations
 
-import abc
 import logging
 import signal
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
@@ -23,99 +21,20 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
+from streamrecall.consumers.handler import Decode, Handler, Record, decode_value
 from streamrecall.consumers.liveness import Heartbeat
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.start import StartPosition
 from streamrecall.errors import StreamrecallError, TransientError
 from streamrecall.metrics import RUNTIME, RuntimeMetrics
 
 log = logging.getLogger(__name__)
 
-#: Decodes a topic's value bytes into an event; raises an error with a ``reason`` attribute
-#: (``streamrecall.events.InvalidEvent``, ``ModelUpdateError``...) for values that break the contract.
-#: A decoder with a true ``uses_headers`` attribute is called with the record's headers too
-#: (the model-updates decoder checks a signature header).
-Decode = Callable[..., Any]
 
 MAX_BACKOFF_S = 5.0
+
+
 FLUSH_TIMEOUT_S = 30.0
-
-
-class DecoderBug(StreamrecallError):
-    """A topic's decoder let a foreign exception out (ValueError, RecursionError...). Decoders
-    are meant to be total; this turns a bug in one into a dead letter instead of a dead role."""
-
-    reason = "invalid"
-
-
-def decode_value(decode: Decode, value: bytes | None, where: str,
-                 headers: list[tuple[str, bytes | None]] | None = None) -> Any:
-    """``decode(value)`` for the record at ``where`` (``topic[partition]@offset``), raising only
-    :class:`StreamrecallError` (with a ``reason``): every reader of a topic decodes through here."""
-    try:
-        return decode(value, headers) if getattr(decode, "uses_headers", False) else decode(value)
-    except StreamrecallError:
-        raise
-    except Exception as exc:  # the backstop: never let a decoder's bug stop the role
-        log.error("decoder bug at %s: %s escaped the decoder; the record is dead-lettered as invalid",
-                  where, type(exc).__name__, exc_info=True)
-        raise DecoderBug(f"{type(exc).__name__}: {exc}"[:1000]) from None
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One decoded record. ``topic`` is the logical name ("items", "clicks", ...)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: Any
-    timestamp_ms: int
-    raw: bytes | None = field(repr=False, default=None)
-
-
-class Handler(Protocol):
-    """What a role gives the runtime. :class:`HandlerBase` supplies no-op defaults."""
-
-    def handle(self, records: list[Record]) -> None:
-        """Apply a batch in memory. Raise TransientError to have it retried."""
-
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Make the side effects of everything handled durable. ``offsets`` are the next offsets to
-        read that this flush covers (roles that snapshot store them with their state)."""
-
-    def start_offsets(self) -> Mapping[TopicPartition, int]:
-        """Next offsets to read from the role's own durable state (snapshot/checkpoint), if any."""
-
-    def assigned(self, partitions: set[TopicPartition]) -> None: ...
-
-    def revoked(self, partitions: set[TopicPartition]) -> None: ...
-
-    def tick(self) -> None:
-        """Called once per loop iteration, for time-driven work (publishing, snapshots)."""
-
-
-class HandlerBase(abc.ABC):
-    """No-op defaults for everything but ``handle``."""
-
-    @abc.abstractmethod
-    def handle(self, records: list[Record]) -> None:
-        """Apply a batch in memory (see :class:`Handler`)."""
-
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
-        pass
-
-    def start_offsets(self) -> Mapping[TopicPartition, int]:
-        return {}
-
-    def assigned(self, partitions: set[TopicPartition]) -> None:
-        pass
-
-    def revoked(self, partitions: set[TopicPartition]) -> None:
-        pass
-
-    def tick(self) -> None:
-        pass
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -263,7 +182,7 @@ class Runtime:
 
     def _resolve_start(self, physical: list[str]) -> dict[TopicPartition, int]:
         """Explicit offsets for each partition, computed before any assignment (listeners cannot block)."""
-        own = dict(self.handler.start_offsets())
+        own = {TopicPartition(self._physical(t), p): o for (t, p), o in self.handler.start_offsets().items()}
         if self.start.kind == "committed":
             return own
         if self.start.kind == "offsets":
@@ -301,7 +220,7 @@ class Runtime:
             to_commit = {tp: o for tp, o in self._pending.items() if tp in partitions}
             if to_commit:
                 try:
-                    self.handler.flush(dict(self._pending))
+                    self.handler.flush(self._logical_offsets(self._pending))
                     self.deadletters.flush(FLUSH_TIMEOUT_S)
                 except Exception:  # the new owner re-reads from the last commit: at-least-once holds
                     log.exception("%s: flush on revoke failed; %s will be re-read by the new owner",
@@ -388,6 +307,9 @@ class Runtime:
     def _physical(self, logical: str) -> str:
         return next(t for t, (name, _) in self.topics.items() if name == logical)
 
+    def _logical_offsets(self, offsets: Mapping[TopicPartition, int]) -> Offsets:
+        return Offsets({(self.topics[tp.topic][0], tp.partition): o for tp, o in offsets.items()})
+
     # --- flush and commit -------------------------------------------------------
     def flush_and_commit(self) -> bool:
         """Flush side effects and dead letters, then commit. On failure pause consumption and retry."""
@@ -396,7 +318,7 @@ class Runtime:
         with self._lock:
             offsets = dict(self._pending)
             try:
-                self.handler.flush(offsets)
+                self.handler.flush(self._logical_offsets(offsets))
                 self.deadletters.flush(FLUSH_TIMEOUT_S)
             except Exception as exc:
                 self._enter_flush_failure(exc)

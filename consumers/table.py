@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 from kafka import KafkaConsumer, TopicPartition
 
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
-from streamrecall.consumers.runtime import Decode, Record, decode_value
+from streamrecall.consumers.handler import Decode, Record, decode_value
 from streamrecall.errors import StreamrecallError
 from streamrecall.model.catalog import DEFAULT_MAX_ITEMS, ItemCatalog
 

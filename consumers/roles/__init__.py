@@ -25,7 +25,7 @@ def run_role(role: str, settings: Settings, start: StartPosition) -> None:
 def check_tables(settings: Settings) -> None:
     """Refuse a bad ``[model]`` or role table before the settings are logged: every role reads the
     same file, and a value under a misspelt key must be refused, not printed."""
-    from streamrecall.consumers.app import model_config
+    from streamrecall.consumers.assembly import model_config
     from streamrecall.consumers.roles.indexer.options import IndexerOptions
     from streamrecall.consumers.roles.publisher.options import PublisherOptions
     from streamrecall.consumers.roles.trainer.options import TrainerOptions

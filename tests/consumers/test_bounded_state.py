@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.bounded import LRUMap
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
@@ -19,7 +20,7 @@ from streamrecall.consumers.roles.publisher.handler import PublisherHandler
 from streamrecall.consumers.roles.publisher.options import PublisherOptions
 from streamrecall.consumers.roles.trainer.handler import TrainerHandler
 from streamrecall.consumers.roles.trainer.options import TrainerOptions
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.events import Click, Item, UserVector
 from streamrecall.metrics import ROLE_STATES, ModelVersionMetrics, RuntimeMetrics, StateMetrics
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
@@ -104,7 +105,7 @@ def test_trainer_exports_the_fill_of_histories_catalog_and_trending(tmp_path: Pa
     records = [Record("clicks", 0, i, None, Click(user_id=f"u{i}", item_id=f"i{i % 10}", ts=1_700_000_000_000 + i), 0)
                for i in range(8)]
     handler.handle(records)
-    handler.flush({})
+    handler.flush(Offsets())
     assert fill(registry, "trainer", "histories") == (3.0, 3.0)  # 8 users clicked, 3 kept
     assert fill(registry, "trainer", "catalog") == (4.0, 4.0)
     entries, capacity = fill(registry, "trainer", "trending")
@@ -126,7 +127,7 @@ def test_publisher_bounds_users_and_replay_floors_and_exports_the_fill():
                                states=StateMetrics(registry))
     handler.handle([Record("clicks", 0, i, None, Click(user_id=f"u{i}", item_id="a", ts=1_700_000_000_000 + i), 0)
                     for i in range(5)])
-    handler.flush({})
+    handler.flush(Offsets())
     assert fill(registry, "publisher", "histories") == (2.0, 2.0)
     assert list(handler.states[0].users) == ["u3", "u4"]
 

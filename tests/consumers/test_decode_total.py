@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from streamrecall.consumers.deadletter import HEADER_OFFSET, HEADER_PARTITION, header_int, headers_dict
-from streamrecall.consumers.runtime import DecoderBug, decode_value
-from streamrecall.consumers.updates import HEADER_KIND, HEADER_VERSION, UpdateMark, _mark, decode_model_update
+from streamrecall.consumers.handler import DecoderBug, decode_value
+from streamrecall.consumers.update_chunks import HEADER_KIND, HEADER_VERSION
+from streamrecall.consumers.update_scan import UpdateMark, _mark
+from streamrecall.consumers.update_codec import decode_model_update
 from streamrecall.errors import StreamrecallError
 from streamrecall.events import Click, Decoder, InvalidEvent, Item, UserVector, user_vector_decoder
 from streamrecall.model.safeio import META_KEY, SafeIOError, read_layout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
 from streamrecall.consumers.roles.indexer.http_api import cap_per_category
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
@@ -121,7 +122,7 @@ def test_snapshot_roundtrip_keeps_items_content_and_resume(tmp_path):
     state = make_state()
     items = make_items(12)
     state.upsert_items(items)
-    resume = indexer_snapshot.Resume(items={"0": 7, "1": 5}, model_updates={"0": 3}, replica_version=2,
+    resume = indexer_snapshot.Resume(offsets={"items": {"0": 7, "1": 5}, "model-updates": {"0": 3}}, replica_version=2,
                                      settled_version=1, last_full_partition=0, last_full_offset=1)
     indexer_snapshot.write(tmp_path, state.index, list(state.catalog.values()), resume)
     state.upsert_items(make_items(3, start=100))  # a second snapshot replaces the first, catalog files too
@@ -130,7 +131,8 @@ def test_snapshot_roundtrip_keeps_items_content_and_resume(tmp_path):
     loaded = indexer_snapshot.load(tmp_path)
     assert set(loaded.catalog) == set(state.catalog) == set(loaded.index.ids())
     assert loaded.catalog["i4"] == items[4]
-    assert loaded.resume.items == {"0": 7, "1": 5} and loaded.resume.last_full_offset == 1
+    assert loaded.resume.next_offsets() == Offsets({("items", 0): 7, ("items", 1): 5, ("model-updates", 0): 3})
+    assert loaded.resume.last_full_offset == 1
     assert indexer_snapshot.read_resume(tmp_path)["settled_version"] == 1
     assert indexer_snapshot.load(tmp_path / "none") is None
 

@@ -19,7 +19,7 @@ from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.roles.indexer.reencoder import Reencoder
 from streamrecall.consumers.roles.indexer.handler import IndexerHandler
 from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.events import Item
 from streamrecall.index import QualityMonitor
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics

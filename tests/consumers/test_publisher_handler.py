@@ -8,9 +8,10 @@ import pytest
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.publisher.handler import PublisherHandler
 from streamrecall.consumers.roles.publisher.options import PublisherOptions
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Item, UserVector
 from streamrecall.metrics import ModelVersionMetrics
@@ -108,7 +109,7 @@ def test_revoked_partitions_drop_their_state_and_pending_users(make_handler):
     handler.handle([click("a", "i1", TS), click("b", "i2", TS, partition=1)])
     handler.revoked({TopicPartition(TOPIC, 1)})
     assert set(handler.states) == {0}
-    handler.flush({})
+    handler.flush(Offsets())
     assert [v.user_id for v, _ in sink.sent] == ["a"]
 
 
@@ -117,8 +118,8 @@ def test_flush_blocks_the_commit_when_a_send_failed_and_sends_again(make_handler
     handler.handle([click("a", "i1", TS)])
     sink.fail = [(0, "a")]
     with pytest.raises(TransientError):
-        handler.flush({TopicPartition(TOPIC, 0): 1})
-    handler.flush({TopicPartition(TOPIC, 0): 1})
+        handler.flush(Offsets({("clicks", 0): 1}))
+    handler.flush(Offsets({("clicks", 0): 1}))
     assert [v.user_id for v, _ in sink.sent] == ["a", "a"]
 
 

@@ -4,7 +4,6 @@ after a durable flush. The same behaviour against a real broker: tests/integrati
 
 from __future__ import annotations
 
-from typing import Mapping
 
 import pytest
 from kafka import TopicPartition
@@ -12,8 +11,10 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from fakes import FakeConsumer, FakeProducer
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.deadletter import HEADER_REASON, DeadLetterSink
-from streamrecall.consumers.runtime import HandlerBase, Record, Runtime
+from streamrecall.consumers.handler import HandlerBase, Record
+from streamrecall.consumers.runtime import Runtime
 from streamrecall.errors import StreamrecallError, TransientError
 from streamrecall.events import InvalidEvent
 from streamrecall.metrics import RuntimeMetrics
@@ -35,7 +36,7 @@ class Recorder(HandlerBase):
         self.poison, self.transient, self.flush_failures = set(poison), transient, flush_failures
         self.handled: list[int] = []
         self.batches: list[int] = []
-        self.flushed: list[dict[TopicPartition, int]] = []
+        self.flushed: list[Offsets] = []
 
     def handle(self, records: list[Record]) -> None:
         if self.transient:
@@ -46,11 +47,11 @@ class Recorder(HandlerBase):
         self.batches.append(len(records))
         self.handled += [r.value for r in records]
 
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def flush(self, offsets: Offsets) -> None:
         if self.flush_failures:
             self.flush_failures -= 1
             raise TransientError("sink down")
-        self.flushed.append(dict(offsets))
+        self.flushed.append(offsets)
 
 
 @pytest.fixture(autouse=True)

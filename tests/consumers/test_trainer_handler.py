@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.trainer.handler import TrainerHandler
 from streamrecall.consumers.roles.trainer.options import TrainerOptions
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Item
 from streamrecall.metrics import ModelVersionMetrics
@@ -135,10 +135,10 @@ def test_flush_trains_the_buffer_and_publishes_it_before_the_commit(make_handler
     handler, sink, _ = make_handler(batch_size=100, publish_every_steps=100)
     handler.handle(clicks(7))
     assert sink.sent == [] and handler.clicks_trained == 0
-    handler.flush({TopicPartition(TOPIC, 0): 7})
+    handler.flush(Offsets({("clicks", 0): 7}))
     assert handler.clicks_trained == 7 and len(sink.sent) == 1
     assert decode_update(sink.sent[0][0]).trained_through_ms == 1_700_000_000_006, "the newest click trained on"
-    handler.flush({TopicPartition(TOPIC, 0): 7})
+    handler.flush(Offsets({("clicks", 0): 7}))
     assert len(sink.sent) == 1, "nothing new trained, nothing published"
 
 
@@ -149,13 +149,13 @@ def test_a_failed_send_blocks_the_commit_and_makes_the_next_update_full(make_han
     handler.handle(clicks(4, start=8))
     sink.fail_next = True
     with pytest.raises(TransientError):
-        handler.flush({TopicPartition(TOPIC, 0): 12})
+        handler.flush(Offsets({("clicks", 0): 12}))
     sent = len(sink.sent)
     with pytest.raises(TransientError):  # the runtime's retry, within the back-off: nothing is sent
-        handler.flush({TopicPartition(TOPIC, 0): 12})
+        handler.flush(Offsets({("clicks", 0): 12}))
     assert len(sink.sent) == sent
     clock.t += 1.0  # publish_backoff_s
-    handler.flush({TopicPartition(TOPIC, 0): 12})  # the retry after the back-off commits
+    handler.flush(Offsets({("clicks", 0): 12}))  # the retry after the back-off commits
     assert [k for _, k, _ in sink.sent][-1] == "full"
 
 
@@ -163,12 +163,12 @@ def test_a_failing_publish_backs_off_keeps_training_and_heals_with_a_full_update
     handler, sink, clock = make_handler(batch_size=4, publish_every_steps=1, full_every_s=1e6,
                                         publish_backoff_s=1.0, publish_backoff_max_s=4.0)
     handler.handle(clicks(4))
-    handler.flush({TopicPartition(TOPIC, 0): 4})
+    handler.flush(Offsets({("clicks", 0): 4}))
     sink.failing = True
     for i in range(6):  # the broker refuses every update for 3 s
         handler.handle(clicks(4, start=4 + 4 * i))  # clicks keep coming and are trained on
         with pytest.raises(TransientError, match="stay uncommitted"):
-            handler.flush({TopicPartition(TOPIC, 0): 8 + 4 * i})
+            handler.flush(Offsets({("clicks", 0): 8 + 4 * i}))
         clock.t += 0.5
     assert handler.trainer.steps == 7, "training went on while publishing failed"
     # attempted at once and after the 1 s back-off (the next waits 2 s): not at each of the 6 steps
@@ -176,11 +176,11 @@ def test_a_failing_publish_backs_off_keeps_training_and_heals_with_a_full_update
     sink.failing = False
     clock.t += 4.0  # the back-off is bounded by publish_backoff_max_s
     handler.handle(clicks(4, start=100))
-    handler.flush({TopicPartition(TOPIC, 0): 104})  # acknowledged: the commit may go ahead
+    handler.flush(Offsets({("clicks", 0): 104}))  # acknowledged: the commit may go ahead
     update = decode_update(sink.sent[-1][0])
     assert update.kind == "full", "the update after failures is full: it heals every replica's chain"
     handler.handle(clicks(4, start=104))
-    handler.flush({TopicPartition(TOPIC, 0): 108})
+    handler.flush(Offsets({("clicks", 0): 108}))
     assert decode_update(sink.sent[-1][0]).kind == "delta", "deltas resume after the healing full update"
 
 
@@ -188,11 +188,11 @@ def test_flush_checkpoints_only_when_due_and_a_restart_resumes_exactly(make_hand
     handler, sink, clock = make_handler(batch_size=8, checkpoint_every_s=30, publish_every_steps=2)
     path = handler.checkpoint_path
     handler.handle(clicks(20))
-    handler.flush({TopicPartition(TOPIC, 0): 20})
+    handler.flush(Offsets({("clicks", 0): 20}))
     assert not path.exists(), "flush is cheap until a checkpoint is due"
     handler.handle(clicks(5, start=0, partition=1))
     clock.t += 30
-    handler.flush({TopicPartition(TOPIC, 1): 5})
+    handler.flush(Offsets({("clicks", 1): 5}))
     assert path.exists()
     assert handler.clicks_trained == 25, "the buffer is trained before the checkpoint"
     saved = (handler.trainer.version, handler.trainer.steps, handler.history.get("u1"))
@@ -201,7 +201,7 @@ def test_flush_checkpoints_only_when_due_and_a_restart_resumes_exactly(make_hand
     assert again.restored
     assert (again.trainer.version, again.trainer.steps, again.history.get("u1")) == saved
     assert again.clicks_trained == 25
-    assert again.start_offsets() == {TopicPartition(TOPIC, 0): 20, TopicPartition(TOPIC, 1): 5}
+    assert again.start_offsets() == Offsets({("clicks", 0): 20, ("clicks", 1): 5})
     again.trainer.advance_version(saved[0] + 3)  # what the role does with the topic's last version
     again.publish()
     update = decode_update(sink2.sent[0][0])
@@ -211,13 +211,13 @@ def test_flush_checkpoints_only_when_due_and_a_restart_resumes_exactly(make_hand
 def test_without_a_checkpoint_every_partition_starts_at_the_beginning(make_handler):
     handler, _, _ = make_handler()
     assert not handler.restored
-    assert handler.start_offsets() == {TopicPartition(TOPIC, 0): 0, TopicPartition(TOPIC, 1): 0}
+    assert handler.start_offsets() == Offsets({("clicks", 0): 0, ("clicks", 1): 0})
 
 
 def test_shutdown_trains_publishes_and_checkpoints(make_handler):
     handler, sink, _ = make_handler(batch_size=100, publish_every_steps=100)
     handler.handle(clicks(7))
-    handler.flush({TopicPartition(TOPIC, 0): 7})
+    handler.flush(Offsets({("clicks", 0): 7}))
     handler.shutdown()
     assert handler.clicks_trained == 7 and len(sink.sent) == 1 and handler.checkpoint_path.exists()
 
@@ -235,10 +235,10 @@ def test_an_idle_trainer_does_not_rewrite_its_checkpoint(make_handler):
     handler, _, clock = make_handler(batch_size=4, checkpoint_every_s=1)
     handler.handle(clicks(4))
     clock.t += 1
-    handler.flush({TopicPartition(TOPIC, 0): 4})
+    handler.flush(Offsets({("clicks", 0): 4}))
     written = handler.checkpoint_path.stat().st_mtime_ns
     clock.t += 1
-    handler.flush({})
+    handler.flush(Offsets())
     assert handler.checkpoint_path.stat().st_mtime_ns == written
 
 
@@ -267,3 +267,18 @@ def test_replay_is_off_by_default(make_handler):
     handler.handle(clicks(8))
     handler.tick()
     assert handler.replay is None and handler.trainer.steps == 1
+
+
+def test_a_checkpoint_of_the_first_format_still_resumes_at_its_offsets(make_handler):
+    handler, _, _ = make_handler()
+    handler.handle(clicks(6))
+    handler._train_buffer()
+    handler.history.to_json()
+    # Format 1 stored the clicks partitions' next offsets alone, as {"partition": offset}.
+    handler.trainer.checkpoint(handler.checkpoint_path, {"format": 1, "clicks_topic": TOPIC, "offsets": {"0": 6, "1": 2},
+                                                         "clicks_trained": 6, "history": handler.history.to_json()})
+    again, _, _ = make_handler()
+    assert again.restored and again.start_offsets() == Offsets({("clicks", 0): 6, ("clicks", 1): 2})
+    again.flush(Offsets({("clicks", 0): 9}))
+    again.checkpoint()
+    assert make_handler()[0].start_offsets() == Offsets({("clicks", 0): 9, ("clicks", 1): 2})

@@ -11,7 +11,8 @@ import pytest
 from streamrecall.consumers.deadletter import DeadLetter
 from streamrecall.consumers.update_chunks import (HEADER_CHUNK, MAX_RECORD_BYTES, ChunkAssembler, Complete,
                                                   read_chunk, split_update)
-from streamrecall.consumers.updates import ModelUpdateStream, sign_update
+from streamrecall.consumers.updates import ModelUpdateStream
+from streamrecall.consumers.update_codec import sign_update
 from streamrecall.events import InvalidEvent
 from streamrecall.model import ModelConfig, ModelUpdate, OnlineTrainer
 from streamrecall.settings import MODEL_UPDATE_CHUNK_BYTES, Secret

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from streamrecall.consumers.app import model_config
+from streamrecall.consumers.assembly import model_config
 from streamrecall.consumers.deadletter import DeadLetterSink
-from streamrecall.consumers.runtime import decode_value
-from streamrecall.consumers.updates import (HEADER_SIGNATURE, ModelUpdateDecoder, _mark, decode_model_update,
-                                            sign_update, update_headers)
+from streamrecall.consumers.handler import decode_value
+from streamrecall.consumers.update_chunks import HEADER_SIGNATURE
+from streamrecall.consumers.update_codec import ModelUpdateDecoder, decode_model_update, sign_update, update_headers
+from streamrecall.consumers.update_scan import _mark
 from streamrecall.errors import ConfigError
 from streamrecall.events import InvalidEvent
 from streamrecall.metrics import RuntimeMetrics

@@ -26,7 +26,7 @@ import msgspec
 
 from streamrecall.consumers.deadletter import (HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_ROLE,
                                                HEADER_TOPIC, headers_dict)
-from streamrecall.consumers.updates import HEADER_KIND, HEADER_VERSION
+from streamrecall.consumers.update_chunks import HEADER_KIND, HEADER_VERSION
 from streamrecall.devtools.harness import LocalSystem
 from streamrecall.model.safeio import read_layout
 from streamrecall.devtools.synthetic import SyntheticConfig, generate
@@ -273,7 +273,8 @@ def forged_updates(rng: random.Random, n: int, key: str,
     """``n`` well-formed model updates that a replica with ``key`` must refuse, each with its expected
     reason: unsigned (one claims version 10^18), signed with another key, a genuine signature over
     bytes changed afterwards, and an empty signature. ``make_update(version)`` makes a payload."""
-    from streamrecall.consumers.updates import HEADER_SIGNATURE, sign_update, update_headers
+    from streamrecall.consumers.update_chunks import HEADER_SIGNATURE
+    from streamrecall.consumers.update_codec import sign_update, update_headers
     from streamrecall.settings import Secret
 
     other = Secret("f" * 32)
@@ -364,7 +365,7 @@ def read_checkpoint(path: Path) -> Checkpoint | None:
     est_step = struct.unpack("<q", data[8 + n + lo:8 + n + lo + 8])[0]
     extra = header["extra"]
     return Checkpoint(int(header["steps"]), int(header["version"]), int(extra["clicks_trained"]),
-                      sum(int(o) for o in extra["offsets"].values()), int(est_step))
+                      sum(int(o) for o in extra["offsets"]["clicks"].values()), int(est_step))
 
 
 class CheckpointWatch:

@@ -434,7 +434,7 @@ def test_forged_model_updates_with_a_signing_key(tmp_path: Path) -> None:
 
 def genuine_version_applied(system: LocalSystem) -> list[str]:
     """The indexer and the publisher hold the newest genuine (signed) version on model-updates."""
-    from streamrecall.consumers.updates import last_published
+    from streamrecall.consumers.update_scan import last_published
     from streamrecall.consumers.clients import make_consumer
     from streamrecall.settings import Secret
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import DeadLetterSink
-from streamrecall.consumers.runtime import HandlerBase, Record, Runtime
+from streamrecall.consumers.handler import HandlerBase, Record
+from streamrecall.consumers.runtime import Runtime
 from streamrecall.consumers.start import parse_start
 from streamrecall.events import Click, Decoder
 from streamrecall.settings import Settings

@@ -17,7 +17,7 @@ from streamrecall.consumers.clients import make_producer
 from streamrecall.consumers.deadletter import HEADER_TOPIC, headers_dict
 from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
 from streamrecall.consumers.update_chunks import MAX_RECORD_BYTES, split_update
-from streamrecall.consumers.updates import sign_update
+from streamrecall.consumers.update_codec import sign_update
 from streamrecall.events import Click
 from streamrecall.devtools.harness import LocalSystem
 from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
@@ -135,7 +135,7 @@ def test_a_kill_9_in_the_middle_of_a_chunk_sequence_re_reads_the_whole_version(b
             loaded = indexer_snapshot.load(root)
             _, health = system.get("/healthz")
             return (loaded is not None and health.get("lag_by_topic", {}).get("model-updates") == 0
-                    and loaded.resume.model_updates.get("0") == first)
+                    and loaded.resume.next_offsets().get("model-updates", 0) == first)
 
         wait_for("a snapshot taken with v2's chunks read", system, snapshot_covers_the_open_sequence)
         indexer = system.processes.pop("indexer")

@@ -11,7 +11,8 @@ from kafka import TopicPartition
 
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import HEADER_OFFSET, HEADER_ORIGINAL_SIZE, HEADER_REASON, DeadLetterSink, headers_dict
-from streamrecall.consumers.runtime import HandlerBase, Record, Runtime
+from streamrecall.consumers.handler import HandlerBase, Record
+from streamrecall.consumers.runtime import Runtime
 from streamrecall.events import Click, Decoder
 from streamrecall.metrics import RuntimeMetrics
 from prometheus_client import CollectorRegistry

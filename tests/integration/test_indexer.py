@@ -27,10 +27,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
+from streamrecall.consumers.assembly import RoleAssembly
 from streamrecall.consumers.clients import make_consumer, make_producer
-from streamrecall.consumers.deadletter import DeadLetterSink, headers_dict
+from streamrecall.consumers.deadletter import headers_dict
 from streamrecall.consumers.roles.indexer.wiring import IndexerRole
-from streamrecall.consumers.runtime import Runtime
 from streamrecall.consumers.start import StartPosition
 from streamrecall.events import Click, Item
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
@@ -52,18 +52,14 @@ def indexer_settings(settings_factory: Callable[..., Settings], model: dict[str,
 
 @contextmanager
 def running_indexer(s: Settings) -> Iterator[tuple[IndexerRole, str]]:
-    """The role's own pieces, wired as ``run_handler`` wires them, minus the signal handlers (a thread)."""
-    role = IndexerRole(s, StartPosition(), IndexerMetrics(CollectorRegistry()),
-                       ModelVersionMetrics(CollectorRegistry()))
+    """The role as ``wiring.run`` assembles it, its loop in a thread (no signal handlers there)."""
     with ExitStack() as stack:
+        process = RoleAssembly("indexer", s, stack)
+        role = IndexerRole(process, StartPosition(), IndexerMetrics(CollectorRegistry()),
+                           ModelVersionMetrics(CollectorRegistry()))
         stack.callback(role.close)
-        producer = make_producer(s)
-        stack.callback(producer.close, 5)
-        runtime = Runtime(role="indexer", consumer=make_consumer(s, s.group_id("indexer")),
-                          deadletters=DeadLetterSink(producer, s.topics.deadletter, "indexer"),
-                          handler=role.handler, topics=role.topics(), assign_all=True,
-                          flush_interval_ms=s.flush_interval_ms, max_poll_records=s.max_poll_records)
-        role.serve_http(stack, runtime.heartbeat)
+        runtime = process.runtime(StartPosition(), role.handler, role.topics(), assign_all=True,
+                                  serve_http=role.serve_http)
         role.begin()
         thread = threading.Thread(target=runtime.run, kwargs={"max_seconds": 300}, daemon=True)
         thread.start()

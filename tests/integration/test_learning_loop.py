@@ -21,7 +21,7 @@ from kafka import TopicPartition
 
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import HEADER_REASON, HEADER_ROLE, HEADER_TOPIC, headers_dict
-from streamrecall.consumers.updates import update_headers
+from streamrecall.consumers.update_codec import update_headers
 from streamrecall.events import Click, Decoder, UserVector
 from streamrecall.model import ModelConfig, OnlineTrainer, decode_update
 from streamrecall.model.safeio import read_layout
@@ -161,7 +161,7 @@ def test_clicks_train_the_model_and_users_get_vectors_of_its_latest_version(sett
     assert [u.steps for u in got] == sorted(u.steps for u in got)
     final = checkpoint_extra(ckpt)
     assert final["version"] == versions[-1] and got[-1].steps == final["steps"]
-    assert sum(final["offsets"].values()) == 400
+    assert sum(final["offsets"]["clicks"].values()) == 400
     dead = [headers_dict(m.headers) for m in read_topic(s, s.topics.deadletter)]
     assert any(d[HEADER_ROLE] == "trainer" and d[HEADER_TOPIC] == s.topics.items for d in dead)
 
@@ -236,7 +236,7 @@ def test_a_killed_trainer_resumes_from_its_checkpoint(settings_factory, tmp_path
     assert after[0].steps == at_kill["steps"]
     assert all(u.steps >= at_kill["steps"] for u in after)
     # Exactly the clicks at and after the checkpoint's offsets were trained on after the restart.
-    assert final["clicks_trained"] == at_kill["clicks_trained"] + 600 - sum(at_kill["offsets"].values())
+    assert final["clicks_trained"] == at_kill["clicks_trained"] + 600 - sum(at_kill["offsets"]["clicks"].values())
     assert final["steps"] > at_kill["steps"]
 
 

@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import DeadLetterSink
 from streamrecall.consumers.liveness import Heartbeat
-from streamrecall.consumers.runtime import HandlerBase, Record, Runtime
+from streamrecall.consumers.handler import HandlerBase, Record
+from streamrecall.consumers.runtime import Runtime
 from streamrecall.metrics import RuntimeMetrics, serve_metrics
 
 pytestmark = pytest.mark.integration

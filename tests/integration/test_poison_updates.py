@@ -15,7 +15,8 @@ from kafka import TopicPartition
 
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import HEADER_OFFSET, HEADER_REASON, HEADER_ROLE, HEADER_TOPIC, headers_dict
-from streamrecall.consumers.updates import Published, last_published, sign_update, update_headers
+from streamrecall.consumers.update_scan import Published, last_published
+from streamrecall.consumers.update_codec import sign_update, update_headers
 from streamrecall.devtools.harness import LocalSystem
 from streamrecall.model import ModelConfig, OnlineTrainer
 from streamrecall.model.safeio import META_KEY

@@ -1,7 +1,7 @@
 """The evaluation harness runs end to end on a tiny stream (its figures live in docs/model.md)."""
 
 from streamrecall.devtools.bench.model_eval import Variant, evaluate_stream, parse_variant
-from streamrecall.devtools.evaluate import Replay
+from streamrecall.devtools.peers import Replay
 from streamrecall.model import ModelConfig
 from streamrecall.devtools.synthetic import SyntheticConfig
 

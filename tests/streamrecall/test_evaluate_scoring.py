@@ -2,7 +2,8 @@
 
 from collections import Counter
 
-from streamrecall.devtools.evaluate import ItemCFPeer, Popularity, PopularPeer, RecentPopularPeer, Score, chunks, prepare, score_chunk
+from streamrecall.devtools.peers import ItemCFPeer, Popularity, PopularPeer, RecentPopularPeer
+from streamrecall.devtools.evaluate import Score, chunks, prepare, score_chunk
 
 
 def item(i: str, t: int) -> tuple:
@@ -55,7 +56,7 @@ def test_chunks_cover_the_stream_after_warmup():
 
 
 def test_the_offline_peer_trains_in_the_trainer_batch_size_and_never_returns_seen_items():
-    from streamrecall.devtools.evaluate import OfflinePeer
+    from streamrecall.devtools.peers import OfflinePeer
 
     model = {"dim": 8, "hidden": 8, "id_buckets": 256, "token_buckets": 256, "estimator_buckets": 256}
     peer = OfflinePeer(model, batch_size=4)

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 from kafka import TopicPartition
 
@@ -15,8 +15,10 @@ from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
 from streamrecall.consumers.roles.indexer.options import ROLE
 from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder
 from streamrecall.consumers.roles.indexer.state import IndexerState, UserEntry
-from streamrecall.consumers.runtime import HandlerBase, Record
-from streamrecall.consumers.updates import ModelUpdateStream, update_max_bytes
+from streamrecall.consumers.offsets import Offsets
+from streamrecall.consumers.handler import HandlerBase, Record
+from streamrecall.consumers.updates import ModelUpdateStream
+from streamrecall.consumers.update_codec import update_max_bytes
 from streamrecall.events import Item
 from streamrecall.metrics import MODEL_VERSION, RUNTIME, ModelVersionMetrics
 from streamrecall.model import ModelUpdate
@@ -41,14 +43,11 @@ class IndexerHandler(HandlerBase):
         self.topics = settings.topics
         self.root = settings.role_state_dir(ROLE)
         self.snapshot_loaded = snapshot_loaded
-        #: next offsets to read, by (logical topic, partition): what the next snapshot covers
-        self.next_offsets: dict[tuple[str, int], int] = {}
-        if resume is not None:
-            self.next_offsets.update({("items", int(p)): o for p, o in resume.items.items()})
-            self.next_offsets.update({("model-updates", int(p)): o for p, o in resume.model_updates.items()})
+        #: next offsets to read of items and model-updates: what the next snapshot covers
+        self.next_offsets = resume.next_offsets() if resume is not None else Offsets()
         self._logical = {self.topics.items: "items", self.topics.model_updates: "model-updates",
                          self.topics.user_vectors: "user-vectors"}
-        self.start_at: dict[TopicPartition, int] = {}
+        self.start_at = Offsets()  # where this run starts (the wiring sets it from the snapshot)
         self.assigned_partitions: set[tuple[str, int]] = set()
         self.last_snapshot = time.monotonic()
         self.started_ms = int(time.time() * 1000)  # records appended earlier are re-reads (freshness)
@@ -58,8 +57,8 @@ class IndexerHandler(HandlerBase):
                                           self._deadletter)
 
     # ---------------------------------------------------------- Handler protocol
-    def start_offsets(self) -> Mapping[TopicPartition, int]:
-        return dict(self.start_at)
+    def start_offsets(self) -> Offsets:
+        return self.start_at
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
@@ -83,16 +82,13 @@ class IndexerHandler(HandlerBase):
         for r in users:
             self._user(r)
 
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def flush(self, offsets: Offsets) -> None:
         """Cheap: note what the next snapshot covers; snapshot when the interval is up."""
-        for tp, offset in offsets.items():
-            logical = self._logical[tp.topic]
-            if logical == "model-updates":  # never the middle of a chunk sequence
+        for (topic, partition), offset in offsets.items():
+            if topic == "model-updates":  # never the middle of a chunk sequence
                 offset = self.updates.resume_offset(offset)
-            if logical != "user-vectors":
-                self.next_offsets[(logical, tp.partition)] = offset
-        if self.deadletters is not None:
-            self.deadletters.flush(30)
+            if topic != "user-vectors":
+                self.next_offsets.set(topic, partition, offset)
         if time.monotonic() - self.last_snapshot >= self.state.config.snapshot_interval_s:
             self.snapshot()
 
@@ -179,8 +175,7 @@ class IndexerHandler(HandlerBase):
         state = self.state
         settled, served = self.reencoder.settled_version, state.served_epoch  # read before the index copy
         resume = indexer_snapshot.Resume(
-            items={str(p): o for (t, p), o in self.next_offsets.items() if t == "items"},
-            model_updates={str(p): o for (t, p), o in self.next_offsets.items() if t == "model-updates"},
+            offsets=self.next_offsets.to_json(),
             replica_version=state.replica.version, settled_version=settled, served_epoch=served,
             epochs=list(state.epochs),
             last_full_partition=state.last_full[0] if state.last_full else None,

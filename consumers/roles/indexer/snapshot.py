@@ -12,7 +12,7 @@ files no longer named by the current snapshot are removed afterwards. A crash at
 leaves the previous snapshot and the catalog file it names intact.
 
 :class:`Resume` records the **next offset to read** per partition of ``items`` and
-``model-updates``, the replica's version, the latest version whose re-encode had finished
+``model-updates`` (one :class:`~streamrecall.consumers.offsets.Offsets`, in its stored form), the replica's version, the latest version whose re-encode had finished
 (``settled_version``), the epoch the index served and the offset of the last *full* model
 update applied. ``user-vectors`` offsets are deliberately absent: that compacted topic is
 always re-read from its beginning.
@@ -30,13 +30,16 @@ from typing import Any
 import msgspec
 
 from streamrecall.atomicfile import atomic_write
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.events import Item
 from streamrecall.index import ItemIndex, SnapshotError
 from streamrecall.index import snapshot as index_snapshot
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+#: 2: offsets in the one stored form of Offsets (1 had ``items`` and ``model_updates`` fields; still read).
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 INDEX_DIR = "index"
 CATALOG_PREFIX = "catalog-"
 
@@ -45,8 +48,9 @@ class Resume(msgspec.Struct, frozen=True, kw_only=True):
     """Where a restarted indexer resumes. Offsets are the *next offset to read*, by partition."""
 
     format: int = FORMAT
-    items: dict[str, int] = {}
-    model_updates: dict[str, int] = {}
+    offsets: dict[str, dict[str, int]] = {}
+    items: dict[str, int] = {}  # format 1
+    model_updates: dict[str, int] = {}  # format 1
     replica_version: int = 0
     settled_version: int = 0
     served_epoch: int = 0
@@ -56,6 +60,12 @@ class Resume(msgspec.Struct, frozen=True, kw_only=True):
     catalog: str = ""
     catalog_sha256: str = ""
     written_at_ms: int = 0
+
+    def next_offsets(self) -> Offsets:
+        """The next offsets to read of ``items`` and ``model-updates`` (either format)."""
+        if self.format == 1:
+            return Offsets.from_json({"items": self.items, "model-updates": self.model_updates}, "indexer snapshot")
+        return Offsets.from_json(self.offsets, "indexer snapshot")
 
 
 class _Catalog(msgspec.Struct, frozen=True):
@@ -101,8 +111,8 @@ def load(root: Path) -> Loaded | None:
         resume = msgspec.convert(offsets, Resume)
     except msgspec.ValidationError as exc:
         raise SnapshotError(f"{root}: snapshot offsets are not an indexer resume record: {exc}") from None
-    if resume.format != FORMAT:
-        raise SnapshotError(f"{root}: indexer snapshot format {resume.format}; this version reads {FORMAT}")
+    if resume.format not in READABLE_FORMATS:
+        raise SnapshotError(f"{root}: indexer snapshot format {resume.format}; this version reads {READABLE_FORMATS}")
     path = root / resume.catalog
     try:
         data = path.read_bytes()

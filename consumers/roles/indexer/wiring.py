@@ -9,8 +9,9 @@ from typing import Any, Callable
 
 from kafka import KafkaConsumer, TopicPartition
 
-from streamrecall.consumers.app import deadletter_sink, model_config, run_handler
-from streamrecall.consumers.clients import make_consumer, make_producer
+from streamrecall.consumers.assembly import RoleAssembly, model_config
+from streamrecall.consumers.clients import make_consumer
+from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.deadletter import DeadLetter
 from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
@@ -22,7 +23,7 @@ from streamrecall.consumers.roles.indexer.options import ROLE, IndexerOptions
 from streamrecall.consumers.roles.indexer.reencoder import Reencoder
 from streamrecall.consumers.roles.indexer.scoring import ServingMonitor
 from streamrecall.consumers.roles.indexer.state import IndexerState
-from streamrecall.consumers.runtime import decode_value
+from streamrecall.consumers.handler import decode_value
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.update_chunks import ChunkReader
 from streamrecall.errors import StreamrecallError
@@ -39,13 +40,12 @@ log = logging.getLogger(__name__)
 class IndexerRole:
     """Builds the indexer's state (restoring the snapshot), its handler, re-encoder and API."""
 
-    def __init__(self, settings: Settings, start: StartPosition, metrics: IndexerMetrics | None = None,
+    def __init__(self, process: RoleAssembly, start: StartPosition, metrics: IndexerMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION) -> None:
-        self.settings = settings
-        # Its own producer for the dead letters of model updates: a broken chunk sequence is found
-        # by the handler, after the runtime's decode (closed last, in close()).
-        self.producer = make_producer(settings)
-        self.deadletters = deadletter_sink(settings, ROLE, self.producer)
+        settings = self.settings = process.settings
+        # The process's one dead-letter sink: a broken chunk sequence is found by the handler, after
+        # the runtime's decode, and dead-lettered through the sink the runtime flushes.
+        self.deadletters = process.deadletters
         self.start = start
         self.config = IndexerOptions.from_settings(settings)
         self.metrics = metrics if metrics is not None else role_metrics(IndexerMetrics)
@@ -71,24 +71,18 @@ class IndexerRole:
         self.service = RecallService(self.state, self.config, self.monitor, self.health)
         self.serving_monitor = ServingMonitor(self.service, self.service.sampler, self.config.overlap_interval_s,
                                               self.config.overlap_max_items)
-        self.restored = False
         if start.kind == "committed":
             self._prepare_resume(resume)
-        self.restored = True
 
     # ---------------------------------------------------------------- restart
     def _prepare_resume(self, resume: indexer_snapshot.Resume | None) -> None:
         """Explicit start offsets for every partition, and the replay of model updates."""
-        t = self.settings.topics
         consumer = make_consumer(self.settings, None, client_id="streamrecall-indexer-restore")
         try:
-            start_at: dict[TopicPartition, int] = {}
-            for topic in (t.items, t.model_updates, t.user_vectors):
-                for p in consumer.partitions_for_topic(topic) or ():
-                    start_at[TopicPartition(topic, p)] = 0
+            start_at = Offsets({(logical, p): 0 for physical, (logical, _) in self.topics().items()
+                                for p in consumer.partitions_for_topic(physical) or ()})
             if resume is not None:
-                start_at.update({TopicPartition(t.items, int(p)): o for p, o in resume.items.items()})
-                start_at.update({TopicPartition(t.model_updates, int(p)): o for p, o in resume.model_updates.items()})
+                start_at.update(resume.next_offsets())
                 if resume.last_full_offset is not None:
                     self._replay_updates(consumer, resume)
                 self._reconcile()
@@ -98,7 +92,7 @@ class IndexerRole:
 
     def _replay_updates(self, consumer: KafkaConsumer, resume: indexer_snapshot.Resume) -> None:
         tp = TopicPartition(self.settings.topics.model_updates, resume.last_full_partition or 0)
-        stop = resume.model_updates.get(str(tp.partition), 0)
+        stop = resume.next_offsets().get("model-updates", tp.partition) or 0
         start = resume.last_full_offset or 0
         if start >= stop:
             return
@@ -189,16 +183,12 @@ class IndexerRole:
             self.handler.snapshot()
         except Exception:
             log.exception("indexer: final snapshot failed; the previous one stays current")
-        finally:
-            self.producer.close(10)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         state = self.state
         lag = self.handler.lag()
         total = sum(lag.values()) if lag is not None else None
         reasons = []
-        if not self.restored:
-            reasons.append("restoring the snapshot")
         if lag is None:
             reasons.append("lag not measured yet")
         elif total > self.config.ready_max_lag:
@@ -224,9 +214,9 @@ def _staleness_body(s: Staleness) -> dict[str, Any]:
 
 def run(settings: Settings, start: StartPosition) -> None:
     """Run the indexer until SIGTERM/SIGINT; exit writes a final snapshot."""
-    role = IndexerRole(settings, start)
     with ExitStack() as stack:
-        stack.callback(role.close)  # runs last: after the runtime's final flush and the API's shutdown
+        process = RoleAssembly(ROLE, settings, stack)
+        role = IndexerRole(process, start)
+        stack.callback(role.close)  # after the runtime's final flush and the API's shutdown
         role.begin()
-        run_handler(ROLE, settings, start, role.handler, role.topics(), assign_all=True,
-                    serve_http=role.serve_http, stack=stack)
+        process.run(start, role.handler, role.topics(), assign_all=True, serve_http=role.serve_http)

@@ -14,7 +14,7 @@ from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
 from streamrecall.consumers.roles.publisher.options import ROLE, PublisherOptions
 from streamrecall.consumers.roles.publisher.sink import VectorSink
 from streamrecall.consumers.roles.publisher.state import PartitionState
-from streamrecall.consumers.runtime import HandlerBase, Record
+from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.errors import TransientError
 from streamrecall.events import UserVector
 from streamrecall.metrics import MODEL_VERSION, STATE, ModelVersionMetrics, StateMetrics, role_metrics
@@ -38,7 +38,7 @@ class PublisherHandler(HandlerBase):
                  load_partitions: Callable[[list[int]], Mapping[int, Iterable[UserVector]]], clicks_topic: str,
                  options: PublisherOptions = PublisherOptions(), metrics: PublisherMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION,
-                 poll_updates: Callable[[], object] = lambda: None, side_flush: Callable[[], None] = lambda: None,
+                 poll_updates: Callable[[], Iterable[tuple[ModelUpdate, Applied]]] = lambda: (),
                  clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
                  states: StateMetrics = STATE) -> None:
         self.replica = replica
@@ -50,7 +50,6 @@ class PublisherHandler(HandlerBase):
         self.state_metrics = states
         self.version_metrics = version_metrics
         self.poll_updates = poll_updates
-        self.side_flush = side_flush
         self.clock = clock
         self.wall_ms = wall_ms
         self.states: dict[int, PartitionState] = {}
@@ -109,7 +108,8 @@ class PublisherHandler(HandlerBase):
             self._publish_dirty()
 
     def tick(self) -> None:
-        self.poll_updates()
+        for update, applied in self.poll_updates():
+            self.on_model_update(update, applied)
         if self._round_due and self.clock() - self._last_round >= self.options.refresh_interval_s:
             self._start_round(None)
         if self.loading:
@@ -133,7 +133,6 @@ class PublisherHandler(HandlerBase):
     def flush(self, offsets: object) -> None:
         """Publish what is pending and wait until it is durable; a failed send blocks the commit."""
         self._publish_dirty()
-        self.side_flush()
         failed = self.sink.flush()
         if failed:
             for key in failed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kafka import KafkaConsumer
 
 from streamrecall.consumers.deadletter import DeadLetterSink
-from streamrecall.consumers.runtime import Record
+from streamrecall.consumers.handler import Record
 from streamrecall.consumers.table import TopicReader
 from streamrecall.errors import TransientError
 from streamrecall.events import UserVector, user_vector_decoder

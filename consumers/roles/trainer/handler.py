@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from kafka import TopicPartition
 
 from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.consumers.roles.trainer.options import ROLE, TrainerOptions
 from streamrecall.consumers.roles.trainer.sink import UpdateSink
-from streamrecall.consumers.runtime import HandlerBase, Record
+from streamrecall.consumers.offsets import Offsets
+from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.errors import TransientError
 from streamrecall.events import Click
 from streamrecall.metrics import MODEL_VERSION, STATE, ModelVersionMetrics, StateMetrics, role_metrics
@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
-#: Layout version of the checkpoint's ``extra`` (offsets, histories, counters).
-EXTRA_FORMAT = 1
+#: Layout version of the checkpoint's ``extra`` (offsets, histories, counters). 2: offsets in the
+#: one stored form of :class:`Offsets` (1 held the clicks partitions' offsets alone; still read).
+EXTRA_FORMAT = 2
 
 
 class TrainerHandler(HandlerBase):
@@ -36,7 +37,7 @@ class TrainerHandler(HandlerBase):
                  checkpoint_path: Path, clicks_topic: str, partitions: Sequence[int],
                  options: TrainerOptions = TrainerOptions(), metrics: TrainerMetrics | None = None,
                  version_metrics: ModelVersionMetrics = MODEL_VERSION,
-                 poll_items: Callable[[], Any] = lambda: None, side_flush: Callable[[], None] = lambda: None,
+                 poll_items: Callable[[], Any] = lambda: None,
                  clock: Callable[[], float] = time.monotonic, trainer_epoch: int = 0,
                  states: StateMetrics = STATE) -> None:
         self.trainer = trainer
@@ -50,13 +51,12 @@ class TrainerHandler(HandlerBase):
         self.metrics = metrics or role_metrics(TrainerMetrics)
         self.version_metrics = version_metrics
         self.poll_items = poll_items
-        self.side_flush = side_flush
         self.clock = clock
         self.states = states
         self.history = RecentHistory(trainer.config.history_len, options.history_users)
         self.replay = ReplayBuffer(options.replay_capacity, options.replay_half_life, trainer.config.seed) \
             if options.replay_capacity else None
-        self.offsets: dict[int, int] = {}   # next click offset to read, per partition, as of the last flush
+        self.offsets = Offsets()            # next click offset to read, per partition, as of the last flush
         self.clicks_trained = 0             # clicks that went through a training step, over all restarts
         self.trained_through_ms = 0         # newest click event time trained on (travels in every update)
         self.restored = False
@@ -66,7 +66,7 @@ class TrainerHandler(HandlerBase):
         self._force_full = False
         self._failures_in_a_row = 0         # failed publishes since the last acknowledged one
         self._publish_after = float("-inf")  # no publish attempt before this (clock s): the back-off
-        self._checkpointed: tuple[int, dict[int, int]] | None = None  # (clicks trained, offsets) last stored
+        self._checkpointed: tuple[int, Offsets] | None = None  # (clicks trained, offsets) last stored
         now = clock()
         self._last_full = now
         self._last_dense = now
@@ -83,22 +83,25 @@ class TrainerHandler(HandlerBase):
         extra = self.trainer.restore(self.checkpoint_path)
         self.history = RecentHistory.from_json(extra["history"], self.options.history_users)
         if extra.get("clicks_topic") == self.clicks_topic:
-            self.offsets = {int(p): int(o) for p, o in extra.get("offsets", {}).items()}
+            stored = extra.get("offsets", {})
+            if extra.get("format", 1) < 2:  # the clicks partitions' offsets alone
+                stored = {"clicks": stored}
+            self.offsets = Offsets.from_json(stored, str(self.checkpoint_path)).only("clicks")
         else:
             log.warning("checkpoint was taken on topic %r, not %r: its offsets are ignored",
                         extra.get("clicks_topic"), self.clicks_topic)
         self.clicks_trained = int(extra.get("clicks_trained", 0))
         self.trained_through_ms = int(extra.get("trained_through_ms", 0))
         self.restored = True
-        self._checkpointed = (self.clicks_trained, dict(self.offsets))
+        self._checkpointed = (self.clicks_trained, self.offsets.copy())
         log.info("restored %s: version %d, %d steps, %d clicks trained, next offsets %s", self.checkpoint_path,
                  self.trainer.version, self.trainer.steps, self.clicks_trained, self.offsets)
         return True
 
-    def start_offsets(self) -> Mapping[TopicPartition, int]:
+    def start_offsets(self) -> Offsets:
         """The checkpoint's next offsets; without a checkpoint every partition from the beginning
         (a fresh model learns from the whole retained stream)."""
-        return {TopicPartition(self.clicks_topic, p): self.offsets.get(p, 0) for p in self.partitions}
+        return Offsets({("clicks", p): self.offsets.get("clicks", p) or 0 for p in self.partitions})
 
     # --- the runtime's calls -------------------------------------------------------------
     def handle(self, records: list[Record]) -> None:
@@ -124,12 +127,11 @@ class TrainerHandler(HandlerBase):
                 self._steps_since_publish += 1
         self._maybe_publish()
 
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def flush(self, offsets: Offsets) -> None:
         """Train what is buffered, publish it and wait for the acknowledgement (so the commit that
         follows covers only published learning); checkpoint when due, so the offsets stored are
         exactly those of the clicks the stored model was trained on."""
-        self.offsets.update({tp.partition: o for tp, o in offsets.items() if tp.topic == self.clicks_topic})
-        self.side_flush()
+        self.offsets.update(offsets.only("clicks"))
         self._train_buffer()
         if (self._steps_since_publish or self._force_full) and self._may_publish():
             self.publish()
@@ -237,13 +239,13 @@ class TrainerHandler(HandlerBase):
         """Write model + estimator + trending + histories + next offsets as one file, atomically."""
         self._train_buffer()
         extra = {"format": EXTRA_FORMAT, "clicks_topic": self.clicks_topic,
-                 "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+                 "offsets": self.offsets.to_json(),
                  "clicks_trained": self.clicks_trained, "trained_through_ms": self.trained_through_ms,
                  "history": self.history.to_json()}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         self.trainer.checkpoint(self.checkpoint_path, extra)
         self._last_checkpoint = self.clock()
-        self._checkpointed = (self.clicks_trained, dict(self.offsets))
+        self._checkpointed = (self.clicks_trained, self.offsets.copy())
         self.metrics.checkpoint_time.set(time.time())
         log.info("checkpoint: version %d, %d steps, next offsets %s", self.trainer.version, self.trainer.steps,
                  extra["offsets"])

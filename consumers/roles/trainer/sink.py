@@ -11,7 +11,7 @@ from kafka.errors import KafkaError
 
 from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
 from streamrecall.consumers.update_chunks import DEFAULT_CHUNK_BYTES, split_update
-from streamrecall.consumers.updates import sign_update
+from streamrecall.consumers.update_codec import sign_update
 from streamrecall.metrics import role_metrics
 from streamrecall.settings import Secret
 

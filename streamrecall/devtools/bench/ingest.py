@@ -22,7 +22,8 @@ from streamrecall.devtools.bench import Result, json_option, peak_rss_mb, report
 from streamrecall.devtools.broker import EmbeddedBroker
 from streamrecall.consumers.clients import make_consumer, make_producer
 from streamrecall.consumers.deadletter import DeadLetterSink
-from streamrecall.consumers.runtime import HandlerBase, Record, Runtime
+from streamrecall.consumers.handler import HandlerBase, Record
+from streamrecall.consumers.runtime import Runtime
 from streamrecall.events import Click, Decoder
 from streamrecall.metrics import RuntimeMetrics
 from streamrecall.settings import Settings

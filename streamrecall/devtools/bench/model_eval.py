@@ -28,8 +28,8 @@ import click
 import torch
 
 from streamrecall.devtools.bench import json_option, report, result
-from streamrecall.devtools.evaluate import (RECENT_WINDOW, TOWERS, Event, ItemCFPeer, OfflinePeer, PopularPeer,
-                                   RecentPopularPeer, Replay, Score, prepare, score_chunk)
+from streamrecall.devtools.peers import RECENT_WINDOW, TOWERS, Event, ItemCFPeer, OfflinePeer, PopularPeer, RecentPopularPeer, Replay
+from streamrecall.devtools.evaluate import Score, prepare, score_chunk
 from streamrecall.model import ModelConfig
 from streamrecall.devtools.synthetic import SyntheticConfig, generate
 
