@@ -42,11 +42,11 @@ def train(trainer: OnlineTrainer, items: list[Item], steps: int, seed: int = 0) 
         trainer.step(trainer.make_batch(clicks, catalog, [[] for _ in clicks]))
 
 
-def setup(tower: str = "fm", n: int = 60, clock: Clock | None = None, **options):
+def setup(tower: str = "fm", n: int = 60, clock: Clock | None = None, items: list[Item] | None = None, **options):
     state = IndexerState(IndexerOptions(**options), model(tower), IndexerMetrics(CollectorRegistry()))
     worker = Reencoder(state, QualityMonitor(state.index), clock=clock or Clock())
     handler = IndexerHandler(Settings(), state, worker, ModelVersionMetrics(CollectorRegistry()))
-    items = make_items(n)
+    items = items if items is not None else make_items(n)
     state.upsert_items(items)
     return state, worker, handler, items
 
@@ -129,3 +129,34 @@ def test_staleness_gauges_count_items_out_of_date_for_too_many_versions():
         handler.apply_update(decode_update(trainer.export_update(full=True)), 0, v)
     state.update_gauges()
     assert m.outdated_share._value.get() == pytest.approx(pending / len(items))
+
+
+def test_an_idle_reencoder_vouches_for_the_index_so_queries_skip_re_scoring():
+    """Items no update moved keep their old version tag with a current vector: once the re-encoder
+    has nothing left to do, the query fast path (graph scores as they are) must still apply."""
+    import streamrecall.consumers.roles.indexer.http_api as api
+    from streamrecall.consumers.roles.indexer.http_api import RecallService
+
+    own = [Item(item_id=f"s{i}", created_at=i, categories=(f"own-{i}",)) for i in range(40)]  # no shared token
+    state, worker, handler, items = setup("fm", items=own)
+    trainer = OnlineTrainer(model())
+    train(trainer, items[:10], 2)  # only these items' rows move
+    handler.apply_update(decode_update(trainer.export_update()), 0, 0)
+    assert state.current_as_of == -1
+    worker.run_queued()
+    assert state.current_as_of == 1 and not state.index.all_at_version(1)  # untouched items kept v0 tags
+    service = RecallService(state, state.config, QualityMonitor(state.index), lambda: (True, {}))
+    rescored = []
+    real = api.rescore
+    api_rescore = lambda *a: rescored.append(1) or real(*a)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "rescore", api_rescore)
+        vector = state.replica.encode_users(["u1"], [["i3"]])[0]
+        fast = service.recall_for_vector(vector, 5)
+        assert rescored == []
+        exact = (state.replica.encode_items(items) @ vector).argsort()[::-1][:5]
+        assert [r["item_id"] for r in fast["results"]] == [items[j].item_id for j in exact]
+        train(trainer, items[:10], 1, seed=3)
+        handler.apply_update(decode_update(trainer.export_update()), 0, 1)  # v2: not vouched for yet
+        service.recall_for_vector(vector, 5)
+        assert rescored == [1]

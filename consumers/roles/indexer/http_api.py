@@ -119,8 +119,9 @@ class RecallService:
             fetch = min(limit, fetch * 4)
 
     def _search_settled(self, query: QueryVector, k: int, fetch: int, exclude: set[str] | None) -> Scored | None:
-        """The answer straight from the graph when every indexed vector is of the replica's current
-        version (a settled index: no update since the last re-encode finished), else None.
+        """The answer straight from the graph when every indexed vector is what the replica's current
+        version computes (a settled index: every vector tagged with it, or the idle re-encoder vouches
+        for it, ``state.current_as_of``), else None.
 
         Then the graph's scores are the current towers' exact inner products, so re-scoring would
         only recompute them (it was about 40% of a query). The check and the search run under one
@@ -131,7 +132,7 @@ class RecallService:
         state = self.state
         with state.model_lock.read():
             version = state.replica.version
-            if not state.index.all_at_version(version):
+            if state.current_as_of != version and not state.index.all_at_version(version):
                 return None
             vector = query.at(state.replica)
             hits = state.index.query(vector, fetch, exclude=exclude)[0]

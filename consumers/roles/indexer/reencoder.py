@@ -146,6 +146,7 @@ class Reencoder:
         self._measure_moved()
         while self.spend(self.state.config.reencode_batch):
             pass
+        self._note_current()
 
     # ----------------------------------------------------------------- loop
     def _loop(self) -> None:
@@ -168,7 +169,15 @@ class Reencoder:
             if self._moved and self.drift_wait(self.clock()) <= 0:
                 self._measure_moved()
             self._spend_budget()
+            self._note_current()
             self._maybe_measure()
+
+    def _note_current(self) -> None:
+        """Vouch that the index holds the current towers' vectors when nothing is left to do (the
+        query fast path, ``RecallService._search_settled``). Read ``pending`` first: a job submitted
+        after it has already moved the replica past ``_measured_version``."""
+        if self.pending == 0 and len(self.state.drift) == 0:
+            self.state.current_as_of = self._measured_version
 
     def rebuild_wait(self, now: float) -> float:
         """Seconds until the next rebuild may start (≤ 0: now). A rebuild starts at most every
@@ -306,16 +315,21 @@ class Reencoder:
 
     def _spend_budget(self) -> None:
         """Re-encode what ``reencode_items_per_s`` allows since the last call (a burst of at most one
-        second's budget accrues while nothing drifted)."""
+        second's budget accrues while nothing drifted); the queue is ordered once per allowance of
+        ``reencode_batch`` items or a quarter second's budget, whichever is less."""
         rate = self.state.config.reencode_items_per_s
         now = self.clock()
         self._tokens = min(max(rate, 1.0), self._tokens + (now - self._last_budget) * rate)
         self._last_budget = now
-        while self._tokens >= 1 and len(self.state.drift) and not self._stop.is_set():
-            n = self.spend(min(int(self._tokens), self.state.config.reencode_batch))
-            if n == 0:
-                break
-            self._tokens -= n
+        state = self.state
+        queued = len(state.drift)
+        if queued and self._tokens >= max(1.0, min(state.config.reencode_batch, queued, rate / 4)):
+            # a batch (or a quarter second) at least, and one ordering of the queue (O(queue)) for all of it
+            ids = state.drift.take(int(self._tokens), state.config.reencode_drift_bound, state.retrievals)
+            for chunk in batches(ids, state.config.reencode_batch):
+                if self._stop.is_set():
+                    break
+                self._tokens -= self._reencode(list(chunk))
         if now - self._last_decay >= RETRIEVAL_DECAY_S:
             self._last_decay = now
             self.state.retrievals.decay()
@@ -324,7 +338,11 @@ class Reencoder:
         """Re-encode in place the first ``n`` drifted items in priority order (``DriftQueue.take``);
         returns how many were taken (deleted ones are dropped from the queue and count)."""
         state = self.state
-        ids = state.drift.take(n, state.config.reencode_drift_bound, state.retrievals)
+        return self._reencode(state.drift.take(n, state.config.reencode_drift_bound, state.retrievals))
+
+    def _reencode(self, ids: list[str]) -> int:
+        """Re-encode ``ids`` in place with the current towers and drop them from the drift queue."""
+        state = self.state
         if not ids:
             return 0
         with state.lock:

@@ -106,6 +106,10 @@ class IndexerState:
         self.item_vectors = ItemVectorCache(config.item_vector_cache_items)  # current-version vectors of recent candidates
         self.epochs: list[int] = [0]    # versions that started an epoch (0: the seeded weights)
         self.served_epoch = 0           # the epoch whose re-encode into the index is complete
+        # The model version whose vectors the index holds exactly, as the idle re-encoder last saw it
+        # (no job waiting, no drifted item queued); -1: not vouched for. Version tags cannot say it:
+        # an item no update moved keeps its old tag with a current vector.
+        self.current_as_of = -1
         self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied
 
     # ------------------------------------------------------------------ items

@@ -17,7 +17,7 @@ meanwhile. Reported:
 - click → vector p99 during the re-publication (the publisher's histogram, its delta over that
   window: the upper bound of the bucket holding the 99th percentile);
 - peak RSS (``VmHWM``) of each role process and of the broker;
-- with ``--steady-s``, a phase of steady clicks (``--steady-click-rate``) after the rest, long enough
+- with ``--steady-s``, a phase of steady clicks (``--steady-click-rate``) after the clicks, long enough
   to hold a full update: item vectors re-encoded per model update (the indexer's upsert counters
   over the model versions it applied meanwhile), rebuilds, the stale share, the outdated share and
   the mean drift (``/healthz``), and ``GET /recall`` p99, all over that phase.
@@ -267,6 +267,8 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
                 raise click.ClickException("the roles did not catch up with the clicks in time")
             results.append(result(f"train and publish {n_clicks} clicks of {n_users} users", "clicks/s",
                                   n_clicks / (time.monotonic() - started)))
+            if steady_s > 0:
+                results += _steady(system, seen, n_users, n_items, steady_s, steady_click_rate, rng)
 
             # The next full update re-publishes every active user: fresh clicks meanwhile.
             deadline = time.monotonic() + full_every_s + 60
@@ -290,8 +292,6 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
             results.append(result("click -> vector p99 during a re-publication", "s", p99,
                                   extra=f"{fresh} fresh clicks over {window:.1f}s of re-publication; {observed} "
                                         "vectors observed; upper bound of the histogram bucket"))
-            if steady_s > 0:
-                results += _steady(system, seen, n_users, n_items, steady_s, steady_click_rate, rng)
 
             rss = {name: vm_hwm_mb(proc.process.pid) for name, proc in system.processes.items()  # type: ignore[union-attr]
                    if proc.process is not None}
