@@ -160,3 +160,14 @@ def test_an_idle_reencoder_vouches_for_the_index_so_queries_skip_re_scoring():
         handler.apply_update(decode_update(trainer.export_update()), 0, 1)  # v2: not vouched for yet
         service.recall_for_vector(vector, 5)
         assert rescored == [1]
+
+
+def test_the_budget_settings_are_checked():
+    from streamrecall.errors import ConfigError
+
+    options = IndexerOptions.from_settings(Settings(extra={"indexer": {"reencode_items_per_s": 250,
+                                                                      "stale_after_versions": 50}}))
+    assert (options.reencode_items_per_s, options.stale_after_versions, options.drift_interval_s) == (250, 50, 5.0)
+    for bad in ({"reencode_items_per_s": 0}, {"reencode_drift_bound": -0.1}, {"stale_after_versions": 2.5}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            IndexerOptions(**bad)
