@@ -315,16 +315,16 @@ class Reencoder:
 
     def _spend_budget(self) -> None:
         """Re-encode what ``reencode_items_per_s`` allows since the last call (a burst of at most one
-        second's budget accrues while nothing drifted); the queue is ordered once per allowance of
-        ``reencode_batch`` items or a quarter second's budget, whichever is less."""
+        second's budget accrues while nothing drifted), written in batches of ``reencode_batch``."""
         rate = self.state.config.reencode_items_per_s
         now = self.clock()
         self._tokens = min(max(rate, 1.0), self._tokens + (now - self._last_budget) * rate)
         self._last_budget = now
         state = self.state
         queued = len(state.drift)
-        if queued and self._tokens >= max(1.0, min(state.config.reencode_batch, queued, rate / 4)):
-            # a batch (or a quarter second) at least, and one ordering of the queue (O(queue)) for all of it
+        if queued and self._tokens >= max(1.0, min(queued, rate)):
+            # a second's budget at a time: ordering the queue is O(queue) (about 0.3 s for a million
+            # drifted items on a loaded core, docs/benchmarks.md), so once a second at most
             ids = state.drift.take(int(self._tokens), state.config.reencode_drift_bound, state.retrievals)
             for chunk in batches(ids, state.config.reencode_batch):
                 if self._stop.is_set():
