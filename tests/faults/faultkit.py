@@ -365,7 +365,7 @@ def read_checkpoint(path: Path) -> Checkpoint | None:
     est_step = struct.unpack("<q", data[8 + n + lo:8 + n + lo + 8])[0]
     extra = header["extra"]
     return Checkpoint(int(header["steps"]), int(header["version"]), int(extra["clicks_trained"]),
-                      sum(int(o) for o in extra["offsets"]["clicks"].values()), int(est_step))
+                      sum(int(o) for o in extra["offsets"].get("clicks", {}).values()), int(est_step))
 
 
 class CheckpointWatch:

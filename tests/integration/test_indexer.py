@@ -300,8 +300,9 @@ def test_kill_9_and_restart_resumes_from_the_snapshot(settings_factory, tmp_path
 
         def snapshot_covers_everything() -> bool:
             resume = indexer_snapshot.read_resume(root)
-            return (resume is not None and sum(resume["items"].values()) == 30
-                    and resume["settled_version"] == 1 and resume["model_updates"] == {"0": 1})
+            offsets = resume["offsets"] if resume is not None else {}
+            return (resume is not None and sum(offsets.get("items", {}).values()) == 30
+                    and resume["settled_version"] == 1 and offsets.get("model-updates") == {"0": 1})
 
         wait_for("a snapshot covering every item at v1", snapshot_covers_everything)
     finally:
@@ -330,7 +331,7 @@ def test_kill_9_and_restart_resumes_from_the_snapshot(settings_factory, tmp_path
         code = stop(second, signal.SIGTERM)
     assert code == 0, log.read_text()[-3000:]
     resume = indexer_snapshot.read_resume(root)  # the shutdown snapshot covers everything read
-    assert sum(resume["items"].values()) == 41 and resume["replica_version"] == 1
+    assert sum(resume["offsets"]["items"].values()) == 41 and resume["replica_version"] == 1
 
 
 def _health(url: str) -> dict:

@@ -225,7 +225,7 @@ def test_a_killed_trainer_resumes_from_its_checkpoint(settings_factory, tmp_path
     second = Role(s, "trainer", cfg, tmp_path / "trainer2.log")
     try:
         wait_for("the restarted trainer to train every click",
-                 lambda: sum((checkpoint_extra(ckpt) or {}).get("offsets", {}).values()) == 600, second)
+                 lambda: sum((checkpoint_extra(ckpt) or {}).get("offsets", {}).get("clicks", {}).values()) == 600, second)
     finally:
         assert second.stop() == 0
     after = updates(s)[len(before):]
