@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +184,48 @@ def test_a_settled_index_answers_from_the_graph_exactly_as_re_scoring_would(monk
     state.index.upsert(["i0"], state.index.get("i0").vector, EntryMeta(0, 0, 0, ()))  # one stale vector
     service.recall_for_vector(u, 10)
     assert rescored == [1, 1]
+
+
+def test_concurrent_queries_get_each_item_its_own_vector_from_the_cache():
+    """The recall API runs ``search_threads`` (2) queries at once, all filling one cache: measured
+    in-process, two threads re-scoring against a shared cache raised a broadcast error while it
+    grew, and two new ids could be given the same row (a candidate scored by another's vector)."""
+    import threading
+
+    from streamrecall.consumers.roles.indexer.scoring import ItemVectorCache
+
+    class SlowReplica:  # deterministic vectors; the encode yields the GIL as torch does
+        version = 1
+
+        class config:
+            dim = 8
+
+        def encode_items(self, items):
+            out = np.stack([np.full(8, float(it.item_id[1:]), dtype=np.float32) for it in items])
+            time.sleep(0.0005)
+            return out
+
+    replica = SlowReplica()
+    cache = ItemVectorCache(max_items=3000)
+    pool = [Item(item_id=f"m{i}", created_at=1) for i in range(5000)]
+    wrong: list[str] = []
+    answered: list[int] = []
+
+    def query(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(150):
+            answered.append(1)
+            items = rng.sample(pool, 40)
+            try:
+                got = cache.vectors(replica, items)
+            except Exception as exc:  # noqa: BLE001 - the failure being tested for
+                wrong.append(f"{type(exc).__name__}: {exc}")
+                continue
+            wrong.extend(it.item_id for it, v in zip(items, got[:, 0]) if v != float(it.item_id[1:]))
+
+    threads = [threading.Thread(target=query, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answered) == 600 and not wrong, f"{len(wrong)} wrong answers, e.g. {wrong[:3]}"

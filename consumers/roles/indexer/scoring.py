@@ -95,6 +95,10 @@ class ItemVectorCache:
 
     Only used with the towers held for reading, so the version cannot change while a caller
     reads or fills it; an entry is keyed by the item object, so new content is encoded again.
+    The recall API runs ``search_threads`` queries at once against one cache, so a lookup and its
+    fill (the encode of the missing candidates included) hold one lock: concurrent fills gave two
+    new ids one row and raced the matrix's growth. Misses are rare once a version's popular
+    candidates are in, and a settled index skips re-scoring altogether.
     Cleared on a new version and when it holds ``max_items`` (the indexer's
     ``item_vector_cache_items``): a cleared cache costs one encode per candidate of the next queries.
     """
@@ -102,6 +106,7 @@ class ItemVectorCache:
     def __init__(self, max_items: int = 200_000) -> None:
         self.max_items = max_items
         self.version = -1
+        self._lock = threading.Lock()
         self._clear(0)
 
     def _clear(self, dim: int) -> None:
@@ -116,17 +121,19 @@ class ItemVectorCache:
 
     def vectors(self, replica: TowerReplica, items: Sequence[ItemLike]) -> np.ndarray:
         """(len(items), dim) vectors of ``items`` at ``replica.version``."""
-        if self.version != replica.version or len(self._slot) + len(items) > self.max_items:
-            self._clear(replica.config.dim)
-            self.version = replica.version
-        get, objs = self._slot.get, self._items
-        slots = [s if (s := get(it.item_id)) is not None and objs[s] is it else -1 for it in items]
-        missing = [j for j, s in enumerate(slots) if s < 0]
-        if missing:
-            for j, v in zip(missing, replica.encode_items([items[j] for j in missing])):
-                slots[j] = self._put(items[j], v)
-        return self._matrix[np.asarray(slots, dtype=np.intp)] if items else \
-            np.zeros((0, replica.config.dim), dtype=np.float32)
+        if not items:
+            return np.zeros((0, replica.config.dim), dtype=np.float32)
+        with self._lock:
+            if self.version != replica.version or len(self._slot) + len(items) > self.max_items:
+                self._clear(replica.config.dim)
+                self.version = replica.version
+            get, objs = self._slot.get, self._items
+            slots = [s if (s := get(it.item_id)) is not None and objs[s] is it else -1 for it in items]
+            missing = [j for j, s in enumerate(slots) if s < 0]
+            if missing:
+                for j, v in zip(missing, replica.encode_items([items[j] for j in missing])):
+                    slots[j] = self._put(items[j], v)
+            return self._matrix[np.asarray(slots, dtype=np.intp)]
 
     def _put(self, item: ItemLike, vector: np.ndarray) -> int:
         slot = self._slot.get(item.item_id)
