@@ -56,6 +56,14 @@ def measured_lag(role: str, partitions: Iterable[tuple[str, int]],
     return out if partitions else None
 
 
+def lag_reasons(lag: dict[str, int] | None, max_lag: int) -> tuple[int | None, list[str]]:
+    """(total lag, why a role is not ready on it): not measured yet, or above ``max_lag`` records."""
+    if lag is None:
+        return None, ["lag not measured yet"]
+    total = sum(lag.values())
+    return total, [f"lag {total} records is above {max_lag}"] if total > max_lag else []
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying rather than dead-lettering: broker hiccups and a full or read-only disk."""
     if isinstance(exc, TransientError):

@@ -24,6 +24,7 @@ from streamrecall.consumers.roles.indexer.reencoder import Reencoder
 from streamrecall.consumers.roles.indexer.scoring import ServingMonitor
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.handler import decode_value
+from streamrecall.consumers.runtime import lag_reasons
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.update_chunks import ChunkReader
 from streamrecall.errors import ConfigError, StreamrecallError
@@ -219,12 +220,7 @@ class IndexerRole:
     def health(self) -> tuple[bool, dict[str, Any]]:
         state = self.state
         lag = self.handler.lag()
-        total = sum(lag.values()) if lag is not None else None
-        reasons = []
-        if lag is None:
-            reasons.append("lag not measured yet")
-        elif total > self.config.ready_max_lag:
-            reasons.append(f"lag {total} records is above {self.config.ready_max_lag}")
+        total, reasons = lag_reasons(lag, self.config.ready_max_lag)
         # Settled: this replica has read every model update there is and its re-encode is done, so
         # its graph holds the current model's vectors (answers are version-consistent regardless).
         settled = lag is not None and lag.get("model-updates", 0) == 0 and self.reencoder.idle

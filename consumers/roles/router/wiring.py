@@ -27,7 +27,7 @@ from streamrecall.consumers.roles.router.fanout import ShardClient, parse_shard_
 from streamrecall.consumers.roles.router.metrics import RouterMetrics
 from streamrecall.consumers.roles.router.options import RouterOptions
 from streamrecall.consumers.roles.router.service import RouterService
-from streamrecall.consumers.runtime import measured_lag
+from streamrecall.consumers.runtime import lag_reasons, measured_lag
 from streamrecall.consumers.start import StartPosition
 from streamrecall.bounded import LRUMap
 from streamrecall.errors import ConfigError
@@ -94,12 +94,7 @@ class RouterRole:
         """Ready once this run measured its user-vectors lag within ``ready_max_lag`` (the shards'
         own readiness is theirs: an answer says which shards answered)."""
         lag = measured_lag(ROLE, self.handler.assigned_partitions)
-        total = sum(lag.values()) if lag is not None else None
-        reasons = []
-        if total is None:
-            reasons.append("lag not measured yet")
-        elif total > self.config.ready_max_lag:
-            reasons.append(f"lag {total} records is above {self.config.ready_max_lag}")
+        total, reasons = lag_reasons(lag, self.config.ready_max_lag)
         return not reasons, {"ready": not reasons, "reasons": reasons, "shards": len(self.client),
                              "user_vectors": len(self.users), "lag": total, "lag_by_topic": lag}
 
