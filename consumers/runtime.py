@@ -20,6 +20,7 @@ from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from streamrecall.consumers.catchup import CatchUpLog
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
 from streamrecall.consumers.handler import Decode, Handler, Record, decode_value
 from streamrecall.consumers.liveness import Heartbeat
@@ -35,33 +36,6 @@ MAX_BACKOFF_S = 5.0
 
 
 FLUSH_TIMEOUT_S = 30.0
-
-
-def measured_lag(role: str, partitions: Iterable[tuple[str, int]],
-                 metrics: RuntimeMetrics = RUNTIME) -> dict[str, int] | None:
-    """Records behind the high watermark per logical topic over ``partitions`` ((logical topic,
-    partition) pairs), from ``role``'s lag gauge; None until every one of them was measured."""
-    seen: dict[tuple[str, str], float] = {}
-    for metric in metrics.lag.collect():
-        for sample in metric.samples:
-            if sample.labels.get("role") == role:
-                seen[(sample.labels["topic"], sample.labels["partition"])] = sample.value
-    out: dict[str, int] = {}
-    partitions = list(partitions)
-    for topic, partition in partitions:
-        value = seen.get((topic, str(partition)))
-        if value is None:
-            return None
-        out[topic] = out.get(topic, 0) + int(value)
-    return out if partitions else None
-
-
-def lag_reasons(lag: dict[str, int] | None, max_lag: int) -> tuple[int | None, list[str]]:
-    """(total lag, why a role is not ready on it): not measured yet, or above ``max_lag`` records."""
-    if lag is None:
-        return None, ["lag not measured yet"]
-    total = sum(lag.values())
-    return total, [f"lag {total} records is above {max_lag}"] if total > max_lag else []
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -452,45 +426,6 @@ class Runtime:
                 self.metrics.lag.labels(self.role, logical, str(tp.partition)).set(max(0, high - position))
                 total += max(0, high - position)
         self.catch_up.observe(total, now)
-
-
-class CatchUpLog:
-    """Progress lines while a role works through a backlog (a replay ``--from earliest``, a restart
-    after downtime): how far behind, how fast the lag closes, about how long is left, and when it
-    is done. Log lines rather than a progress bar: roles run as services, their output is a log.
-
-    ``observe(lag, now)`` is called with the total lag over the assigned partitions about once a
-    second; a backlog starts at ``backlog`` records and ends at lag 0.
-    """
-
-    def __init__(self, role: str, backlog: int = 10_000, every_s: float = 10.0) -> None:
-        self.role = role
-        self.backlog = backlog
-        self.every_s = every_s
-        self.active = False
-        self._started = self._last_at = 0.0
-        self._first = self._last_lag = 0
-
-    def observe(self, lag: int, now: float) -> None:
-        if not self.active:
-            if lag >= self.backlog:
-                self.active = True
-                self._started = self._last_at = now
-                self._first = self._last_lag = lag
-                log.info("%s: %d records behind; catching up", self.role, lag)
-            return
-        if lag == 0:
-            self.active = False
-            took = now - self._started
-            log.info("%s: caught up: a backlog of %d records in %.0f s", self.role, self._first, took)
-            return
-        if now - self._last_at < self.every_s:
-            return
-        closing = (self._last_lag - lag) / max(now - self._last_at, 1e-9)  # records/s the lag shrinks by
-        eta = f"about {lag / closing:.0f} s to go" if closing > 0 else "not closing: records arrive as fast as read"
-        log.info("%s: catching up: %d records behind (%.0f%% done), lag closing at %.0f records/s, %s",
-                 self.role, lag, 100.0 * max(0, self._first - lag) / self._first, closing, eta)
-        self._last_at, self._last_lag = now, lag
 
 
 class _Listener(AsyncConsumerRebalanceListener):

@@ -6,15 +6,15 @@ import logging
 
 import pytest
 
-from streamrecall.consumers.runtime import CatchUpLog
+from streamrecall.consumers.catchup import CatchUpLog
 
 
 def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "streamrecall.consumers.runtime"]
+    return [r.getMessage() for r in caplog.records if r.name == "streamrecall.consumers.catchup"]
 
 
 def test_a_backlog_is_reported_as_it_closes_and_when_it_is_done(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "streamrecall.consumers.runtime")
+    caplog.set_level(logging.INFO, "streamrecall.consumers.catchup")
     log = CatchUpLog("trainer", backlog=1_000, every_s=10)
     log.observe(50_000, 0.0)
     for t in range(1, 10):  # within every_s: nothing more
@@ -30,7 +30,7 @@ def test_a_backlog_is_reported_as_it_closes_and_when_it_is_done(caplog: pytest.L
 
 
 def test_small_lag_is_normal_operation_and_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "streamrecall.consumers.runtime")
+    caplog.set_level(logging.INFO, "streamrecall.consumers.catchup")
     log = CatchUpLog("publisher", backlog=10_000)
     for t in range(100):
         log.observe(t % 5_000, float(t))
@@ -38,7 +38,7 @@ def test_small_lag_is_normal_operation_and_says_nothing(caplog: pytest.LogCaptur
 
 
 def test_a_lag_that_does_not_close_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "streamrecall.consumers.runtime")
+    caplog.set_level(logging.INFO, "streamrecall.consumers.catchup")
     log = CatchUpLog("indexer", backlog=100, every_s=1)
     log.observe(500, 0.0)
     log.observe(600, 1.0)

@@ -16,7 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.roles.indexer.http_api import RecallService
-from streamrecall.consumers.recall_api.server import RecallApi, ServerLimits
+from streamrecall.consumers.recall_api.server import RecallApi
+from streamrecall.consumers.recall_api.protocol import ServerLimits
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.recall_api.users import UserEntry
 from streamrecall.consumers.roles.indexer.state import IndexerState

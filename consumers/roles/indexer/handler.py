@@ -18,7 +18,7 @@ from streamrecall.consumers.recall_api.users import apply_user_record
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.handler import HandlerBase, Record
-from streamrecall.consumers.runtime import measured_lag
+from streamrecall.consumers.lag import measured_lag
 from streamrecall.consumers.updates import ModelUpdateStream
 from streamrecall.consumers.update_codec import update_max_bytes
 from streamrecall.events import Item

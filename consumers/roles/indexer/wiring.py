@@ -24,7 +24,7 @@ from streamrecall.consumers.roles.indexer.reencoder import Reencoder
 from streamrecall.consumers.roles.indexer.scoring import ServingMonitor
 from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.handler import decode_value
-from streamrecall.consumers.runtime import lag_reasons
+from streamrecall.consumers.lag import lag_reasons
 from streamrecall.consumers.start import StartPosition
 from streamrecall.consumers.update_chunks import ChunkReader
 from streamrecall.errors import ConfigError, StreamrecallError

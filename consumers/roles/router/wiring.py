@@ -27,7 +27,7 @@ from streamrecall.consumers.roles.router.fanout import ShardClient, parse_shard_
 from streamrecall.consumers.roles.router.metrics import RouterMetrics
 from streamrecall.consumers.roles.router.options import RouterOptions
 from streamrecall.consumers.roles.router.service import RouterService
-from streamrecall.consumers.runtime import lag_reasons, measured_lag
+from streamrecall.consumers.lag import lag_reasons, measured_lag
 from streamrecall.consumers.start import StartPosition
 from streamrecall.bounded import LRUMap
 from streamrecall.errors import ConfigError
