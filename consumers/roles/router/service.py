@@ -5,7 +5,7 @@ batch form) over a sharded index. It owns the user-vector lookup (the router rea
 ``user-vectors``); the shards own the items and the towers. A user query goes to every shard as
 the stored vector *with its model version and recent items*, so each shard scores by its own
 current towers, using the vector as it is when its version made it and encoding the user from
-the recent items otherwise: exactly what one indexer does (consumers/scoring.py), and the query-
+the recent items otherwise: exactly what one indexer does (consumers/roles/indexer/scoring.py), and the query-
 time encoding stays where the towers are. :mod:`.merge` keeps the answer to one model version.
 """
 
