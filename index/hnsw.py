@@ -257,15 +257,6 @@ class ItemIndex:
         with self._rw.read():
             return self._s.get(item_id)
 
-    def vectors(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The stored vectors of those ``ids`` that are in the index, under one read of the graph:
-        ``(found, vectors)`` with ``found`` a (len(ids),) bool mask and ``vectors`` (found.sum(), dim)."""
-        with self._rw.read():
-            s = self._s
-            rows = [s.row_of.get(i) for i in ids]
-            found = np.fromiter((r is not None for r in rows), dtype=bool, count=len(rows))
-            return found, s.vectors(np.asarray([r for r in rows if r is not None], dtype=np.int64))
-
     def meta(self, item_id: str) -> EntryMeta | None:
         """Metadata only (no vector copy)."""
         with self._rw.read():

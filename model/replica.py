@@ -26,8 +26,8 @@ Fencing (docs/security.md), checked before the rules above, raise :class:`ModelU
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -41,24 +41,13 @@ from streamrecall.model.update import ModelUpdate
 
 @dataclass(frozen=True)
 class Applied:
-    """What :meth:`TowerReplica.apply` did, measured on the replica's own weights.
-
-    ``reencode_all``: the dense layers changed value, so every vector is stale. Otherwise only
-    the sparse rows in ``moved`` (by table) changed value: rows an update carries with the value
-    the replica already holds move nothing. So a full update of an unchanged model (the trainer
-    sends one every ``full_every_s`` whatever happened) moves nothing, and one after a few new
-    clicks moves only their rows; a full update is not a new epoch unless its dense layers
-    differ (the FM has none)."""
+    """What :meth:`TowerReplica.apply` did. ``reencode_all``: every vector is stale (a full
+    update or a dense change); otherwise only the rows in the update changed."""
 
     status: Literal["applied", "duplicate", "gap"]
     version: int
     kind: Literal["full", "delta"]
     reencode_all: bool
-    moved: Mapping[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def moved_anything(self) -> bool:
-        return self.reencode_all or any(rows.numel() for rows in self.moved.values())
 
 
 #: Default bound on how far above the current version an update may be (see the module docstring):
@@ -100,42 +89,33 @@ class TowerReplica:
             return Applied("gap", self.version, update.kind, False)
         with torch.no_grad():
             tables = self.model.tables()
-            dense = self.model.dense()
-            dense_moved = update.dense_changed and any(not torch.equal(p, update.dense[name])
-                                                       for name, p in dense.items())
-            moved = self._restore_initial(update) if update.kind == "full" else {}
+            if update.kind == "full":
+                self._restore_initial(update)
             for name, part in update.sparse.items():
-                differs = (tables[name][part.rows] != part.values).any(1)
                 tables[name][part.rows] = part.values
                 self._written[name][part.rows] = True
-                moved[name] = _union(moved.get(name), part.rows[differs])
             if update.dense_changed:
-                for name, p in dense.items():
+                for name, p in self.model.dense().items():
                     p.copy_(update.dense[name])
         self.version = update.version
         self.trainer_epoch = update.trainer_epoch
         self.trained_through_ms = max(self.trained_through_ms, update.trained_through_ms)
         self.trending = list(update.trending)
-        return Applied("applied", self.version, update.kind, dense_moved,
-                       {name: rows for name, rows in moved.items() if rows.numel()})
+        return Applied("applied", self.version, update.kind, update.kind == "full" or update.dense_changed)
 
-    def _restore_initial(self, update: ModelUpdate) -> dict[str, torch.Tensor]:
-        """What ``model.reset()`` would do to the sparse tables before applying ``update``, at the
-        cost of the rows written since the last full update that ``update`` does not overwrite;
-        returns those of them whose value changed. (The dense layers are all in ``update``.)"""
+    def _restore_initial(self, update: ModelUpdate) -> None:
+        """What ``model.reset()`` would do before applying ``update``, at the cost of the rows
+        written since the last full update that ``update`` does not overwrite."""
+        self.model.reset_dense()
         tables = self.model.tables()
-        moved: dict[str, torch.Tensor] = {}
         for name, written in self._written.items():
             part = update.sparse.get(name)
             if part is not None:
                 written[part.rows] = False  # overwritten by the update anyway
             rows = written.nonzero().flatten()
             if rows.numel():
-                initial = self.model.initial_rows(name, rows)
-                moved[name] = rows[(tables[name][rows] != initial).any(1)]
-                tables[name][rows] = initial
+                tables[name][rows] = self.model.initial_rows(name, rows)
             written.zero_()
-        return moved
 
     @torch.no_grad()
     def encode_items(self, items: Sequence[ItemLike]) -> np.ndarray:
@@ -154,13 +134,13 @@ class TowerReplica:
             return np.zeros((0, self.config.dim), dtype=np.float32)
         return self.model.user(self.featurizer.users(user_ids, histories)).numpy()
 
-    def items_touched(self, applied: Applied, items: Sequence[ItemLike]) -> list[str]:
-        """Ids of ``items`` whose vectors the update ``applied`` changed: all of them after a dense
-        change, else those whose id row or any content-token row moved."""
-        if applied.reencode_all:
+    def items_touched(self, update: ModelUpdate, items: Sequence[ItemLike]) -> list[str]:
+        """Ids of ``items`` whose vectors ``update`` changes: all of them after a full update
+        or a dense change, else those whose id row or any content-token row changed."""
+        if update.kind == "full" or update.dense_changed:
             return [i.item_id for i in items]
-        id_mask = _mask(applied.moved.get("item_id", _NO_ROWS), self.config.id_buckets)
-        tok_mask = _mask(applied.moved.get("token", _NO_ROWS), self.config.token_buckets)
+        id_mask = _mask(update.changed_rows("item_id"), self.config.id_buckets)
+        tok_mask = _mask(update.changed_rows("token"), self.config.token_buckets)
         if not items or not (id_mask.any() or tok_mask.any()):
             return []
         feats = self.featurizer.encode_items(items)
@@ -171,14 +151,14 @@ class TowerReplica:
                                                                         accumulate=True)
         return [items[i].item_id for i in hit.nonzero().flatten().tolist()]
 
-    def users_touched(self, applied: Applied, user_ids: Sequence[str],
+    def users_touched(self, update: ModelUpdate, user_ids: Sequence[str],
                       histories: Sequence[Sequence[str]]) -> list[str]:
-        """Ids of users whose vectors the update ``applied`` changed: all after a dense change, else
-        those whose id row or any history item's id row moved."""
-        if applied.reencode_all:
+        """Ids of users whose vectors ``update`` changes: all after a full update or a dense
+        change, else those whose id row or any history item's id row changed."""
+        if update.kind == "full" or update.dense_changed:
             return list(user_ids)
-        user_mask = _mask(applied.moved.get("user_id", _NO_ROWS), self.config.id_buckets)
-        item_mask = _mask(applied.moved.get("item_id", _NO_ROWS), self.config.id_buckets)
+        user_mask = _mask(update.changed_rows("user_id"), self.config.id_buckets)
+        item_mask = _mask(update.changed_rows("item_id"), self.config.id_buckets)
         out = []
         for user_id, history in zip(user_ids, histories):
             recent = history[-self.config.history_len:]
@@ -186,22 +166,6 @@ class TowerReplica:
                     item_mask[r] for r in self.featurizer.item_rows(recent)):
                 out.append(user_id)
         return out
-
-
-_NO_ROWS = torch.zeros(0, dtype=torch.int64)
-
-
-def _union(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    return b if a is None or not a.numel() else torch.unique(torch.cat([a, b]))
-
-
-def merge_moved(*moved: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The rows moved by several updates together, by table (to re-encode once for all of them)."""
-    out: dict[str, torch.Tensor] = {}
-    for m in moved:
-        for name, rows in m.items():
-            out[name] = _union(out.get(name), rows)
-    return out
 
 
 def _mask(rows: torch.Tensor, size: int) -> torch.Tensor:

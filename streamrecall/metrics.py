@@ -98,7 +98,7 @@ class ModelVersionMetrics:
 #: of ``streamrecall_state_entries`` and ``streamrecall_state_capacity``.
 ROLE_STATES: dict[str, tuple[str, ...]] = {
     "trainer": ("histories", "catalog", "trending", "deadletter_dedup"),
-    "indexer": ("user_vectors", "item_vector_cache", "retrieval_counts", "deadletter_dedup"),
+    "indexer": ("user_vectors", "item_vector_cache", "deadletter_dedup"),
     "publisher": ("histories", "deadletter_dedup"),
 }
 

@@ -19,7 +19,6 @@ from streamrecall.model import ModelConfig, OnlineTrainer, decode_update
 from streamrecall.settings import Settings
 
 MODEL = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
-TWO_TOWER = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096, tower="two_tower")
 
 
 def make_items(n: int, start: int = 0) -> list[Item]:
@@ -27,12 +26,12 @@ def make_items(n: int, start: int = 0) -> list[Item]:
                  categories=(f"c{i % 4}",), tags=(f"t{i % 3}",)) for i in range(start, start + n)]
 
 
-def make_state(model: ModelConfig = MODEL, **config) -> IndexerState:
-    return IndexerState(IndexerOptions(**config), model, IndexerMetrics(CollectorRegistry()))
+def make_state(**config) -> IndexerState:
+    return IndexerState(IndexerOptions(**config), MODEL, IndexerMetrics(CollectorRegistry()))
 
 
-def trained(items: list[Item], steps: int = 3, model: ModelConfig = MODEL) -> OnlineTrainer:
-    trainer = OnlineTrainer(model)
+def trained(items: list[Item], steps: int = 3) -> OnlineTrainer:
+    trainer = OnlineTrainer(MODEL)
     catalog = {it.item_id: it for it in items}
     for s in range(steps):
         clicks = [Click(user_id=f"u{j}", item_id=items[(j * 7 + s) % len(items)].item_id, ts=j) for j in range(32)]
@@ -63,11 +62,11 @@ def test_upsert_delete_and_catalog_stay_in_step():
     assert [it.item_id for it in state.recent_items(2)] == ["i19", "i18"]
 
 
-def test_a_dense_change_rebuilds_every_item_at_the_new_version():
+def test_full_update_rebuilds_every_item_at_the_new_version():
     items = make_items(40)
-    state = make_state(TWO_TOWER, reencode_batch=16)
+    state = make_state(reencode_batch=16)
     state.upsert_items(items)
-    update = decode_update(trained(items, model=TWO_TOWER).export_update(full=True))
+    update = decode_update(trained(items).export_update(full=True))
     applied = state.replica.apply(update)
     assert applied.reencode_all
     state.start_epoch(applied.version)
@@ -93,10 +92,10 @@ def test_delta_reencodes_only_touched_items():
     trainer.step(trainer.make_batch(clicks, catalog, [[], []]))
     delta = decode_update(trainer.export_update())
     assert delta.kind == "delta"
+    touched = set(state.replica.items_touched(delta, items))  # before apply: the rule does not depend on it
     applied = state.replica.apply(delta)
     assert applied.status == "applied" and not applied.reencode_all
-    touched = set(state.replica.items_touched(applied, items))
-    worker = run_jobs(state, Job(applied.version, applied.moved))
+    worker = run_jobs(state, Job(applied.version, delta))
     at_new = {i for i in catalog if state.index.meta(i).model_version == delta.version}
     assert at_new == touched and {"i1", "i2"} <= touched
     assert not touched & {f"i{i}" for i in range(20, 40)}
@@ -105,12 +104,10 @@ def test_delta_reencodes_only_touched_items():
 
 def test_newer_epoch_supersedes_queued_work():
     items = make_items(10)
-    trainer = trained(items, model=TWO_TOWER)
-    state = make_state(TWO_TOWER)
+    trainer = trained(items)
+    state = make_state()
     state.upsert_items(items)
     first = decode_update(trainer.export_update(full=True))
-    trainer.step(trainer.make_batch([Click(user_id="u1", item_id="i1", ts=1), Click(user_id="u2", item_id="i2", ts=2)],
-                                    {it.item_id: it for it in items}, [[], []]))
     second = decode_update(trainer.export_update(full=True))
     for u in (first, second):
         state.start_epoch(state.replica.apply(u).version)

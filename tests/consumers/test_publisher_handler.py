@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
@@ -13,7 +11,7 @@ from streamrecall.consumers.roles.publisher.handler import PublisherHandler
 from streamrecall.consumers.roles.publisher.options import PublisherOptions
 from streamrecall.consumers.handler import Record
 from streamrecall.errors import ConfigError, TransientError
-from streamrecall.events import Click, Item, UserVector
+from streamrecall.events import Click, UserVector
 from streamrecall.metrics import ModelVersionMetrics
 from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
 from streamrecall.model import ModelConfig, OnlineTrainer, TowerReplica, decode_update
@@ -124,18 +122,11 @@ def test_flush_blocks_the_commit_when_a_send_failed_and_sends_again(make_handler
 
 
 def _updates(n_deltas: int):
-    """A full update that trained item i1's row (so every user who clicked i1 moves), then deltas
-    that train x{i} and y{i} (and users t{i}, s{i}). The items have content: FM id rows start at
-    zero, and only content gives them a gradient."""
     trainer = OnlineTrainer(CONFIG)
-    ids = ["i1", "i9"] + [f"{p}{i}" for i in range(n_deltas) for p in "xy"]
-    content = {i: Item(item_id=i, created_at=TS, categories=(f"c-{i}",)) for i in ids}
-    first = [Click(user_id="w", item_id="i1", ts=TS), Click(user_id="v", item_id="i9", ts=TS)]  # in-batch negatives
-    trainer.step(trainer.make_batch(first, content, [[], []]))
     out = [decode_update(trainer.export_update())]
     for i in range(n_deltas):
         clicks = [Click(user_id=f"t{i}", item_id=f"x{i}", ts=TS), Click(user_id=f"s{i}", item_id=f"y{i}", ts=TS)]
-        trainer.step(trainer.make_batch(clicks, content, [[], []]))
+        trainer.step(trainer.make_batch(clicks, {}, [[], []]))
         out.append(decode_update(trainer.export_update()))
     return out
 
@@ -200,23 +191,6 @@ def test_clicks_published_meanwhile_leave_the_refresh_queue(make_handler):
     handler.handle([click("a", "i2", TS + 1)])
     handler.tick()
     assert [(v.model_version, v.event_ts) for v, _ in sink.sent] == [(0, TS), (1, TS + 1)]
-
-
-def test_a_full_update_that_moves_nothing_republishes_no_one(make_handler):
-    """The trainer sends a full update every full_every_s even when it has not trained since: equal
-    to what the replica holds, it changes no user's vector, so it must not start a re-publication
-    storm (every active user)."""
-    replica = TowerReplica(CONFIG)
-    full = _updates(0)[0]
-    replica.apply(full)
-    handler, sink, _ = make_handler(replica=replica, refresh_per_tick=100)
-    handler.handle([click(u, "i1", TS) for u in "abc"])
-    again = dataclasses.replace(full, version=2, base_version=1)  # the same model, the next version
-    handler.on_model_update(again, replica.apply(again))
-    handler.tick()
-    handler.tick()
-    assert handler.metrics.pending_refresh._value.get() == 0
-    assert not [v for v, _ in sink.sent if v.model_version == 2]
 
 
 def test_options_are_checked():

@@ -43,10 +43,9 @@ MODEL = {"id_buckets": 4096, "token_buckets": 4096, "estimator_buckets": 4096}
 WAIT_S = 60.0
 
 
-def indexer_settings(settings_factory: Callable[..., Settings], model: dict[str, Any] = MODEL,
-                     **indexer: Any) -> Settings:
+def indexer_settings(settings_factory: Callable[..., Settings], **indexer: Any) -> Settings:
     return settings_factory(http_port=0, flush_interval_ms=100, max_poll_records=200,
-                            extra={"model": model, "indexer": {"snapshot_interval_s": 1, "quality_interval_s": 1,
+                            extra={"model": MODEL, "indexer": {"snapshot_interval_s": 1, "quality_interval_s": 1,
                                                                "encode_batch": 16, "reencode_batch": 16, **indexer}})
 
 
@@ -148,13 +147,10 @@ def test_items_become_queryable_update_and_delete(settings_factory):
 
 
 def test_model_update_reencodes_every_item_while_queries_answer(settings_factory):
-    # the two towers: a full update with trained dense layers is a new epoch (a rebuild); the
-    # FM's full updates re-encode what moved (tests/consumers/test_indexer_drift.py)
-    model = MODEL | {"tower": "two_tower"}
-    s = indexer_settings(settings_factory, model)
+    s = indexer_settings(settings_factory)
     catalog = items(60)
     produce_items(s, catalog)
-    config = ModelConfig(**model)
+    config = ModelConfig(**MODEL)
     trainer = OnlineTrainer(config)
     by_id = {it.item_id: it for it in catalog}
     for step in range(4):
@@ -217,9 +213,7 @@ def test_model_update_reencodes_every_item_while_queries_answer(settings_factory
         # a delta re-encodes exactly the items whose rows it changes
         trainer.step(trainer.make_batch([Click(user_id="u9", item_id="i1", ts=5)], by_id, [[]]))
         delta = trainer.export_update()
-        local = TowerReplica(config)
-        local.apply(decode_update(full))
-        touched = set(local.items_touched(local.apply(decode_update(delta)), catalog + more))
+        touched = set(role.state.replica.items_touched(decode_update(delta), catalog + more))
         produce(s, s.topics.model_updates, [(None, delta)])
         wait_for("touched items at v2", lambda: all(item_version(url, i) == 2 for i in touched))
         wait_for("re-encode settled", lambda: get(url, "/healthz")[1]["settled_version"] == 2)

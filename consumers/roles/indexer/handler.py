@@ -159,12 +159,9 @@ class IndexerHandler(HandlerBase):
         self.version_metrics.version.labels(ROLE).set(applied.version)
         if applied.version <= reencode_above:
             return
-        moved = {name: rows.numel() for name, rows in applied.moved.items()}
-        log.info("model update v%d (%s) applied: %s", applied.version, applied.kind,
-                 "re-encoding everything (new epoch)" if applied.reencode_all else
-                 f"measuring the drift of the items on its moved rows {moved}" if applied.moved_anything else
-                 "it moves nothing (every row and dense layer as held): nothing to re-encode")
-        self.reencoder.submit(Job(applied.version, None if applied.reencode_all else applied.moved))
+        log.info("model update v%d (%s) applied: re-encoding %s", applied.version, applied.kind,
+                 "everything (new epoch)" if applied.reencode_all else "the items it touches")
+        self.reencoder.submit(Job(applied.version, None if applied.reencode_all else update))
 
     # --------------------------------------------------------------- snapshots
     def snapshot(self) -> Path:

@@ -82,7 +82,6 @@ class RecallService:
         exclude = set(user.recent_items) if exclude_seen else None
         query = UserQuery(user_id, user)
         scored = self.search(query, k, exclude, max_per_category)
-        state.retrievals.observe(h.item_id for h in scored.hits)  # the re-encoder serves these first
         self.monitor.observe(scored.vector)
         self.sampler.offer(SampledQuery(user_id, user.recent_items, None, k, exclude, max_per_category))
         state.metrics.user_encodes.labels("stored" if query.used_stored else "query-time").inc()
@@ -96,7 +95,6 @@ class RecallService:
         self.monitor.observe(vector)
         excluded = set(exclude) or None
         scored = self.search(VectorQuery(vector), k, excluded, max_per_category)
-        self.state.retrievals.observe(h.item_id for h in scored.hits)
         self.sampler.offer(SampledQuery(None, (), vector, k, excluded, max_per_category))
         return {"route": "vector", "k": k, "model_versions": self._versions(None, scored.version),
                 "results": _results(scored.hits, scored.version)}
@@ -160,9 +158,8 @@ class RecallService:
             fetch = min(limit, fetch * 4)
 
     def _search_settled(self, query: QueryVector, k: int, fetch: int, exclude: set[str] | None) -> Scored | None:
-        """The answer straight from the graph when every indexed vector is what the replica's current
-        version computes (a settled index: every vector tagged with it, or the idle re-encoder vouches
-        for it, ``state.current_as_of``), else None.
+        """The answer straight from the graph when every indexed vector is of the replica's current
+        version (a settled index: no update since the last re-encode finished), else None.
 
         Then the graph's scores are the current towers' exact inner products, so re-scoring would
         only recompute them (it was about 40% of a query). The check and the search run under one
@@ -173,7 +170,7 @@ class RecallService:
         state = self.state
         with state.model_lock.read():
             version = state.replica.version
-            if state.current_as_of != version and not state.index.all_at_version(version):
+            if not state.index.all_at_version(version):
                 return None
             vector = query.at(state.replica)
             hits = state.index.query(vector, fetch, exclude=exclude)[0]

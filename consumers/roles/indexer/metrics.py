@@ -33,24 +33,7 @@ class IndexerMetrics(QueryMetrics):
                                    "for events new to this indexer (docs/api.md).",
                                    buckets=FRESHNESS_BUCKETS, registry=registry)
         self.stale_share = Gauge("streamrecall_index_stale_ratio",
-                                 "Share of indexed items encoded before the current epoch (a dense change: "
-                                 "the rebuild to come).", registry=registry)
-        self.outdated_share = Gauge("streamrecall_index_outdated_ratio",
-                                    "Share of indexed items whose stored vector has differed from the current "
-                                    "towers' for more than indexer.stale_after_s seconds or "
-                                    "indexer.stale_after_versions model versions.", registry=registry)
-        self.drift_mean = Gauge("streamrecall_index_drift_mean_ratio",
-                                "Mean relative drift of the indexed vectors, |stored - current| / |current| "
-                                "(current ones count 0).", registry=registry)
-        self.drift_pending = Gauge("streamrecall_index_drift_pending_items",
-                                   "Indexed items whose stored vector differs from the current towers' (queued "
-                                   "for a budgeted re-encode).", registry=registry)
-        self.drift_over_bound = Gauge("streamrecall_index_drift_over_bound_items",
-                                      "Queued items whose drift exceeds indexer.reencode_drift_bound (re-encoded "
-                                      "first).", registry=registry)
-        self.drift_measured = Counter("streamrecall_index_drift_measured_total",
-                                      "Items whose drift was measured (encoded and compared with the stored "
-                                      "vector) after sparse model updates.", registry=registry)
+                                 "Share of indexed items encoded by an older model version.", registry=registry)
         self.recall_at_10 = Gauge("streamrecall_index_recall_at_10",
                                   "ANN recall@10 against exact search over the same live vectors (sampled).",
                                   registry=registry)

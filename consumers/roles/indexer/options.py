@@ -35,13 +35,7 @@ class IndexerOptions:
     ef_construction: int = 200
     rescore_factor: float = 2.0         # graph candidates per result, re-scored by the current towers (>= 1)
     rebuild_interval_s: float = 5.0     # after dense changes, rebuild the graph at most this often
-    rebuild_busy_share: float = 0.5     # and rebuilding (or measuring drift) at most this share of the time (a 1M-item build takes minutes)
-    reencode_items_per_s: float = 1000.0  # budget of in-place re-encodes after sparse updates, drifted items first
-    reencode_drift_bound: float = 0.05  # relative drift |stored - current| / |current| above which an item goes first
-    drift_interval_s: float = 5.0       # a drift pass over the items recent updates moved starts at most this often
-    stale_after_s: float = 60.0         # staleness gauge: an item counts stale when out of date this long...
-    stale_after_versions: int = 300     # ...or for more than this many model versions (about a minute of deltas)
-    retrieval_counts_items: int = 1_000_000  # items whose recent retrieval count is kept (all halved when full)
+    rebuild_busy_share: float = 0.5     # and rebuilding at most this share of the time (a 1M-item build takes minutes)
     overlap_interval_s: float = 30.0    # serving-overlap measurement this often (background thread)
     overlap_sample_size: int = 32       # latest live queries asked again per measurement
     overlap_max_items: int = 50_000     # no overlap measurement above this many items (it encodes them all)

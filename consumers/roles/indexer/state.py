@@ -8,12 +8,7 @@ The indexer keeps, side by side:
 * ``index`` — the HNSW :class:`~streamrecall.index.ItemIndex` of item vectors;
 * ``users`` — the latest vector of the ``max_user_vectors`` users most recently written to the
   compacted ``user-vectors`` topic (the least recently written forgotten beyond it: such a user is
-  answered like an unknown one, from trending, until its next vector arrives);
-* ``drift`` — the items whose stored vector differs from what the current towers compute, with
-  how far (relative drift) and since which version and time (``streamrecall.index.drift``): what
-  the re-encoder's budgeted writer works through, and what the staleness gauges measure;
-* ``retrievals`` — how often each item was returned lately (the recall path counts), so the
-  most retrieved drifted items are re-encoded first.
+  answered like an unknown one, from trending, until its next vector arrives).
 
 **Locking.** ``lock`` serialises every change of the replica, the catalog and the index made
 by this role: the poll loop holds it for one micro-batch of items (encode + upsert) or one
@@ -24,12 +19,11 @@ through an update. Queries never take it: the index is safe to query while it is
 towers (``consumers/roles/indexer/scoring.py``) under ``model_lock`` for reading; applying an update holds
 it for writing, so a query never sees a half-applied update.
 
-**Model versions.** An update whose dense layers differ from the replica's (the two towers'
-MLPs) changes every vector and starts a new *epoch*. Vectors of one epoch share one space (the
-dense layers): any other update — a delta, or a full update, whose rows are compared with the
-replica's own — changes only the items whose sparse rows moved, and those are re-encoded as the
-drift budget allows, so an item may keep an older ``model_version`` tag while its vector is exactly
-what the current tower computes (it is not in ``drift``), or is close to it (it is, with its drift). ``served_epoch`` is the epoch whose re-encode
+**Model versions.** An update after which every vector changes (a full update, or a delta
+with new dense layers) starts a new *epoch*. Vectors of one epoch share one space (the dense
+layers): a delta changes only the items whose sparse rows moved, and only those are
+re-encoded, so an untouched item may keep an older ``model_version`` tag while its vector
+is exactly what the current tower computes. ``served_epoch`` is the epoch whose re-encode
 into the index is complete; a user vector is *compatible* with the index when it was
 computed in that epoch.
 """
@@ -50,7 +44,6 @@ from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.scoring import ItemVectorCache
 from streamrecall.events import Item, event_time
 from streamrecall.index import EntryMeta, ItemIndex, RWLock
-from streamrecall.index.drift import DriftQueue, RetrievalCounts, Staleness
 from streamrecall.metrics import STATE, StateMetrics
 from streamrecall.model.config import ModelConfig
 from streamrecall.model.replica import DEFAULT_MAX_VERSION_JUMP, TowerReplica
@@ -81,8 +74,6 @@ class IndexerState:
             model.dim, space="ip", M=config.M, ef_construction=config.ef_construction, ef=config.ef)
         self.catalog: dict[str, Item] = {}
         self.users: LRUMap[str, UserEntry] = LRUMap(config.max_user_vectors)
-        self.drift = DriftQueue()
-        self.retrievals = RetrievalCounts(config.retrieval_counts_items)
         self.lock = threading.RLock()
         # The towers: applying an update writes them, query-time encodes read them (queries never
         # take ``lock``). Writers take it inside ``lock``; it is not reentrant.
@@ -90,10 +81,6 @@ class IndexerState:
         self.item_vectors = ItemVectorCache(config.item_vector_cache_items)  # current-version vectors of recent candidates
         self.epochs: list[int] = [0]    # versions that started an epoch (0: the seeded weights)
         self.served_epoch = 0           # the epoch whose re-encode into the index is complete
-        # The model version whose vectors the index holds exactly, as the idle re-encoder last saw it
-        # (no job waiting, no drifted item queued); -1: not vouched for. Version tags cannot say it:
-        # an item no update moved keeps its old tag with a current vector.
-        self.current_as_of = -1
         self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied
 
     # ------------------------------------------------------------------ items
@@ -113,7 +100,6 @@ class IndexerState:
                 self.index.upsert([it.item_id for it in chunk], vectors, metas)
                 for it in chunk:
                     self.catalog[it.item_id] = it
-                self.drift.discard([it.item_id for it in chunk])  # encoded by the current towers
             done = time.perf_counter()
             m.encode_seconds.observe(encoded - started)
             m.upsert_seconds.observe(done - encoded)
@@ -135,8 +121,6 @@ class IndexerState:
             for item_id in item_ids:
                 self.catalog.pop(item_id, None)
             removed = self.index.delete(item_ids)
-            self.drift.discard(item_ids)
-        self.retrievals.discard(item_ids)
         self.metrics.deletes.inc(removed)
         return removed
 
@@ -168,23 +152,11 @@ class IndexerState:
         return self.epoch_of(user_version) == self.served_epoch
 
     # ---------------------------------------------------------------- gauges
-    def staleness(self) -> Staleness:
-        """How out of date the index's vectors are now (``indexer.stale_after_s`` / ``stale_after_versions``)."""
-        c = self.config
-        return self.drift.staleness(len(self.index), now_ms(), self.replica.version, c.stale_after_s,
-                                    c.stale_after_versions, c.reencode_drift_bound)
-
     def update_gauges(self) -> None:
         m = self.metrics
         m.items.set(len(self.index))
         m.deleted_share.set(self.index.deleted_share())
         m.stale_share.set(self.index.stale_share(self.current_epoch))
-        staleness = self.staleness()
-        m.outdated_share.set(staleness.stale_share)
-        m.drift_mean.set(staleness.mean_drift)
-        m.drift_pending.set(staleness.pending)
-        m.drift_over_bound.set(staleness.over_bound)
         m.user_vectors.set(len(self.users))
         self.states.fill("indexer", "user_vectors", len(self.users), self.users.capacity)
         self.states.fill("indexer", "item_vector_cache", len(self.item_vectors), self.item_vectors.max_items)
-        self.states.fill("indexer", "retrieval_counts", len(self.retrievals), self.retrievals.max_items)

@@ -30,7 +30,6 @@ from streamrecall.consumers.update_chunks import ChunkReader
 from streamrecall.errors import ConfigError, StreamrecallError
 from streamrecall.events import Decoder, Item, user_vector_decoder
 from streamrecall.index import QualityMonitor
-from streamrecall.index.drift import Staleness
 from streamrecall.metrics import MODEL_VERSION, ModelVersionMetrics, role_metrics
 from streamrecall.model import ModelUpdate
 from streamrecall.settings import Settings
@@ -227,7 +226,6 @@ class IndexerRole:
         body = {"ready": not reasons, "reasons": reasons, "settled": settled, "items": len(state.index),
                 "model_version": state.replica.version, "served_epoch": state.served_epoch,
                 "stale_share": state.index.stale_share(state.current_epoch),
-                **_staleness_body(state.staleness()),
                 "model_trained_through_ms": state.replica.trained_through_ms,
                 "settled_version": self.reencoder.settled_version, "reencode_pending": self.reencoder.pending,
                 "user_vectors": len(state.users), "lag": total, "lag_by_topic": lag,
@@ -235,11 +233,6 @@ class IndexerRole:
         if self.shard is not None:
             body["shard"] = {"index": self.shard[0], "of": self.shard[1]}
         return not reasons, body
-
-
-def _staleness_body(s: Staleness) -> dict[str, Any]:
-    return {"outdated_share": s.stale_share, "mean_drift": s.mean_drift, "drift_pending": s.pending,
-            "drift_over_bound": s.over_bound}
 
 
 def run(settings: Settings, start: StartPosition) -> None:

@@ -58,7 +58,7 @@ class PublisherHandler(HandlerBase):
         self._fresh_published = False  # fresh clicks were published since the last tick
         self._dirty_since = 0.0
         self._refresh: dict[tuple[int, str], None] = {}    # users to re-publish at the current version
-        self._scans: deque[tuple[Applied, deque[tuple[int, str]]]] = deque()  # deltas to check users against
+        self._scans: deque[tuple[ModelUpdate, deque[tuple[int, str]]]] = deque()  # deltas to check users against
         self._last_round = float("-inf")  # when the last re-publication round started (clock s)
         self._refresh_tokens = 0.0        # re-publications allowed now while clicks flow (a token bucket)
         self._last_tick = clock()
@@ -111,7 +111,7 @@ class PublisherHandler(HandlerBase):
         for update, applied in self.poll_updates():
             self.on_model_update(update, applied)
         if self._round_due and self.clock() - self._last_round >= self.options.refresh_interval_s:
-            self._start_round(None)
+            self._start_round(None, True)
         if self.loading:
             self._load_pending()
         if self._dirty and self.clock() - self._dirty_since >= self.options.flush_ms / 1000:
@@ -152,20 +152,18 @@ class PublisherHandler(HandlerBase):
         if self.clock() - self._last_round < self.options.refresh_interval_s:
             self._round_due = True
             return
-        self._start_round(applied)
+        self._start_round(update, applied.reencode_all)
 
-    def _start_round(self, applied: Applied | None) -> None:
-        """Queue the active users ``applied`` may have moved (None: a merged round, every one of them);
-        an update that moved nothing (a full update of an unchanged model) queues no one."""
+    def _start_round(self, update: ModelUpdate | None, everything: bool) -> None:
         self._last_round = self.clock()
         self._round_due = False
         since = self.clock() - self.options.refresh_active_s
         active = [(p, u) for p, st in self.states.items() for u in st.active_since(since)]
-        if applied is None or applied.reencode_all:
+        if everything or update is None:
             self._scans.clear()
             self._refresh.update(dict.fromkeys(active))
-        elif active and applied.moved_anything:
-            self._scans.append((applied, deque(active)))
+        elif active:
+            self._scans.append((update, deque(active)))
         self._gauges()
 
     def _refresh_some(self, budget: int) -> int:
@@ -173,11 +171,11 @@ class PublisherHandler(HandlerBase):
         budget = max(1, budget)
         limit = budget
         while self._scans and budget > 0:
-            applied, candidates = self._scans[0]
+            update, candidates = self._scans[0]
             chunk = [candidates.popleft() for _ in range(min(budget, len(candidates)))]
             chunk = [(p, u) for p, u in chunk if p in self.states and u in self.states[p].users]
             histories = [self.states[p].history.get(u) for p, u in chunk]
-            touched = set(self.replica.users_touched(applied, [u for _, u in chunk], histories))
+            touched = set(self.replica.users_touched(update, [u for _, u in chunk], histories))
             self._refresh.update(dict.fromkeys((p, u) for p, u in chunk if u in touched))
             budget -= max(1, len(chunk))
             if not candidates:

@@ -16,11 +16,7 @@ meanwhile. Reported:
 - query p99 while a rebuild runs (a /healthz sample shows a stale share above 0) and otherwise;
 - click → vector p99 during the re-publication (the publisher's histogram, its delta over that
   window: the upper bound of the bucket holding the 99th percentile);
-- peak RSS (``VmHWM``) of each role process and of the broker;
-- with ``--steady-s``, a phase of steady clicks (``--steady-click-rate``) after the clicks, long enough
-  to hold a full update: item vectors re-encoded per model update (the indexer's upsert counters
-  over the model versions it applied meanwhile), rebuilds, the stale share, the outdated share and
-  the mean drift (``/healthz``), and ``GET /recall`` p99, all over that phase.
+- peak RSS (``VmHWM``) of each role process and of the broker.
 """
 
 from __future__ import annotations
@@ -68,8 +64,7 @@ class _Observer:
         self.system, self.n_users = system, n_users
         self.t0 = time.monotonic()
         self.samples: list[tuple[float, float, int]] = []      # (t, stale share, items)
-        self.drift: list[tuple[float, float, float]] = []      # (t, outdated share, mean drift), when reported
-        self.queries: list[tuple[float, bool, float]] = []     # (latency s, during a rebuild, t)
+        self.queries: list[tuple[float, bool]] = []            # (latency s, during a rebuild)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=f, daemon=True) for f in (self._sample, self._query)]
 
@@ -91,10 +86,7 @@ class _Observer:
         while not self._stop.wait(0.5):
             try:
                 body = self.system.get("/healthz", timeout_s=5)[1]
-                t = time.monotonic() - self.t0
-                self.samples.append((t, float(body["stale_share"]), int(body["items"])))
-                if "outdated_share" in body:
-                    self.drift.append((t, float(body["outdated_share"]), float(body["mean_drift"])))
+                self.samples.append((time.monotonic() - self.t0, float(body["stale_share"]), int(body["items"])))
             except (OSError, KeyError, TypeError, ValueError):
                 pass
 
@@ -108,7 +100,7 @@ class _Observer:
                     r.read()
             except OSError:
                 continue
-            self.queries.append((time.perf_counter() - started, self.rebuilding, time.monotonic() - self.t0))
+            self.queries.append((time.perf_counter() - started, self.rebuilding))
 
 
 def _click(user: int, item: int, ts: int) -> bytes:
@@ -160,51 +152,6 @@ def _model_updates(system: LocalSystem) -> tuple[int, int, int, bytes]:
     return largest, len(full), chunks, full
 
 
-def _indexer_counters(system: LocalSystem) -> dict[str, float]:
-    """The indexer's upsert counters by cause and its model version, now."""
-    out = {cause: system.metric("streamrecall_index_upserts_total", "indexer", cause=cause) or 0.0
-           for cause in ("reencode", "rebuild")}
-    out["version"] = system.metric("streamrecall_model_version", "indexer", role="indexer") or 0.0
-    return out
-
-
-def _steady(system: LocalSystem, seen: _Observer, n_users: int, n_items: int, seconds: float, rate: float,
-            rng: random.Random) -> list[Result]:
-    """Clicks at ``rate``/s for ``seconds``: re-encode work per model update and staleness meanwhile."""
-    clicks_topic = system.settings.topics.clicks  # type: ignore[union-attr]
-    before, t0 = _indexer_counters(system), time.monotonic() - seen.t0
-    started, sent = time.monotonic(), 0
-    while time.monotonic() - started < seconds:
-        system.check_alive()
-        user = rng.randrange(n_users)
-        item = min(int(rng.paretovariate(1.2) * n_items / 50), n_items - 1)
-        system.produce_raw(clicks_topic, f"u{user}".encode(), _click(user, item, int(time.time() * 1000)))
-        sent += 1
-        time.sleep(max(0.0, started + sent / rate - time.monotonic()))
-    system.flush()
-    after, t1 = _indexer_counters(system), time.monotonic() - seen.t0
-    updates = after["version"] - before["version"]
-    reencoded = after["reencode"] - before["reencode"]
-    rebuilt = after["rebuild"] - before["rebuild"]
-    stale = [s for t, s, _ in seen.samples if t0 <= t <= t1]
-    drift = [(o, d) for t, o, d in seen.drift if t0 <= t <= t1]
-    lat = [lat for lat, _, t in seen.queries if t0 <= t <= t1]
-    window = f"{sent} clicks over {seconds:.0f} s, {updates:.0f} model updates"
-    out = [result("steady clicks: item vectors re-encoded per model update", "items",
-                  (reencoded + rebuilt) / updates if updates else float("nan"),
-                  extra=f"{reencoded:.0f} in place, {rebuilt:.0f} by rebuilds; {window}"),
-           result("steady clicks: GET /recall p99", "s", percentiles(lat)[1], extra=f"{len(lat)} queries")]
-    if stale:
-        out.append(result("steady clicks: index stale share (before the epoch), mean", "ratio", float(np.mean(stale)),
-                          extra=f"max {max(stale):.3f}"))
-    if drift:
-        out += [result("steady clicks: outdated share (stale_after_s / _versions), mean", "ratio",
-                       float(np.mean([o for o, _ in drift])), extra=f"max {max(o for o, _ in drift):.3f}"),
-                result("steady clicks: mean relative drift of the index", "ratio",
-                       float(np.mean([d for _, d in drift])), extra=f"max {max(d for _, d in drift):.4f}")]
-    return out
-
-
 def _rebuilds(log_path: Path, n_items: int) -> list[float]:
     """Seconds of every rebuild of (at least) every item, from the indexer's log."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
@@ -220,15 +167,12 @@ def _rebuilds(log_path: Path, n_items: int) -> list[float]:
 @click.option("--full-every-s", default=60.0, show_default=True, help="[trainer] full_every_s.")
 @click.option("--fresh-click-rate", default=20.0, show_default=True,
               help="Fresh clicks/s produced during the re-publication.")
-@click.option("--steady-s", default=0.0, show_default=True,
-              help="Then clicks at --steady-click-rate for this long (0: no steady phase); hold a full update.")
-@click.option("--steady-click-rate", default=200.0, show_default=True, help="Clicks/s of the steady phase.")
 @click.option("--timeout-s", default=3600.0, show_default=True, help="Bound on each wait for the system.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @plot_option
 @json_option
 def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, full_every_s: float,
-            fresh_click_rate: float, steady_s: float, steady_click_rate: float, timeout_s: float, work_dir: Path | None, plot_dir: Path | None,
+            fresh_click_rate: float, timeout_s: float, work_dir: Path | None, plot_dir: Path | None,
             as_json: bool) -> None:
     """Full-update size, replica apply, rebuild, staleness, latencies and peak RSS per role at scale."""
     model: dict[str, Any] = {} if id_buckets is None else {"id_buckets": id_buckets, "estimator_buckets": id_buckets}
@@ -267,8 +211,6 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
                 raise click.ClickException("the roles did not catch up with the clicks in time")
             results.append(result(f"train and publish {n_clicks} clicks of {n_users} users", "clicks/s",
                                   n_clicks / (time.monotonic() - started)))
-            if steady_s > 0:
-                results += _steady(system, seen, n_users, n_items, steady_s, steady_click_rate, rng)
 
             # The next full update re-publishes every active user: fresh clicks meanwhile.
             deadline = time.monotonic() + full_every_s + 60
@@ -314,8 +256,8 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
         if rebuilds:
             results.append(result(f"index rebuild of {n_items} items", "s", rebuilds[-1],
                                   extra=f"{len(rebuilds)} rebuilds, max {max(rebuilds):.1f}s"))
-        during = [lat for lat, rebuilding, _ in seen.queries if rebuilding]
-        other = [lat for lat, rebuilding, _ in seen.queries if not rebuilding]
+        during = [lat for lat, rebuilding in seen.queries if rebuilding]
+        other = [lat for lat, rebuilding in seen.queries if not rebuilding]
         results += [
             result("GET /recall p99 during a rebuild", "s", percentiles(during)[1], extra=f"{len(during)} queries"),
             result("GET /recall p99 otherwise", "s", percentiles(other)[1], extra=f"{len(other)} queries"),
