@@ -28,7 +28,7 @@ import torch
 from streamrecall.consumers.clients import make_producer
 from streamrecall.consumers.topics import create_topics
 from streamrecall.devtools.synthetic import SyntheticConfig, generate
-from streamrecall.events import Click, Item
+from streamrecall.events import Item
 from streamrecall.model import ItemCatalog, ModelConfig, OnlineTrainer, RecentHistory
 from streamrecall.settings import Settings
 
