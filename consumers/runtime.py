@@ -27,6 +27,7 @@ from streamrecall.consumers.liveness import Heartbeat
 from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.start import StartPosition
 from streamrecall.errors import StreamrecallError, TransientError
+from streamrecall.gc_tuning import freeze_state
 from streamrecall.metrics import RUNTIME, RuntimeMetrics
 
 log = logging.getLogger(__name__)
@@ -425,7 +426,10 @@ class Runtime:
                 logical = self.topics[tp.topic][0]
                 self.metrics.lag.labels(self.role, logical, str(tp.partition)).set(max(0, high - position))
                 total += max(0, high - position)
+        behind = self.catch_up.active
         self.catch_up.observe(total, now)
+        if behind and not self.catch_up.active:  # caught up: what the backlog built is long-lived
+            freeze_state()
 
 
 class _Listener(AsyncConsumerRebalanceListener):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Collection, Sequence
 
 import hnswlib
@@ -37,6 +38,8 @@ from .types import Entry, EntryMeta, Hit
 
 ROW_BITS = 32
 ROW_MASK = (1 << ROW_BITS) - 1
+#: A Hit from a (id, score, version, categories) tuple, called from C: a third cheaper per hit than ``Hit(...)``.
+_new_hit = partial(tuple.__new__, Hit)
 MAX_GENERATION = (1 << 32) - 1
 SPACES = ("ip", "cosine", "l2")
 
@@ -244,19 +247,16 @@ class Store:
             return np.empty((0, self.params.dim), dtype=np.float32)
         return np.asarray(self.hnsw.get_items(labels_of(rows, self.gen[rows])), dtype=np.float32)
 
-    def knn(self, vectors: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def knn(self, vectors: np.ndarray, k: int, threads: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
         """Raw hnswlib search, one (labels, distances) pair per query; never raises for "too few results".
 
         hnswlib raises when it finds fewer than k live nodes (possible after many
         deletions even when k <= live); then each query is retried alone with a
         halved k until it succeeds, and may return fewer than k.
         """
-        threads = 1 if len(vectors) == 1 else self.num_threads
-        try:
-            labels, dists = self.hnsw.knn_query(vectors, k=k, num_threads=threads)
-            return list(zip(labels, dists))
-        except RuntimeError:
-            pass
+        block = self._knn_block(vectors, k, threads)
+        if block is not None:
+            return list(zip(*block))
         out = []
         for v in vectors:  # binary search for the largest k hnswlib can fill for this query
             best = (np.empty(0, np.uint64), np.empty(0, np.float32))
@@ -271,11 +271,18 @@ class Store:
             out.append(best)
         return out
 
+    def _knn_block(self, vectors: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """One hnswlib call: (queries, k) labels and distances; None when it cannot fill k for a query."""
+        try:
+            return self.hnsw.knn_query(vectors, k=k, num_threads=1 if len(vectors) == 1 else threads or self.num_threads)
+        except RuntimeError:
+            return None
+
     def scores_of(self, dists: np.ndarray) -> np.ndarray:
         return -dists if self.params.space == "l2" else 1.0 - dists
 
     def query(self, vectors: np.ndarray, k: int, exclude: Collection[str] | None,
-              filter: Callable[[Hit], bool] | None) -> list[list[Hit]]:
+              filter: Callable[[Hit], bool] | None, explore: int = 0, threads: int = 0) -> list[list[Hit]]:
         live = self.size
         if live == 0 or k <= 0:
             return [[] for _ in range(len(vectors))]
@@ -283,44 +290,76 @@ class Store:
         if exclude:
             row_of = self.row_of
             excl_rows = {r for r in (row_of.get(i) for i in exclude) if r is not None}
-        fetch = min(live, k + len(excl_rows) if filter is None else 2 * k + len(excl_rows))
+        want = max(k, explore)
+        fetch = min(live, (want if filter is None else max(want, 2 * k)) + len(excl_rows))
         results: list[list[Hit]] = [[] for _ in range(len(vectors))]
         pending = np.arange(len(vectors))
         while True:
-            raw = self.knn(vectors[pending], fetch)
+            block = self._knn_block(vectors[pending], fetch, threads)
+            if block is not None:
+                found = self._hits_block(block[0], block[1], k, excl_rows, filter)
+                searched = [fetch] * len(found)
+            else:  # hnswlib could not fill fetch for some query: each as far as it can
+                pairs = self.knn(vectors[pending], fetch, threads)
+                found = [self._hits(labels, dists, k, excl_rows, filter) for labels, dists in pairs]
+                searched = [len(labels) for labels, _ in pairs]
             again = []
-            for qi, (labels, dists) in zip(pending.tolist(), raw):
-                hits = self._hits(labels, dists, k, excl_rows, filter)
+            for qi, hits, n in zip(pending.tolist(), found, searched):
                 results[qi] = hits
-                if len(hits) < k and len(labels) >= fetch and fetch < live:
+                if len(hits) < k and n >= fetch and fetch < live:
                     again.append(qi)  # the filter ate too much: search wider
             if not again:
                 return results
             pending = np.asarray(again)
             fetch = min(live, fetch * 4)
 
-    def _hits(self, labels: np.ndarray, dists: np.ndarray, k: int, excl_rows: set[int],
-              filter: Callable[[Hit], bool] | None) -> list[Hit]:
+    def _valid(self, labels: np.ndarray, excl_rows: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, keep) of hnswlib ``labels`` (any shape): keep is a live row of the label's generation, not excluded."""
         labels = labels.astype(np.uint64, copy=False)
         rows = (labels & np.uint64(ROW_MASK)).astype(np.intp)
         gens = (labels >> np.uint64(ROW_BITS)).astype(np.uint32)
         in_range = rows < self.nrows
         rows = np.where(in_range, rows, 0)
-        ok = in_range & self.live[rows] & (self.gen[rows] == gens)
-        scores = self.scores_of(dists.astype(np.float64)).tolist()
-        ids = self.ids[rows].tolist()
-        versions = self.model_version[rows].tolist()
-        cats = self.categories[rows].tolist()
+        keep = in_range & self.live[rows] & (self.gen[rows] == gens)
+        if excl_rows:
+            keep &= ~np.isin(rows, np.fromiter(excl_rows, dtype=np.intp, count=len(excl_rows)))
+        return rows, keep
+
+    def _hits_block(self, labels: np.ndarray, dists: np.ndarray, k: int, excl_rows: set[int],
+                    filter: Callable[[Hit], bool] | None) -> list[list[Hit]]:
+        """Hits of every query of one hnswlib call: when each query's first ``k`` labels are all kept
+        (the usual case: no deleted, stale or excluded item among them), read column-wise for the
+        whole block, which a batch of queries shares; else query by query."""
+        rows, keep = self._valid(labels, excl_rows)
+        if filter is not None or not keep[:, :k].all():
+            return [self._picked(rows[i], keep[i], dists[i], k, filter) for i in range(len(rows))]
+        rows = rows[:, :k]
+        columns = zip(self.ids[rows].tolist(), self.scores_of(dists[:, :k].astype(np.float64)).tolist(),
+                      self.model_version[rows].tolist(), self.categories[rows].tolist())
+        return [list(map(_new_hit, zip(*query))) for query in columns]
+
+    def _hits(self, labels: np.ndarray, dists: np.ndarray, k: int, excl_rows: set[int],
+              filter: Callable[[Hit], bool] | None) -> list[Hit]:
+        rows, keep = self._valid(labels, excl_rows)
+        return self._picked(rows, keep, dists, k, filter)
+
+    def _picked(self, rows: np.ndarray, keep: np.ndarray, dists: np.ndarray, k: int,
+                filter: Callable[[Hit], bool] | None) -> list[Hit]:
+        """One query's hits: its kept rows in order, the first ``k`` (that pass ``filter``)."""
+        picked = np.flatnonzero(keep)
+        if filter is None:
+            picked = picked[:k]  # only the hits returned are built (a query may search wider than k)
+        rows = rows[picked]
+        hits = map(_new_hit, zip(self.ids[rows].tolist(), self.scores_of(dists[picked].astype(np.float64)).tolist(),
+                                 self.model_version[rows].tolist(), self.categories[rows].tolist()))
+        if filter is None:
+            return list(hits)
         out: list[Hit] = []
-        for j, (good, row) in enumerate(zip(ok.tolist(), rows.tolist())):
-            if not good or row in excl_rows:
-                continue
-            hit = Hit(ids[j], scores[j], versions[j], cats[j])
-            if filter is not None and not filter(hit):
-                continue
-            out.append(hit)
-            if len(out) == k:
-                break
+        for hit in hits:
+            if filter(hit):
+                out.append(hit)
+                if len(out) == k:
+                    break
         return out
 
     # --------------------------------------------------------------- copying

@@ -231,7 +231,8 @@ class ItemIndex:
 
     # --------------------------------------------------------------------- reads
     def query(self, vectors: np.ndarray, k: int, exclude: Collection[str] | None = None,
-              filter: Callable[[Hit], bool] | None = None) -> list[list[Hit]]:
+              filter: Callable[[Hit], bool] | None = None, explore: int = 0,
+              threads: int = 0) -> list[list[Hit]]:
         """The ``k`` most similar live items for each query vector, best first.
 
         Args:
@@ -242,6 +243,9 @@ class ItemIndex:
                 shorten the result.
             filter: predicate on a ``Hit``; the search widens (x4 per round) until
                 ``k`` hits pass or the whole index was searched.
+            explore: candidates to search for at least (hnswlib's search breadth is
+                ``max(ef, candidates)``), of which the best ``k`` are returned: a wider
+                search without building hits that are dropped.
 
         Returns one list per query vector, fewer than ``k`` hits when fewer live
         items qualify (never raises for that).
@@ -250,7 +254,7 @@ class ItemIndex:
             raise InvalidInputError(f"k must be non-negative, got {k}")
         vecs = as_matrix(vectors, self.dim, "query vectors")
         with self._rw.read():
-            return self._s.query(vecs, int(k), exclude, filter)
+            return self._s.query(vecs, int(k), exclude, filter, int(explore), int(threads))
 
     def get(self, item_id: str) -> Entry | None:
         """The stored vector and metadata of ``item_id``, or None if it is not in the index."""

@@ -60,6 +60,9 @@ class RecallBackend(Protocol):
     def recall_for_vector(self, vector: Any, k: int, max_per_category: int | None = None,
                           exclude: Sequence[str] = ()) -> dict[str, Any]: ...
 
+    def recall_together(self, queries: Sequence[req.RecallRequest]) -> list[dict[str, Any] | None]:
+        """A batch's answers that can share one search, None where a query is asked on its own."""
+
 
 # ------------------------------------------------------------------------------ the apps
 class RecallApp:
@@ -151,13 +154,17 @@ class RecallApp:
         return self.service.recall_for_vector(q.vector, q.k, q.max_per_category, q.exclude)
 
     async def _batch(self, queries: Sequence[req.RecallRequest]) -> bytes:
-        """Answers in query order; the queries are split over the pool's threads."""
-        parts = max(1, min(self.limits.search_threads, len(queries)))
-        slices = [list(queries[i::parts]) for i in range(parts)]
-        done = await asyncio.gather(*(self._off_loop(lambda s=s: [self._recall(q) for q in s]) for s in slices))
-        answers: list[Any] = [None] * len(queries)
-        for i, part in enumerate(done):
-            answers[i::parts] = part
+        """Answers in query order: what the backend answers together (one search), then the rest
+        one by one, split over the pool's threads."""
+        answers = await self._off_loop(self.service.recall_together, queries)
+        rest = [n for n, answer in enumerate(answers) if answer is None]
+        parts = max(1, min(self.limits.search_threads, len(rest)))
+        slices = [rest[i::parts] for i in range(parts)]
+        done = await asyncio.gather(*(self._off_loop(lambda s=s: [self._recall(queries[n]) for n in s])
+                                      for s in slices if s))
+        for part, answered in zip(slices, done):
+            for n, answer in zip(part, answered):
+                answers[n] = answer
         return msgspec.json.encode({"results": answers})
 
     def _item(self, item_id: str, query_string: bytes) -> bytes:

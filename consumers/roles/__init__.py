@@ -8,6 +8,7 @@ import importlib
 
 from streamrecall.consumers.clients import check_reachable
 from streamrecall.consumers.start import StartPosition
+from streamrecall.gc_tuning import configure as configure_gc
 from streamrecall.settings import Settings
 
 
@@ -15,6 +16,7 @@ def run_role(role: str, settings: Settings, start: StartPosition) -> None:
     import torch
 
     torch.set_num_threads(settings.torch_threads)
+    configure_gc()
     wiring = importlib.import_module(f"streamrecall.consumers.roles.{role}.wiring")
     check_tables(settings)
     check_reachable(settings)  # before anything is logged: an unreachable broker is one clear line

@@ -229,3 +229,34 @@ def test_concurrent_queries_get_each_item_its_own_vector_from_the_cache():
     for t in threads:
         t.join()
     assert len(answered) == 600 and not wrong, f"{len(wrong)} wrong answers, e.g. {wrong[:3]}"
+
+
+def test_a_batch_on_a_settled_index_is_one_search_answered_as_one_by_one():
+    """``recall_together``: the batch's plain queries (users by stored vector and vectors, uncapped,
+    no exclusions) share one search and get exactly the single form's answers; capped, excluding,
+    unknown-user queries, and every query while the index is not settled, are left to the single
+    form (None)."""
+    from streamrecall.consumers.recall_api.requests import UserRecall, VectorRecall
+
+    state = IndexerState(IndexerOptions(max_k=100), MODEL, IndexerMetrics_())
+    with state.lock, state.model_lock.write():
+        state.replica.apply(decode_update(trained_update()))
+    state.upsert_items(ITEMS)
+    version = state.replica.version
+    state.users["u3"] = UserEntry(state.replica.encode_users(["u3"], [["i3", "i13"]])[0], version, 1, ("i3", "i13"))
+    service = RecallService(state, state.config, QualityMonitor(state.index), lambda: (True, {}))
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((5, MODEL.dim)).astype(np.float32)
+    queries = [VectorRecall(v, 10, None, ()) for v in vectors] + [
+        UserRecall("u3", 10, False, None), VectorRecall(vectors[0], 7, None, ()),   # plain: together
+        VectorRecall(vectors[1], 10, 2, ()), VectorRecall(vectors[2], 10, None, ("i1",)),
+        UserRecall("u3", 10, True, None), UserRecall("nobody", 10, False, None)]     # alone
+    together = service.recall_together(queries)
+    assert [a is None for a in together] == [False] * 7 + [True] * 4
+    for q, answer in zip(queries[:7], together):
+        alone = (service.recall_for_user(q.user_id, q.k) if isinstance(q, UserRecall)
+                 else service.recall_for_vector(q.vector, q.k))
+        assert answer == alone
+    assert together[5]["user_encoded"] == "stored" and len(together[6]["results"]) == 7
+    state.index.upsert(["i0"], state.index.get("i0").vector, EntryMeta(0, 0, 0, ()))  # one stale vector
+    assert service.recall_together(queries) == [None] * len(queries)

@@ -224,3 +224,39 @@ def test_all_at_version_follows_upserts_deletes_copies_and_snapshots(make_index,
     index.snapshot(tmp_path / "snap", {})
     loaded = ItemIndex.load(tmp_path / "snap")[0]
     assert loaded._s.at_version == index._s.at_version == {2: 19, 1: 1}
+
+
+def test_explore_searches_wider_and_returns_the_best_k(make_index, make_vectors):
+    """``explore`` widens hnswlib's search without returning (or building) more than ``k`` hits:
+    the answer is the first ``k`` of a search for ``explore`` candidates."""
+    index = make_index(2000)
+    queries = make_vectors(20)
+    for q in queries:
+        wide = index.query(q, k=200)[0]
+        explored = index.query(q, k=50, explore=200)[0]
+        assert explored == wide[:50]
+    narrow = index.query(queries, k=50)  # at ef=max(ef, k): a narrower search, so never better
+    vecs = np.stack([index.get(f"i{j}").vector for j in range(2000)])
+    truth = [set(np.argsort(-(vecs @ q))[:50].tolist()) for q in queries]
+    found = [{int(h.item_id[1:]) for h in hits} for hits in index.query(queries, k=50, explore=200)]
+    found_narrow = [{int(h.item_id[1:]) for h in hits} for hits in narrow]
+    assert sum(len(t & f) for t, f in zip(truth, found)) >= sum(len(t & f) for t, f in zip(truth, found_narrow))
+
+
+def test_a_block_of_queries_answers_as_each_query_alone(make_index, make_vectors):
+    """Several query vectors are one hnswlib call whose hits are read for the whole block; with
+    deleted, replaced and excluded items among the neighbours, every query's answer is the one it
+    gets alone."""
+    index = make_index(600)
+    index.delete([f"i{j}" for j in range(0, 600, 7)])
+    index.upsert([f"i{j}" for j in range(1, 600, 11)], make_vectors(len(range(1, 600, 11))), meta(2))
+    queries = make_vectors(32)
+    for exclude in (None, {f"i{j}" for j in range(2, 600, 5)}):
+        together = index.query(queries, k=30, exclude=exclude, explore=60, threads=2)
+        alone = [index.query(q, k=30, exclude=exclude, explore=60)[0] for q in queries]
+        assert together == alone
+        assert all(len(hits) == 30 for hits in together)
+        if exclude:
+            assert not exclude & {h.item_id for hits in together for h in hits}
+    fresh = make_index(600)  # nothing deleted: the column-wise read for the whole block
+    assert fresh.query(queries, k=30, threads=2) == [fresh.query(q, k=30)[0] for q in queries]

@@ -81,6 +81,10 @@ class RouterService:
         """Top ``k`` for a caller's own vector over every shard (route ``vector``)."""
         return {"k": k} | self._ask({"vector": vector.tolist()}, k, tuple(exclude), max_per_category)
 
+    def recall_together(self, queries: Sequence[Any]) -> list[dict[str, Any] | None]:
+        """None for every query: each is its own fan-out (the shards answer in parallel anyway)."""
+        return [None] * len(queries)
+
     # -------------------------------------------------------------- fan-out
     def plan(self, k: int, max_per_category: int | None) -> Plan:
         if max_per_category is None:
