@@ -159,9 +159,9 @@ class RecallApp:
         answers = await self._off_loop(self.service.recall_together, queries)
         rest = [n for n, answer in enumerate(answers) if answer is None]
         parts = max(1, min(self.limits.search_threads, len(rest)))
-        slices = [rest[i::parts] for i in range(parts)]
+        slices = [part for part in (rest[i::parts] for i in range(parts)) if part]
         done = await asyncio.gather(*(self._off_loop(lambda s=s: [self._recall(queries[n]) for n in s])
-                                      for s in slices if s))
+                                      for s in slices))
         for part, answered in zip(slices, done):
             for n, answer in zip(part, answered):
                 answers[n] = answer
