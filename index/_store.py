@@ -255,8 +255,10 @@ class Store:
         halved k until it succeeds, and may return fewer than k.
         """
         block = self._knn_block(vectors, k, threads)
-        if block is not None:
-            return list(zip(*block))
+        return list(zip(*block)) if block is not None else self._knn_each(vectors, k)
+
+    def _knn_each(self, vectors: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each query alone, as many results as hnswlib can fill (after one call for all of them failed)."""
         out = []
         for v in vectors:  # binary search for the largest k hnswlib can fill for this query
             best = (np.empty(0, np.uint64), np.empty(0, np.float32))
@@ -300,8 +302,8 @@ class Store:
                 found = self._hits_block(block[0], block[1], k, excl_rows, filter)
                 searched = [fetch] * len(found)
             else:  # hnswlib could not fill fetch for some query: each as far as it can
-                pairs = self.knn(vectors[pending], fetch, threads)
-                found = [self._hits(labels, dists, k, excl_rows, filter) for labels, dists in pairs]
+                pairs = self._knn_each(vectors[pending], fetch)
+                found = [self._picked(*self._valid(labels, excl_rows), dists, k, filter) for labels, dists in pairs]
                 searched = [len(labels) for labels, _ in pairs]
             again = []
             for qi, hits, n in zip(pending.tolist(), found, searched):
@@ -333,15 +335,8 @@ class Store:
         rows, keep = self._valid(labels, excl_rows)
         if filter is not None or not keep[:, :k].all():
             return [self._picked(rows[i], keep[i], dists[i], k, filter) for i in range(len(rows))]
-        rows = rows[:, :k]
-        columns = zip(self.ids[rows].tolist(), self.scores_of(dists[:, :k].astype(np.float64)).tolist(),
-                      self.model_version[rows].tolist(), self.categories[rows].tolist())
-        return [list(map(_new_hit, zip(*query))) for query in columns]
-
-    def _hits(self, labels: np.ndarray, dists: np.ndarray, k: int, excl_rows: set[int],
-              filter: Callable[[Hit], bool] | None) -> list[Hit]:
-        rows, keep = self._valid(labels, excl_rows)
-        return self._picked(rows, keep, dists, k, filter)
+        columns = self._columns(rows[:, :k], dists[:, :k])
+        return [list(map(_new_hit, zip(*query))) for query in zip(*columns)]
 
     def _picked(self, rows: np.ndarray, keep: np.ndarray, dists: np.ndarray, k: int,
                 filter: Callable[[Hit], bool] | None) -> list[Hit]:
@@ -349,9 +344,7 @@ class Store:
         picked = np.flatnonzero(keep)
         if filter is None:
             picked = picked[:k]  # only the hits returned are built (a query may search wider than k)
-        rows = rows[picked]
-        hits = map(_new_hit, zip(self.ids[rows].tolist(), self.scores_of(dists[picked].astype(np.float64)).tolist(),
-                                 self.model_version[rows].tolist(), self.categories[rows].tolist()))
+        hits = map(_new_hit, zip(*self._columns(rows[picked], dists[picked])))
         if filter is None:
             return list(hits)
         out: list[Hit] = []
@@ -361,6 +354,11 @@ class Store:
                 if len(out) == k:
                     break
         return out
+
+    def _columns(self, rows: np.ndarray, dists: np.ndarray) -> tuple[list, list, list, list]:
+        """Ids, scores, versions and categories of ``rows`` (one query's, or a block's: nested lists)."""
+        return (self.ids[rows].tolist(), self.scores_of(dists.astype(np.float64)).tolist(),
+                self.model_version[rows].tolist(), self.categories[rows].tolist())
 
     # --------------------------------------------------------------- copying
     def copy(self) -> "Store":

@@ -176,16 +176,19 @@ def command(n_items: int, n_queries: int, concurrency: tuple[int, ...], batch_si
             # recall). Raw at ef=k, a narrower search with a lower recall, is reported beside it.
             breadth = max(options.ef, math.ceil(options.rescore_factor * k))
             same, narrow = _raw(values, queries, k, (breadth, k), batch_size, threads)
-            raw_note = (f"raw knn_query {same.single:,.0f}/s at the API's search breadth (ef={same.ef}, recall@{k} "
+
+            def raw_note(qps: float) -> str:
+                return (f"raw knn_query {same.single:,.0f}/s at the API's search breadth (ef={same.ef}, recall@{k} "
                         f"{same.recall:.3f}; at ef={narrow.ef} {narrow.single:,.0f}/s, recall {narrow.recall:.3f}, "
-                        f"ratio {{narrow:.3f}}), 1 thread, {n_items} items")
+                        f"ratio {qps / narrow.single:.3f}), 1 thread, {n_items} items")
+
             bodies = [json.dumps({"vector": q.tolist(), "k": k}) for q in queries[:n_queries]]
             for c in concurrency:
                 load = _drive(system, "/recall", bodies, c, n_queries)
                 results += [
                     result(f"POST /recall k={k}, {c} kept-alive", "queries/s", load.qps,
                            ratio_to_raw=load.qps / same.single,
-                           extra=f"{raw_note.format(narrow=load.qps / narrow.single)}; {_cpu_note(load)}"),
+                           extra=f"{raw_note(load.qps)}; {_cpu_note(load)}"),
                     result(f"POST /recall k={k}, {c} kept-alive, p50", "s", load.p50),
                     result(f"POST /recall k={k}, {c} kept-alive, p99", "s", load.p99),
                 ]
