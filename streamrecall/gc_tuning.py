@@ -7,8 +7,8 @@ as if long-lived, and the oldest generation fills with them: full collections, w
 tracked object of the process (the catalog, the users, the histories), then ran about every
 0.3 s under batch load, ~57 ms each at 20,000 items, and they grow with the state (seconds at a
 million items). With the youngest generation collected every 50,000 allocations a request's
-objects die before a collection sees them; measured with ``streamrecall bench query``'s batch
-form on the indexer: 70 full collections in one run down to 1, and 3,368 → 5,629 queries/s
+objects die before a collection sees them; measured on the indexer under ``streamrecall bench
+query``'s batch load (a scratch driver with a ``gc.callbacks`` timer, one run each): 70 full collections in one run down to 1, and 3,368 → 5,629 queries/s
 (docs/benchmarks.md). Cyclic garbage is still collected, just later; memory is unchanged
 (allocations are reference-counted and freed at once whatever the collector does).
 
