@@ -7,9 +7,10 @@ from .errors import IndexStoreError, InvalidInputError, RebuildInProgressError, 
 from ._rwlock import RWLock
 from .hnsw import EncodeFn, ItemIndex
 from .quality import QualityMonitor, QualityReport, measure_quality
-from .types import Entry, EntryMeta, Hit
+from .types import Block, Entry, EntryMeta, Hit
 
 __all__ = [
+    "Block",
     "EncodeFn",
     "Entry",
     "EntryMeta",

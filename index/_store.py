@@ -34,7 +34,8 @@ import hnswlib
 import numpy as np
 
 from .errors import IndexStoreError, InvalidInputError
-from .types import Entry, EntryMeta, Hit
+from .json_rows import item_members
+from .types import Block, Entry, EntryMeta, Hit
 
 ROW_BITS = 32
 ROW_MASK = (1 << ROW_BITS) - 1
@@ -42,6 +43,8 @@ ROW_MASK = (1 << ROW_BITS) - 1
 _new_hit = partial(tuple.__new__, Hit)
 MAX_GENERATION = (1 << 32) - 1
 SPACES = ("ip", "cosine", "l2")
+#: The per-row tables (arrays indexed by row).
+COLUMNS = ("ids", "gen", "live", "model_version", "encoded_at_ms", "event_ts_ms", "categories", "members")
 
 
 @dataclass(frozen=True)
@@ -105,13 +108,14 @@ class Store:
         self.encoded_at_ms = np.zeros(n, dtype=np.int64)
         self.event_ts_ms = np.zeros(n, dtype=np.int64)
         self.categories = np.empty(n, dtype=object)
+        self.members = np.empty(n, dtype=object)  # each item's id and categories as JSON (json_rows.py)
 
     def _grow_rows(self, need: int) -> None:
         cap = len(self.gen)
         if need <= cap:
             return
         new = max(need, 2 * cap)
-        for name in ("ids", "gen", "live", "model_version", "encoded_at_ms", "event_ts_ms", "categories"):
+        for name in COLUMNS:
             old = getattr(self, name)
             arr = np.zeros(new, dtype=old.dtype) if old.dtype != object else np.empty(new, dtype=object)
             arr[:cap] = old
@@ -180,10 +184,11 @@ class Store:
         self.at_version.update(m.model_version for m in metas)
         self.encoded_at_ms[rows] = [m.encoded_at_ms for m in metas]
         self.event_ts_ms[rows] = [m.event_ts_ms for m in metas]
-        cats, interned = self.categories, self._categories
-        for row, m in zip(rows.tolist(), metas):
+        cats, interned, members = self.categories, self._categories, self.members
+        for row, item_id, m in zip(rows.tolist(), ids, metas):
             c = m.categories if type(m.categories) is tuple else tuple(m.categories)
             cats[row] = interned.setdefault(c, c)  # one tuple object per distinct category set
+            members[row] = item_members(item_id, c)
 
     def _roll_back(self, ids: Sequence[str], rows: np.ndarray, labels: np.ndarray) -> None:
         """After a failed insert: drop the whole chunk, so no half-written id stays visible."""
@@ -216,6 +221,7 @@ class Store:
         self.live[row] = False
         self.ids[row] = None
         self.categories[row] = None
+        self.members[row] = None
         self.free.append(row)
 
     def delete(self, ids: Collection[str]) -> int:
@@ -315,6 +321,22 @@ class Store:
             pending = np.asarray(again)
             fetch = min(live, fetch * 4)
 
+    def query_block(self, vectors: np.ndarray, k: int, explore: int, threads: int) -> Block | None:
+        """The first ``k`` of each query's ``max(k, explore)`` nearest as columns, without a Hit per row;
+        None when hnswlib could not fill the search for some query, or some query's first ``k``
+        hold a row that is not live at its label's generation (then :meth:`query` sorts it out)."""
+        live = self.size
+        if live == 0 or k <= 0:
+            return None
+        block = self._knn_block(vectors, min(live, max(k, explore)), threads)
+        if block is None:
+            return None
+        labels, dists = block[0][:, :k], block[1][:, :k]
+        rows, keep = self._valid(labels, set())
+        if not keep.all():
+            return None
+        return Block(self.ids[rows], self.members[rows], self.scores_of(dists.astype(np.float64)))
+
     def _valid(self, labels: np.ndarray, excl_rows: set[int]) -> tuple[np.ndarray, np.ndarray]:
         """(rows, keep) of hnswlib ``labels`` (any shape): keep is a live row of the label's generation, not excluded."""
         labels = labels.astype(np.uint64, copy=False)
@@ -373,6 +395,6 @@ class Store:
         dup.at_version = Counter(self.at_version)
         dup.nrows = self.nrows
         n = self.nrows
-        for name in ("ids", "gen", "live", "model_version", "encoded_at_ms", "event_ts_ms", "categories"):
+        for name in COLUMNS:
             setattr(dup, name, getattr(self, name)[:n].copy())
         return dup

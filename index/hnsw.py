@@ -37,7 +37,7 @@ from . import snapshot as _snapshot
 from ._rwlock import RWLock
 from ._store import SPACES, Params, Store, as_matrix
 from .errors import InvalidInputError, RebuildInProgressError
-from .types import Entry, EntryMeta, Hit
+from .types import Block, Entry, EntryMeta, Hit
 
 UPDATE_COST = 8
 """Replacing an id costs about this many inserts (hnswlib retire + slot reuse, measured ~6-8x)."""
@@ -255,6 +255,19 @@ class ItemIndex:
         vecs = as_matrix(vectors, self.dim, "query vectors")
         with self._rw.read():
             return self._s.query(vecs, int(k), exclude, filter, int(explore), int(threads))
+
+    def query_block(self, vectors: np.ndarray, k: int, explore: int = 0, threads: int = 0) -> Block | None:
+        """What :meth:`query` returns without ``exclude`` or ``filter``, as columns (a
+        :class:`~streamrecall.index.types.Block` of shape (queries, k): ids, JSON members,
+        scores), for callers that encode answers without a Python object per hit
+        (index/json_rows.py). None when some query needs :meth:`query`'s care (hnswlib could not
+        fill its search, or a stale node is among its first ``k``): ask :meth:`query` then.
+        """
+        if k < 0:
+            raise InvalidInputError(f"k must be non-negative, got {k}")
+        vecs = as_matrix(vectors, self.dim, "query vectors")
+        with self._rw.read():
+            return self._s.query_block(vecs, int(k), int(explore), int(threads))
 
     def get(self, item_id: str) -> Entry | None:
         """The stored vector and metadata of ``item_id``, or None if it is not in the index."""

@@ -38,6 +38,7 @@ from streamrecall.atomicfile import atomic_write, fsync_dir
 
 from ._store import Params, Store
 from .errors import SnapshotError
+from .json_rows import item_members
 
 FORMAT = 1
 CURRENT = "CURRENT"
@@ -229,8 +230,9 @@ def _fill_tables(store: Store, items: ItemsFile) -> None:
     store.event_ts_ms[rows] = np.frombuffer(items.event_ts_ms, dtype="<i8")
     sets = [store._categories.setdefault(tuple(c), tuple(c)) for c in items.category_sets]
     cat_idx = np.frombuffer(items.category_idx, dtype="<i4").tolist()
-    for row, ci in zip(rows.tolist(), cat_idx):
+    for row, item_id, ci in zip(rows.tolist(), items.ids, cat_idx):
         store.categories[row] = sets[ci]
+        store.members[row] = item_members(item_id, sets[ci])
     store.row_of = dict(zip(items.ids, rows.tolist()))
     store.free = np.flatnonzero(~store.live[:n]).tolist()[::-1]
     store.recount()

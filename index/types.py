@@ -41,3 +41,12 @@ class Entry(NamedTuple):
     item_id: str
     vector: np.ndarray
     meta: EntryMeta
+
+
+class Block(NamedTuple):
+    """Results of several queries as columns, each of shape (queries, k), best first:
+    the ids, their JSON members (index/json_rows.py) and their scores."""
+
+    ids: np.ndarray
+    members: np.ndarray
+    scores: np.ndarray

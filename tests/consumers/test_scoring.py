@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -57,6 +58,11 @@ def IndexerMetrics_():  # noqa: N802 - a fresh registry per state
 
 
 @torch.no_grad()
+def read(answer: dict) -> dict:
+    """An answer as a client reads it: its rows come encoded (msgspec.Raw), so through JSON."""
+    return msgspec.json.decode(msgspec.json.encode(answer))
+
+
 def exact_top(state: IndexerState, user_id: str, recent: tuple[str, ...], k: int) -> list[str]:
     u = state.replica.encode_users([user_id], [list(recent)])[0]
     v = state.replica.encode_items(ITEMS)
@@ -65,7 +71,7 @@ def exact_top(state: IndexerState, user_id: str, recent: tuple[str, ...], k: int
 
 def test_a_user_vector_of_an_older_version_is_encoded_at_query_time_and_items_rescored():
     state, service = make_state(rescore_factor=100.0)  # every item a candidate: the answer must be exact
-    answer = service.recall_for_user("u3", 10)
+    answer = read(service.recall_for_user("u3", 10))
     assert answer["user_encoded"] == "query-time" and answer["compatible"] is True
     assert answer["model_versions"]["scored"] == state.replica.version == 1
     assert [r["item_id"] for r in answer["results"]] == exact_top(state, "u3", ("i3", "i13", "i23"), 10)
@@ -77,7 +83,7 @@ def test_a_stored_vector_of_the_current_version_is_used_as_it_is():
     state, service = make_state(rescore_factor=100.0)
     stored = state.replica.encode_users(["u3"], [["i3"]])[0]
     state.users["u3"] = UserEntry(stored, state.replica.version, 1, ("i3", "i13", "i23"))
-    answer = service.recall_for_user("u3", 10)
+    answer = read(service.recall_for_user("u3", 10))
     assert answer["user_encoded"] == "stored"
     assert [r["item_id"] for r in answer["results"]] == exact_top(state, "u3", ("i3",), 10)
 
@@ -85,7 +91,7 @@ def test_a_stored_vector_of_the_current_version_is_used_as_it_is():
 def test_raw_vector_queries_are_rescored_by_the_current_item_tower():
     state, service = make_state(rescore_factor=100.0)
     query = state.replica.encode_users(["u5"], [["i5", "i15"]])[0]
-    answer = service.recall_for_vector(query, 5)
+    answer = read(service.recall_for_vector(query, 5))
     v = state.replica.encode_items(ITEMS)
     assert [r["item_id"] for r in answer["results"]] == [ITEMS[j].item_id for j in np.argsort(-(v @ query))[:5]]
     assert answer["model_versions"]["scored"] == 1
@@ -170,10 +176,10 @@ def test_a_settled_index_answers_from_the_graph_exactly_as_re_scoring_would(monk
     real = api.rescore
     monkeypatch.setattr(api, "rescore", lambda *a: rescored.append(1) or real(*a))
     u = state.replica.encode_users(["u3"], [["i3", "i13"]])[0]
-    fast = service.recall_for_vector(u, 10)
+    fast = read(service.recall_for_vector(u, 10))
     assert rescored == []
     monkeypatch.setattr(state.index, "all_at_version", lambda v: False)  # force the re-scoring path
-    slow = service.recall_for_vector(u, 10)
+    slow = read(service.recall_for_vector(u, 10))
     assert rescored == [1]
     assert [r["item_id"] for r in fast["results"]] == [r["item_id"] for r in slow["results"]]
     np.testing.assert_allclose([r["score"] for r in fast["results"]], [r["score"] for r in slow["results"]],
@@ -256,7 +262,7 @@ def test_a_batch_on_a_settled_index_is_one_search_answered_as_one_by_one():
     for q, answer in zip(queries[:7], together):
         alone = (service.recall_for_user(q.user_id, q.k) if isinstance(q, UserRecall)
                  else service.recall_for_vector(q.vector, q.k))
-        assert answer == alone
-    assert together[5]["user_encoded"] == "stored" and len(together[6]["results"]) == 7
+        assert read(answer) == read(alone)
+    assert together[5]["user_encoded"] == "stored" and len(read(together[6])["results"]) == 7
     state.index.upsert(["i0"], state.index.get("i0").vector, EntryMeta(0, 0, 0, ()))  # one stale vector
     assert service.recall_together(queries) == [None] * len(queries)

@@ -45,3 +45,27 @@ def test_monitor_uses_observed_queries(make_index, make_vectors):
         mon.observe(v)
     rep = mon.measure()
     assert rep.sampled == 20 and rep.recall_at_10 >= 0.95 and mon.last is rep
+
+
+def test_the_reservoir_is_a_uniform_sample_of_everything_observed(make_index):
+    """Algorithm L's skips: over many runs fed in batches of varying size, every position of the
+    stream is kept about equally often (early ones no more than late ones), and the reservoir
+    holds exactly ``sample_size`` vectors once that many were seen."""
+    index = make_index(5)
+    n, size, runs = 1000, 20, 1500
+    kept = np.zeros(n)
+    sizes = np.random.default_rng(5)
+    for run in range(runs):
+        mon = QualityMonitor(index, sample_size=size, seed=run)
+        stream = np.arange(n, dtype=np.float32).reshape(-1, 1)
+        at = 0
+        while at < n:
+            step = int(sizes.integers(1, 70))
+            mon.observe(stream[at:at + step])
+            at += step
+        assert len(mon._reservoir) == size
+        kept[[int(v[0]) for v in mon._reservoir]] += 1
+    expected = runs * size / n  # 30 per position
+    deciles = kept.reshape(10, -1).sum(axis=1) / (expected * n / 10)
+    assert np.all(np.abs(deciles - 1.0) < 0.1), deciles
+    assert kept.max() < 3 * expected and kept.min() > 0

@@ -7,21 +7,10 @@ import gc
 from typing import Iterator
 
 import msgspec
-import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
-from streamrecall.consumers.recall_api import requests as req
-from streamrecall.consumers.roles.indexer.http_api import RecallService
-from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
-from streamrecall.consumers.roles.indexer.options import IndexerOptions
-from streamrecall.consumers.roles.indexer.state import IndexerState
-from streamrecall.events import Item
 from streamrecall.gc_tuning import YOUNG_THRESHOLD, configure, freeze_state
-from streamrecall.index import QualityMonitor
-from streamrecall.model import ModelConfig
 
-MODEL = ModelConfig(dim=16, hidden=32, id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
 
 
 @pytest.fixture
@@ -45,19 +34,23 @@ def collector() -> Iterator[list[int]]:
 
 
 def _answer_batches(n: int) -> None:
-    """The indexer's ``/recall/batch`` of 64 vectors, k=100, ``n`` times: decode, search, encode."""
-    state = IndexerState(IndexerOptions(max_k=100), MODEL, IndexerMetrics(CollectorRegistry()))
-    state.upsert_items([Item(item_id=f"i{i}", created_at=i, categories=(f"c{i % 5}",), title=f"w{i % 7}")
-                        for i in range(300)])
-    service = RecallService(state, state.config, QualityMonitor(state.index), lambda: (True, {}))
-    limits = req.Limits(dim=MODEL.dim, max_k=100, max_batch=64)
-    rng = np.random.default_rng(0)
-    body = msgspec.json.encode({"k": 100, "queries": [{"vector": v.tolist()} for v in
-                                                      rng.standard_normal((64, MODEL.dim))]})
+    """What the router does for a ``/recall/batch`` of 64 queries, k=100, ``n`` times: each query's
+    two shard replies decoded (a dict per row), the merged rows built as dicts, the answers
+    encoded. The indexer no longer builds an object per row for a batch (index/json_rows.py);
+    the router, the popular answers and a trainer round's batch still hold this many at once."""
+    rows = [{"rank": j + 1, "item_id": f"i{j}", "score": 1.0 / (j + 1), "model_version": 3, "categories": ["c1"]}
+            for j in range(100)]
+    reply = msgspec.json.encode({"route": "vector", "version": 3, "user_encoded": None, "rows": rows})
     for _ in range(n):
-        answers = service.recall_together(req.batch_request(body, limits))
-        assert all(a is not None and len(a["results"]) == 100 for a in answers)
-        msgspec.json.encode({"results": answers})
+        answers = []
+        for _query in range(64):
+            replies = [msgspec.json.decode(reply) for _shard in range(2)]
+            merged = sorted((r for one in replies for r in one["rows"]), key=lambda r: -r["score"])[:100]
+            answers.append({"route": "vector", "results": [
+                {"rank": n + 1, "item_id": r["item_id"], "score": r["score"], "model_version": r["model_version"],
+                 "categories": r["categories"]} for n, r in enumerate(merged)]})
+        encoded = msgspec.json.encode({"results": answers})
+    assert [len(a["results"]) for a in msgspec.json.decode(encoded)["results"]] == [100] * 64
 
 
 def _long_lived_state() -> list[list[int]]:

@@ -25,13 +25,15 @@ from streamrecall.consumers.roles.indexer.scoring import (
     QueryVector,
     SampledQuery,
     Scored,
+    Settled,
     UserQuery,
     VectorQuery,
     current_vector,
     rescore,
 )
 from streamrecall.consumers.roles.indexer.state import IndexerState
-from streamrecall.index import Hit, QualityMonitor
+from streamrecall.index import QualityMonitor
+from streamrecall.index.json_rows import encode_rows
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,14 @@ class RecallService:
             return {"user_id": user_id, "k": k} | self._popular(k, max_per_category)
         exclude = set(user.recent_items) if exclude_seen else None
         query = UserQuery(user_id, user)
-        return self._user_answer(query, k, exclude, max_per_category,
-                                 self.search(query, k, exclude, max_per_category))
+        scored = self.search(query, k, exclude, max_per_category)
+        self.monitor.observe(scored.vector)
+        return self._user_answer(query, k, exclude, max_per_category, scored)
 
     def recall_for_vector(self, vector: np.ndarray, k: int, max_per_category: int | None = None,
                           exclude: Iterable[str] = ()) -> dict[str, Any]:
         excluded = set(exclude) or None
+        self.monitor.observe(vector)
         return self._vector_answer(vector, k, excluded, max_per_category,
                                    self.search(VectorQuery(vector), k, excluded, max_per_category))
 
@@ -113,7 +117,10 @@ class RecallService:
         for k, group in by_k.items():
             fetch = self._fetch(k)
             scored = self._search_settled([query for _, query in group], k, fetch, None)
-            for (n, query), one in zip(group, scored or ()):
+            if scored is None:
+                continue
+            self.monitor.observe(np.stack([one.vector for one in scored]))
+            for (n, query), one in zip(group, scored):
                 out[n] = (self._user_answer(query, k, None, None, one) if isinstance(query, UserQuery)
                           else self._vector_answer(one.vector, k, None, None, one))
         return out
@@ -132,22 +139,20 @@ class RecallService:
         return user
 
     def _user_answer(self, query: UserQuery, k: int, exclude: set[str] | None, max_per_category: int | None,
-                     scored: Scored) -> dict[str, Any]:
+                     scored: Scored | Settled) -> dict[str, Any]:
         user = query.entry
-        self.monitor.observe(scored.vector)
         self.sampler.offer(SampledQuery(query.user_id, user.recent_items, None, k, exclude, max_per_category))
         encoded = "stored" if query.used_stored else "query-time"
         self.state.metrics.user_encodes.labels(encoded).inc()
         return {"user_id": query.user_id, "k": k, "route": "user-vector", "compatible": True,
                 "user_encoded": encoded, "model_versions": self._versions(user.model_version, scored.version),
-                "results": _results(scored.hits, scored.version)}
+                "results": scored.results()}
 
     def _vector_answer(self, vector: np.ndarray, k: int, exclude: set[str] | None, max_per_category: int | None,
-                       scored: Scored) -> dict[str, Any]:
-        self.monitor.observe(vector)
+                       scored: Scored | Settled) -> dict[str, Any]:
         self.sampler.offer(SampledQuery(None, (), vector, k, exclude, max_per_category))
         return {"route": "vector", "k": k, "model_versions": self._versions(None, scored.version),
-                "results": _results(scored.hits, scored.version)}
+                "results": scored.results()}
 
     def shard_recall(self, q: ShardRecall) -> dict[str, Any]:
         """This shard's exact top ``q.k`` for the router (``POST /recall/shard``): no caps (the router
@@ -175,10 +180,10 @@ class RecallService:
             encoded = "stored" if query.used_stored else "query-time"
             state.metrics.user_encodes.labels(encoded).inc()
         return {"route": "user-vector" if q.user is not None else "vector", "version": scored.version,
-                "user_encoded": encoded, "rows": _results(scored.hits, scored.version)}
+                "user_encoded": encoded, "rows": scored.results()}
 
     def search(self, query: QueryVector, k: int, exclude: set[str] | None,
-               max_per_category: int | None) -> Scored:
+               max_per_category: int | None) -> Scored | Settled:
         """The top ``k`` by the current towers: candidates from the graph, re-scored exactly.
 
         The graph supplies ``rescore_factor × k`` candidates; their vectors are computed now by
@@ -212,7 +217,7 @@ class RecallService:
         return min(len(self.state.index), max(k, math.ceil(k * self.config.rescore_factor)))
 
     def _search_settled(self, queries: Sequence[QueryVector], k: int, fetch: int,
-                        exclude: set[str] | None) -> list[Scored] | None:
+                        exclude: set[str] | None) -> Sequence[Scored | Settled] | None:
         """The answers straight from the graph when every indexed vector is of the replica's current
         version (a settled index: no update since the last re-encode finished), else None.
 
@@ -221,17 +226,22 @@ class RecallService:
         read of the towers: no update can land between them, and a re-encode writes vectors of a
         newer version only after an update did. The graph explores ``fetch`` candidates, as
         widely as the re-scoring path, and the best ``k`` are kept. Several queries are one
-        hnswlib call on ``search_threads`` threads.
+        hnswlib call on ``search_threads`` threads, and without exclusions their rows are read
+        and encoded as columns for the whole block (index/json_rows.py), no Hit per row.
         """
-        state = self.state
+        state, index, threads = self.state, self.state.index, self.config.search_threads
         with state.model_lock.read():
             version = state.replica.version
-            if not state.index.all_at_version(version):
+            if not index.all_at_version(version):
                 return None
             vectors = [query.at(state.replica) for query in queries]
-            found = state.index.query(np.stack(vectors), k, exclude=exclude, explore=fetch,
-                                      threads=self.config.search_threads)
-        return [Scored(hits, version, vector) for hits, vector in zip(found, vectors)]
+            matrix = np.stack(vectors)
+            block = None if exclude else index.query_block(matrix, k, explore=fetch, threads=threads)
+            if block is None:  # exclusions, or a query the block form leaves to query()
+                found = index.query(matrix, k, exclude=exclude, explore=fetch, threads=threads)
+                return [Scored(hits, version, vector) for hits, vector in zip(found, vectors)]
+        rows = encode_rows(block.members, block.scores, version)
+        return [Settled(ids, one, version, vector) for ids, one, vector in zip(block.ids, rows, vectors)]
 
     def _popular(self, k: int, max_per_category: int | None) -> dict[str, Any]:
         """Users without a vector: the trainer's trending items (minus deleted), else the newest items."""
@@ -279,16 +289,3 @@ class RecallService:
             out["vector"] = [round(float(v), 7) for v in vector]
         return out
 
-
-def _results(hits: Sequence[Hit], version: int) -> list[dict[str, Any]]:
-    """Scores come from model ``version`` (the re-scoring), whichever version the graph holds.
-
-    Built column-wise (one rounding of every score by numpy, categories as the tuples the index
-    holds, encoded as JSON arrays): per-hit ``round`` and ``list`` were two thirds of this step.
-    """
-    if not hits:
-        return []
-    ids, scores, _, categories = zip(*hits)
-    rounded = np.round(np.asarray(scores, dtype=np.float64), 6).tolist()
-    return [{"rank": n, "item_id": i, "score": s, "model_version": version, "categories": c}
-            for n, i, s, c in zip(range(1, len(ids) + 1), ids, rounded, categories)]

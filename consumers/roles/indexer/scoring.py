@@ -19,9 +19,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence
 
+import msgspec
 import numpy as np
 
 from streamrecall.index import Hit
+from streamrecall.index.json_rows import encode_rows, item_members
 from streamrecall.model.features import ItemLike
 from streamrecall.model.replica import TowerReplica
 
@@ -86,6 +88,34 @@ class Scored:
 
     def with_hits(self, hits: list[Hit]) -> "Scored":
         return Scored(hits, self.version, self.vector)
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [h.item_id for h in self.hits]
+
+    def results(self) -> msgspec.Raw:
+        """The answer's rows as JSON (index/json_rows.py); scores from model ``version``."""
+        members = np.empty((1, len(self.hits)), dtype=object)
+        members[0, :] = [item_members(h.item_id, h.categories) for h in self.hits]
+        return encode_rows(members, np.array([[h.score for h in self.hits]], dtype=np.float64), self.version)[0]
+
+
+@dataclass(frozen=True)
+class Settled:
+    """An answer straight from a settled graph (every vector of the scoring version, so the graph's
+    scores are exact): its rows were encoded with the rest of its batch, no Hit per row."""
+
+    ids: np.ndarray  # the items, best first
+    rows: msgspec.Raw
+    version: int
+    vector: np.ndarray
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self.ids.tolist()
+
+    def results(self) -> msgspec.Raw:
+        return self.rows
 
 
 class ItemVectorCache:
@@ -280,5 +310,5 @@ class ServingMonitor:
             exact = {it.item_id for it in ranked[: q.k]}
             if not exact:
                 return None
-            return len(exact & {h.item_id for h in served.hits}) / len(exact)
+            return len(exact & set(served.item_ids)) / len(exact)
         return None

@@ -170,8 +170,8 @@ class RouterService:
         out["partial"] = bool(missing)
         out["shards"] = {"total": len(self.client), "answered": sorted(answers),
                          "missing": {str(s): why for s, why in sorted(missing.items())}}
-        out["results"] = [{"rank": r["rank"], "item_id": r["item_id"], "score": r["score"],
-                           "model_version": r["model_version"], "categories": r["categories"]} for r in rows]
+        out["results"] = [{"rank": r["rank"], "item_id": r["item_id"], "categories": r["categories"],
+                           "score": r["score"], "model_version": r["model_version"]} for r in rows]
         return out
 
 

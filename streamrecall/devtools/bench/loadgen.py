@@ -8,18 +8,27 @@ request as soon as the answer to the previous one has been read, the way a poole
 cheap: a thread per connection would spend the cores on the GIL instead of on the server.
 
 Input (stdin): a JSON object ``{"host", "port", "path", "bodies": [str], "concurrency",
-"requests", "warmup"}``. Output (stdout): one JSON object with ``qps``, ``latencies_s``
-(sorted), ``errors``, ``cpu_s`` and ``wall_s``.
+"requests", "warmup", "server_pids"}``. Output (stdout): one JSON object with ``qps``,
+``latencies_s`` (sorted), ``errors``, ``cpu_s`` (this process), ``server_cpu_s`` (the
+``server_pids`` together, from /proc) and ``wall_s``, all over the timed requests only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class HttpFailure(Exception):
@@ -72,14 +81,15 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.gather(*(_one_connection(host, port, requests[:max(1, warmup // concurrency)], warm)
                            for _ in range(concurrency)))
     latencies: list[float] = []
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    servers = [int(pid) for pid in spec.get("server_pids", ())]
+    cpu0, server0 = resource.getrusage(resource.RUSAGE_SELF), sum(map(cpu_seconds, servers))
     started = time.perf_counter()
     errors = sum(await asyncio.gather(*(_one_connection(host, port, part, latencies) for part in per_conn)))
     wall = time.perf_counter() - started
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu1, server1 = resource.getrusage(resource.RUSAGE_SELF), sum(map(cpu_seconds, servers))
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {"qps": len(latencies) / wall, "latencies_s": sorted(latencies), "errors": errors,
-            "cpu_s": cpu, "wall_s": wall}
+            "cpu_s": cpu, "server_cpu_s": server1 - server0, "wall_s": wall}
 
 
 def main() -> None:

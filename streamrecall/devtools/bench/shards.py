@@ -33,7 +33,8 @@ import numpy as np
 
 from streamrecall.devtools.bench import Result, json_option, report, result
 from streamrecall.devtools.bench.freshness import _item
-from streamrecall.devtools.bench.query import _cpu_note, _cpu_seconds, _drive
+from streamrecall.devtools.bench.loadgen import cpu_seconds
+from streamrecall.devtools.bench.query import _cpu_note, _drive
 from streamrecall.devtools.harness import LocalSystem
 
 MODEL = {"id_buckets": 1 << 17, "estimator_buckets": 1 << 17}
@@ -143,10 +144,10 @@ def command(n_items: int, partitions: int, n_queries: int, concurrency: tuple[in
                 routed, router_ms = {}, {}
                 for n in (1, 2):
                     pid = system.processes[f"router{n}"].process.pid  # type: ignore[union-attr]
-                    before = _cpu_seconds(pid)
+                    before = cpu_seconds(pid)
                     routed[n] = _drive(system, "/recall", bodies, c, n_queries, name=f"router{n}",
                                        servers=("single",) if n == 1 else ("shard0", "shard1"))
-                    router_ms[n] = (_cpu_seconds(pid) - before) * 1000 / n_queries  # warm-up included: a bit high
+                    router_ms[n] = (cpu_seconds(pid) - before) * 1000 / n_queries  # warm-up included: a bit high
                 extra = f"k={K}, {c} kept-alive; {_load_note()}"
                 results += [result(f"POST /recall, 1 indexer direct, {c} conn", "queries/s", direct.qps,
                                    extra=f"{extra}; {_cpu_note(direct)}"),
