@@ -171,3 +171,30 @@ def test_a_rebuild_records_how_long_it_took():
     state.upsert_items(make_items(50))
     worker = run_jobs(state, Job(version=1))
     assert worker._last_rebuild_s > 0 and worker._last_rebuild > 0
+
+
+def test_quality_measurements_keep_to_their_busy_share(monkeypatch):
+    """recall@10 reads every live vector (seconds at a million items): measurements start at most
+    every quality_interval_s and no sooner than their last duration / QUALITY_BUSY_SHARE after."""
+    import types
+
+    import streamrecall.consumers.roles.indexer.reencoder as reencoder
+
+    clock = [1000.0]
+    monkeypatch.setattr(reencoder, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    state = make_state(quality_interval_s=30.0)
+    state.upsert_items(make_items(20))
+    worker = Reencoder(state, QualityMonitor(state.index))
+    measured: list[float] = []
+
+    def slow_measure():  # each measurement takes 10 s of the fake clock
+        measured.append(clock[0])
+        clock[0] += 10.0
+        return QualityMonitor(state.index).measure()
+
+    monkeypatch.setattr(worker.monitor, "measure", slow_measure)
+    for _ in range(400):  # 400 s of loop iterations, one a second
+        clock[0] += 1.0
+        worker._maybe_measure()
+    gaps = [b - a for a, b in zip(measured, measured[1:])]
+    assert len(measured) >= 2 and all(gap >= 10.0 / reencoder.QUALITY_BUSY_SHARE for gap in gaps), gaps

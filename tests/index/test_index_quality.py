@@ -69,3 +69,43 @@ def test_the_reservoir_is_a_uniform_sample_of_everything_observed(make_index):
     deciles = kept.reshape(10, -1).sum(axis=1) / (expected * n / 10)
     assert np.all(np.abs(deciles - 1.0) < 0.1), deciles
     assert kept.max() < 3 * expected and kept.min() > 0
+
+
+@pytest.mark.parametrize("space", ["ip", "cosine", "l2"])
+def test_the_exact_search_reads_the_index_a_chunk_at_a_time_and_lets_writers_in(make_vectors, monkeypatch, space):
+    """hnswlib's get_items holds the GIL: reading every live vector at once stalled the indexer's
+    other threads for seconds at a million items. The exact side now reads ``EXACT_CHUNK`` rows per
+    short read of the index, so a writer gets in between chunks; the recall measured is the one a
+    single pass over every vector gives."""
+    import threading
+
+    import streamrecall.index.quality as quality
+    from streamrecall.index._store import Store
+
+    index = ItemIndex(16, space=space, num_threads=1, initial_capacity=64, ef=10, M=4, ef_construction=20)
+    index.upsert([f"i{j}" for j in range(3000)], make_vectors(3000), meta(1))
+    queries = make_vectors(40)
+    whole = measure_quality(index, k=10, queries=queries).recall_at_10  # 3,000 rows: one chunk
+    assert whole < 1.0  # a small graph: the comparison below means something
+
+    monkeypatch.setattr(quality, "EXACT_CHUNK", 500)
+    reads: list[int] = []
+    written = threading.Event()
+    real_vectors, real_reading = Store.vectors, index._reading
+
+    def spying(self: Store, rows: np.ndarray) -> np.ndarray:
+        reads.append(len(rows))
+        if len(reads) == 3:  # under the read of a chunk: a writer asks for the index
+            threading.Thread(target=lambda: (index.upsert(["new"], make_vectors(1), meta(1)), written.set())).start()
+        return real_vectors(self, rows)
+
+    def reading():  # between chunks no lock is held: the writer gets in before the next read
+        if len(reads) == 3:
+            assert written.wait(10), "the writer could not get in between two chunks"
+        return real_reading()
+
+    monkeypatch.setattr(Store, "vectors", spying)
+    monkeypatch.setattr(index, "_reading", reading)
+    chunked = measure_quality(index, k=10, queries=queries).recall_at_10
+    assert max(reads) <= 500 and len(reads) >= 6 and written.is_set()
+    assert chunked == pytest.approx(whole)

@@ -39,6 +39,9 @@ from streamrecall.model.update import ModelUpdate
 
 log = logging.getLogger(__name__)
 
+#: The recall@10 measurement keeps the re-encoder thread busy at most this share of the time.
+QUALITY_BUSY_SHARE = 0.05
+
 
 @dataclass(frozen=True)
 class Job:
@@ -67,6 +70,7 @@ class Reencoder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="indexer-reencoder", daemon=True)
         self._last_quality = time.monotonic()
+        self._last_quality_s = 0.0  # how long the last measurement took
         self._last_rebuild = float("-inf")  # when the last rebuild started (monotonic)
         self._last_rebuild_s = 0.0          # how long it took
 
@@ -221,7 +225,10 @@ class Reencoder:
         return done
 
     def _maybe_measure(self) -> None:
-        if time.monotonic() - self._last_quality < self.state.config.quality_interval_s:
+        # At most every quality_interval_s, and busy at most QUALITY_BUSY_SHARE of the time: the
+        # exact search reads every live vector (about 5 s of one core at a million items).
+        spacing = max(self.state.config.quality_interval_s, self._last_quality_s / QUALITY_BUSY_SHARE)
+        if time.monotonic() - self._last_quality < spacing:
             return
         self._last_quality = time.monotonic()
         try:
@@ -229,5 +236,7 @@ class Reencoder:
         except Exception:
             log.exception("quality measurement failed")
             return
+        finally:
+            self._last_quality_s = time.monotonic() - self._last_quality
         if report.sampled:
             self.state.metrics.recall_at_10.set(report.recall_at_10)
