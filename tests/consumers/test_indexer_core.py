@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -198,3 +200,32 @@ def test_quality_measurements_keep_to_their_busy_share(monkeypatch):
         worker._maybe_measure()
     gaps = [b - a for a, b in zip(measured, measured[1:])]
     assert len(measured) >= 2 and all(gap >= 10.0 / reencoder.QUALITY_BUSY_SHARE for gap in gaps), gaps
+
+
+def test_snapshots_keep_to_their_busy_share(monkeypatch, tmp_path):
+    """A snapshot copies the graph holding the interpreter lock (seconds at a million items): the
+    poll loop snapshots at most every snapshot_interval_s and no sooner than the last snapshot's
+    duration / SNAPSHOT_BUSY_SHARE after it started."""
+    import types
+
+    import streamrecall.consumers.roles.indexer.handler as handler_module
+    from streamrecall.consumers.roles.indexer.handler import IndexerHandler
+
+    clock = [1000.0]
+    monkeypatch.setattr(handler_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    state = make_state(snapshot_interval_s=30.0)
+    state.upsert_items(make_items(20))
+    handler = IndexerHandler(Settings(state_dir=tmp_path), state, Reencoder(state, QualityMonitor(state.index)))
+    taken: list[float] = []
+
+    def slow_write(*args, **kwargs):  # each snapshot takes 4 s of the fake clock
+        taken.append(clock[0])
+        clock[0] += 4.0
+        return tmp_path
+
+    monkeypatch.setattr(handler_module.indexer_snapshot, "write", slow_write)
+    for _ in range(300):  # a flush a second
+        clock[0] += 1.0
+        handler.flush(Offsets())
+    gaps = [b - a for a, b in zip(taken, taken[1:])]
+    assert len(taken) >= 2 and all(gap >= 4.0 / handler_module.SNAPSHOT_BUSY_SHARE for gap in gaps), gaps
