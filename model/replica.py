@@ -36,7 +36,7 @@ from streamrecall.model.config import ModelConfig
 from streamrecall.model.errors import ModelUpdateError, ModelUpdateRefused
 from streamrecall.model.features import Featurizer, ItemLike, bag_index
 from streamrecall.model.towers import build_model
-from streamrecall.model.update import ModelUpdate
+from streamrecall.model.update import ChangedRows, ModelUpdate
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class TowerReplica:
             return np.zeros((0, self.config.dim), dtype=np.float32)
         return self.model.user(self.featurizer.users(user_ids, histories)).numpy()
 
-    def items_touched(self, update: ModelUpdate, items: Sequence[ItemLike]) -> list[str]:
+    def items_touched(self, update: ModelUpdate | ChangedRows, items: Sequence[ItemLike]) -> list[str]:
         """Ids of ``items`` whose vectors ``update`` changes: all of them after a full update
         or a dense change, else those whose id row or any content-token row changed."""
         if update.kind == "full" or update.dense_changed:
@@ -151,7 +151,7 @@ class TowerReplica:
                                                                         accumulate=True)
         return [items[i].item_id for i in hit.nonzero().flatten().tolist()]
 
-    def users_touched(self, update: ModelUpdate, user_ids: Sequence[str],
+    def users_touched(self, update: ModelUpdate | ChangedRows, user_ids: Sequence[str],
                       histories: Sequence[Sequence[str]]) -> list[str]:
         """Ids of users whose vectors ``update`` changes: all after a full update or a dense
         change, else those whose id row or any history item's id row changed."""

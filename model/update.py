@@ -80,6 +80,36 @@ class ModelUpdate:
         return part.rows if part is not None else torch.zeros(0, dtype=torch.int64)
 
 
+@dataclass(frozen=True)
+class ChangedRows:
+    """The sparse rows one or several delta updates carried, by table, without their values: what
+    decides which items and users they touched (``TowerReplica.items_touched``) once the replica
+    holds the values. A queued re-encode keeps this, not the update: at a million items a rebuild
+    takes minutes, and the deltas queued meanwhile held every changed row's values (MBs each)."""
+
+    rows: dict[str, torch.Tensor]
+    kind: Literal["delta"] = "delta"
+    dense_changed: bool = False
+
+    @classmethod
+    def of(cls, *updates: "ModelUpdate | ChangedRows") -> "ChangedRows":
+        """The union of the rows ``updates`` changed (delta updates without a dense change)."""
+        tables: dict[str, list[torch.Tensor]] = {}
+        for update in updates:
+            if update.kind != "delta" or update.dense_changed:
+                raise ValueError(f"{update.kind} update with dense_changed={update.dense_changed}: "
+                                 "it touches everything, not rows")
+            names = update.rows if isinstance(update, ChangedRows) else update.sparse
+            for name in names:
+                tables.setdefault(name, []).append(update.changed_rows(name))
+        return cls({name: torch.unique(torch.cat(parts)) for name, parts in tables.items()})
+
+    def changed_rows(self, table: str) -> torch.Tensor:
+        """(n,) int64 rows of ``table`` changed (empty if none)."""
+        rows = self.rows.get(table)
+        return rows if rows is not None else torch.zeros(0, dtype=torch.int64)
+
+
 def dense_shapes(model: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The expected dense parameter shapes for structural settings ``model`` (none for the FM)."""
     d, h = model["dim"], model["hidden"]

@@ -17,7 +17,7 @@ from streamrecall.errors import ConfigError
 from streamrecall.events import Click, Item
 from streamrecall.index import QualityMonitor
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
-from streamrecall.model import ModelConfig, OnlineTrainer, decode_update
+from streamrecall.model import ModelConfig, ModelUpdate, OnlineTrainer, decode_update
 from streamrecall.settings import Settings
 
 MODEL = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
@@ -39,6 +39,17 @@ def trained(items: list[Item], steps: int = 3) -> OnlineTrainer:
         clicks = [Click(user_id=f"u{j}", item_id=items[(j * 7 + s) % len(items)].item_id, ts=j) for j in range(32)]
         trainer.step(trainer.make_batch(clicks, catalog, [[] for _ in clicks]))
     return trainer
+
+
+def indexed_at_a_full_update(items: list[Item]) -> tuple[OnlineTrainer, IndexerState, ModelUpdate]:
+    """A trainer, and an indexer state holding ``items`` encoded at the trainer's full update."""
+    trainer = trained(items)
+    state = make_state(reencode_batch=8)
+    full = decode_update(trainer.export_update(full=True))
+    state.replica.apply(full)
+    state.start_epoch(full.version)
+    state.upsert_items(items)
+    return trainer, state, full
 
 
 def run_jobs(state: IndexerState, *jobs: Job) -> Reencoder:
@@ -82,13 +93,8 @@ def test_full_update_rebuilds_every_item_at_the_new_version():
 
 def test_delta_reencodes_only_touched_items():
     # two disjoint groups of content tokens: a click in group a touches group a's rows only
-    items = [Item(item_id=f"i{i}", created_at=i, categories=("a" if i < 20 else "b",)) for i in range(40)]
-    trainer = trained(items)
-    state = make_state(reencode_batch=8)
-    full = decode_update(trainer.export_update(full=True))
-    state.replica.apply(full)
-    state.start_epoch(full.version)
-    state.upsert_items(items)
+    items = [Item(item_id=f"i{i}", created_at=i, categories=("a" if i < 10 else "b",)) for i in range(40)]
+    trainer, state, full = indexed_at_a_full_update(items)
     catalog = {it.item_id: it for it in items}
     clicks = [Click(user_id="u1", item_id="i1", ts=1), Click(user_id="u2", item_id="i2", ts=2)]
     trainer.step(trainer.make_batch(clicks, catalog, [[], []]))
@@ -100,8 +106,9 @@ def test_delta_reencodes_only_touched_items():
     worker = run_jobs(state, Job(applied.version, delta))
     at_new = {i for i in catalog if state.index.meta(i).model_version == delta.version}
     assert at_new == touched and {"i1", "i2"} <= touched
-    assert not touched & {f"i{i}" for i in range(20, 40)}
+    assert not touched & {f"i{i}" for i in range(10, 40)}
     assert worker.settled_version == delta.version
+    assert state.metrics.upserts.labels("rebuild")._value.get() == 0  # a quarter touched: in place
 
 
 def test_newer_epoch_supersedes_queued_work():
@@ -229,3 +236,56 @@ def test_snapshots_keep_to_their_busy_share(monkeypatch, tmp_path):
         handler.flush(Offsets())
     gaps = [b - a for a, b in zip(taken, taken[1:])]
     assert len(taken) >= 2 and all(gap >= 4.0 / handler_module.SNAPSHOT_BUSY_SHARE for gap in gaps), gaps
+
+
+def _deltas(trainer: OnlineTrainer, items: list[Item], n: int) -> list:
+    catalog = {it.item_id: it for it in items}
+    out = []
+    for step in range(n):
+        clicks = [Click(user_id=f"u{step}", item_id=items[step].item_id, ts=step)]
+        trainer.step(trainer.make_batch(clicks, catalog, [[]]))
+        out.append(decode_update(trainer.export_update()))
+    return out
+
+
+def test_deltas_queued_behind_a_job_are_merged_into_one_pass_of_their_rows():
+    """At a million items a rebuild takes minutes while deltas arrive several a second: queued
+    deltas keep only their changed rows (no values) and run as one pass at the newest version,
+    re-encoding exactly what each would have."""
+    from streamrecall.model.update import ChangedRows
+
+    # eight groups of content tokens: each delta's click touches its group's rows
+    items = [Item(item_id=f"i{i}", created_at=i, categories=(f"g{i % 8}",)) for i in range(80)]
+    trainer, state, full = indexed_at_a_full_update(items)
+    deltas = _deltas(trainer, items, 3)
+    touched = set().union(*(state.replica.items_touched(d, items) for d in deltas))
+    for d in deltas:
+        assert not state.replica.apply(d).reencode_all
+    jobs = [Job(d.version, ChangedRows.of(d)) for d in deltas]
+    assert all(not hasattr(j.update, "sparse") for j in jobs)  # rows only
+    worker = Reencoder(state, QualityMonitor(state.index))
+    passes = []
+    real = worker._touched
+    worker._touched = lambda version, update: passes.append(version) or real(version, update)
+    for job in jobs:
+        worker.submit(job)
+    worker.run_queued()
+    assert passes == [deltas[-1].version] and worker.pending == 0
+    assert {i for i in (it.item_id for it in items) if state.index.meta(i).model_version == deltas[-1].version} == touched
+    assert 0 < len(touched) < len(items) / 2 and worker.settled_version == deltas[-1].version
+    with pytest.raises(ValueError, match="touches everything"):
+        ChangedRows.of(full)
+
+
+def test_a_delta_that_touches_most_items_rebuilds_the_graph():
+    """Rewriting most items in place costs more than a fresh graph (an update is ~8 inserts)."""
+    from streamrecall.model.update import ChangedRows
+
+    items = [Item(item_id=f"i{i}", created_at=i, categories=("shared",)) for i in range(60)]
+    trainer, state, full = indexed_at_a_full_update(items)
+    delta = _deltas(trainer, items, 1)[0]
+    state.replica.apply(delta)
+    run_jobs(state, Job(delta.version, ChangedRows.of(delta)))
+    assert state.metrics.upserts.labels("rebuild")._value.get() == 60
+    assert state.metrics.upserts.labels("reencode")._value.get() == 0
+    assert state.index.version_counts() == {delta.version: 60}

@@ -24,6 +24,7 @@ from streamrecall.consumers.update_codec import update_max_bytes
 from streamrecall.events import Item
 from streamrecall.metrics import MODEL_VERSION, RUNTIME, ModelVersionMetrics
 from streamrecall.model import ModelUpdate
+from streamrecall.model.update import ChangedRows
 from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class IndexerHandler(HandlerBase):
             return
         log.info("model update v%d (%s) applied: re-encoding %s", applied.version, applied.kind,
                  "everything (new epoch)" if applied.reencode_all else "the items it touches")
-        self.reencoder.submit(Job(applied.version, None if applied.reencode_all else update))
+        self.reencoder.submit(Job(applied.version, None if applied.reencode_all else ChangedRows.of(update)))
 
     # --------------------------------------------------------------- snapshots
     def snapshot(self) -> Path:
