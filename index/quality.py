@@ -1,9 +1,8 @@
 """Quality monitor: recall@k of the HNSW search against exact search over the same live vectors.
 
-The approximate and the exact results are computed from one consistent view:
-the live vectors are copied and the sample searched under the index's shared
-lock (queries go on; writers wait for about one copy of the vectors), and the
-exact search (a numpy matmul) runs afterwards, outside the lock.
+The sample is searched under one read of the index; the exact search (numpy matmuls) then runs
+over the live rows of that moment a chunk at a time, each chunk's vectors read under a short
+read of its own, so writers and the process's other threads get in between (measure_quality).
 """
 
 from __future__ import annotations

@@ -11,16 +11,17 @@ from typing import Callable
 from kafka import TopicPartition
 
 from streamrecall.consumers.deadletter import DeadLetter, DeadLetterSink
-from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
-from streamrecall.consumers.roles.indexer.options import ROLE
-from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder
-from streamrecall.consumers.recall_api.users import apply_user_record
-from streamrecall.consumers.roles.indexer.state import IndexerState
-from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.consumers.lag import measured_lag
-from streamrecall.consumers.updates import ModelUpdateStream
+from streamrecall.consumers.offsets import Offsets
+from streamrecall.consumers.recall_api.users import apply_user_record
+from streamrecall.consumers.roles.indexer import snapshot as indexer_snapshot
+from streamrecall.consumers.roles.indexer.options import ROLE
+from streamrecall.consumers.roles.indexer.pacing import next_start
+from streamrecall.consumers.roles.indexer.reencoder import Job, Reencoder
+from streamrecall.consumers.roles.indexer.state import IndexerState
 from streamrecall.consumers.update_codec import update_max_bytes
+from streamrecall.consumers.updates import ModelUpdateStream
 from streamrecall.events import Item
 from streamrecall.metrics import MODEL_VERSION, RUNTIME, ModelVersionMetrics
 from streamrecall.model import ModelUpdate
@@ -96,10 +97,9 @@ class IndexerHandler(HandlerBase):
                 offset = self.updates.resume_offset(offset)
             if topic != "user-vectors":
                 self.next_offsets.set(topic, partition, offset)
-        # At most every snapshot_interval_s, and busy at most SNAPSHOT_BUSY_SHARE of the time: copying
-        # the graph holds the interpreter lock (hnswlib's copy), 1.5 s at 600k items on this machine.
-        spacing = max(self.state.config.snapshot_interval_s, self.last_snapshot_s / SNAPSHOT_BUSY_SHARE)
-        if time.monotonic() - self.last_snapshot >= spacing:
+        # copying the graph holds the interpreter lock (hnswlib's copy): 1.5 s at 600k items here
+        if time.monotonic() >= next_start(self.last_snapshot, self.last_snapshot_s,
+                                          self.state.config.snapshot_interval_s, SNAPSHOT_BUSY_SHARE):
             self.snapshot()
 
     def tick(self) -> None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamrecall.consumers.roles.indexer.pacing import next_start
 from streamrecall.consumers.roles.indexer.state import IndexerState, batches, now_ms
 from streamrecall.events import Item
 from streamrecall.index import EntryMeta, QualityMonitor
@@ -150,8 +151,8 @@ class Reencoder:
         a core busy for good, competing with queries and new items. While it waits, answers are
         still exact (re-scored by the current towers); only the graph's candidates age."""
         config = self.state.config
-        spacing = max(config.rebuild_interval_s, self._last_rebuild_s / config.rebuild_busy_share)
-        return self._last_rebuild + spacing - now
+        return next_start(self._last_rebuild, self._last_rebuild_s, config.rebuild_interval_s,
+                          config.rebuild_busy_share) - now
 
     def _coalesce(self, jobs: list[Job]) -> list[Job]:
         """``jobs`` and everything queued; work before the last new-epoch job is dropped (that rebuild redoes it)."""
@@ -249,10 +250,9 @@ class Reencoder:
         return done
 
     def _maybe_measure(self) -> None:
-        # At most every quality_interval_s, and busy at most QUALITY_BUSY_SHARE of the time: the
-        # exact search reads every live vector (about 5 s of one core at a million items).
-        spacing = max(self.state.config.quality_interval_s, self._last_quality_s / QUALITY_BUSY_SHARE)
-        if time.monotonic() - self._last_quality < spacing:
+        # the exact search reads every live vector: about 5 s of one core at a million items
+        if time.monotonic() < next_start(self._last_quality, self._last_quality_s,
+                                         self.state.config.quality_interval_s, QUALITY_BUSY_SHARE):
             return
         self._last_quality = time.monotonic()
         try:
