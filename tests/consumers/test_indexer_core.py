@@ -278,14 +278,22 @@ def test_deltas_queued_behind_a_job_are_merged_into_one_pass_of_their_rows():
 
 
 def test_a_delta_that_touches_most_items_rebuilds_the_graph():
-    """Rewriting most items in place costs more than a fresh graph (an update is ~8 inserts)."""
+    """Rewriting most items in place costs more than a fresh graph (an update is ~8 inserts); but
+    a pass does not wait for a paced rebuild (the graph would stay on old vectors meanwhile)."""
     from streamrecall.model.update import ChangedRows
 
     items = [Item(item_id=f"i{i}", created_at=i, categories=("shared",)) for i in range(60)]
     trainer, state, full = indexed_at_a_full_update(items)
-    delta = _deltas(trainer, items, 1)[0]
-    state.replica.apply(delta)
-    run_jobs(state, Job(delta.version, ChangedRows.of(delta)))
+    first, second = _deltas(trainer, items, 2)
+    state.replica.apply(first)
+    worker = run_jobs(state, Job(first.version, ChangedRows.of(first)))
     assert state.metrics.upserts.labels("rebuild")._value.get() == 60
     assert state.metrics.upserts.labels("reencode")._value.get() == 0
-    assert state.index.version_counts() == {delta.version: 60}
+    assert state.index.version_counts() == {first.version: 60}
+    # within rebuild_interval_s of that rebuild: rewritten in place now, not left waiting
+    state.replica.apply(second)
+    worker.submit(Job(second.version, ChangedRows.of(second)))
+    worker.run_queued()
+    assert state.metrics.upserts.labels("rebuild")._value.get() == 60
+    assert state.metrics.upserts.labels("reencode")._value.get() == 60
+    assert state.index.version_counts() == {second.version: 60}

@@ -17,8 +17,9 @@ keeps indexing new items while this thread works, and queries are served through
   content-token rows changed; only those are re-encoded and upserted in place. A queued delta
   keeps only its changed rows (``ChangedRows``), and the deltas queued behind a running job are
   merged into one pass at the newest version: at a million items a rebuild takes minutes, and
-  deltas arrive several a second. When a pass touches at least ``REBUILD_SHARE`` of the items it
-  rebuilds instead (an in-place update costs about 8 inserts, docs/index.md).
+  deltas arrive several a second. When a pass touches at least ``REBUILD_SHARE`` of the items and
+  a rebuild may start (:meth:`Reencoder.rebuild_wait`), it rebuilds instead (an in-place update
+  costs about 8 inserts, docs/index.md).
 
 Each step holds the state's lock for one bounded batch (``reencode_batch`` items), so the
 poll loop waits at most one batch. Jobs run in version order; ``settled_version`` is the
@@ -226,9 +227,10 @@ class Reencoder:
             snapshot = list(state.catalog.values())
             sample = random.Random(version).sample(snapshot, min(len(snapshot), TOUCHED_SAMPLE))
             share = len(state.replica.items_touched(update, sample)) / len(sample) if sample else 0.0
-        if share >= REBUILD_SHARE:  # most items: a fresh graph costs less than rewriting them in place
-            if self._stop.wait(max(0.0, self.rebuild_wait(time.monotonic()))):
-                raise _Superseded()
+        # Most items: a fresh graph costs less than rewriting them in place. Only when a rebuild may
+        # start now: waiting for one left the graph on old vectors meanwhile (streamrecall evaluate,
+        # default stream: live HR@50 0.322 -> 0.299), so a paced pass rewrites in place as before.
+        if share >= REBUILD_SHARE and self.rebuild_wait(time.monotonic()) <= 0:
             log.info("re-encode for version %d: about %.0f%% of the items touched, rebuilding", version, 100 * share)
             return self._rebuild(version)
         done = 0
