@@ -44,7 +44,8 @@ _new_hit = partial(tuple.__new__, Hit)
 MAX_GENERATION = (1 << 32) - 1
 SPACES = ("ip", "cosine", "l2")
 #: The per-row tables (arrays indexed by row).
-COLUMNS = ("ids", "gen", "live", "model_version", "encoded_at_ms", "event_ts_ms", "categories", "members")
+COLUMNS = ("ids", "gen", "live", "model_version", "encoded_at_ms", "event_ts_ms", "categories", "members",
+           "norm", "drift", "retrieved")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ class Store:
         self.event_ts_ms = np.zeros(n, dtype=np.int64)
         self.categories = np.empty(n, dtype=object)
         self.members = np.empty(n, dtype=object)  # each item's id and categories as JSON (json_rows.py)
+        self.norm = np.zeros(n, dtype=np.float32)  # the vector's L2 norm when it was written
+        # How far the model may have moved the item's vector since it was written, relative to its
+        # norm (estimated from the rows updates moved: TowerReplica.items_drift); 0 when written.
+        self.drift = np.zeros(n, dtype=np.float32)
+        self.retrieved = np.zeros(n, dtype=np.float32)  # times returned by a query (decayed: decay_retrieved)
 
     def _grow_rows(self, need: int) -> None:
         cap = len(self.gen)
@@ -167,6 +173,7 @@ class Store:
                     self.nrows += 1
                 self.row_of[item_id] = row
                 self.ids[row] = item_id
+                self.retrieved[row] = 0.0
             rows[j] = row
         if int(self.gen[rows].max()) >= MAX_GENERATION:
             raise IndexStoreError("a row ran out of label generations (2**32 updates of one id)")
@@ -180,6 +187,8 @@ class Store:
             self._roll_back(ids, rows, labels)
             raise
         self.live[rows] = True
+        self.norm[rows] = np.linalg.norm(vectors, axis=1)
+        self.drift[rows] = 0.0
         self.model_version[rows] = [m.model_version for m in metas]
         self.at_version.update(m.model_version for m in metas)
         self.encoded_at_ms[rows] = [m.encoded_at_ms for m in metas]
@@ -215,6 +224,16 @@ class Store:
         """Whether every live row's vector was encoded by model ``version`` (True when empty)."""
         return self.at_version.get(version, 0) == self.size
 
+    def add_drift(self, ids: Sequence[str], amounts: np.ndarray, below_version: int | None = None) -> None:
+        """Add ``amounts`` (absolute moves of the vectors of ``ids``; unknown ids ignored) to their drift,
+        only to vectors encoded by a version below ``below_version`` when given."""
+        rows = np.fromiter((self.row_of.get(i, -1) for i in ids), dtype=np.intp, count=len(ids))
+        held = rows >= 0
+        if below_version is not None:
+            held &= self.model_version[np.where(held, rows, 0)] < below_version
+        rows = rows[held]
+        self.drift[rows] += amounts[held] / np.maximum(self.norm[rows], 1e-6)
+
     def _free_row(self, row: int) -> None:
         if self.live[row]:
             self._uncount(np.asarray([row]))
@@ -222,6 +241,7 @@ class Store:
         self.ids[row] = None
         self.categories[row] = None
         self.members[row] = None
+        self.drift[row] = 0.0
         self.free.append(row)
 
     def delete(self, ids: Collection[str]) -> int:
@@ -335,6 +355,7 @@ class Store:
         rows, keep = self._valid(labels, set())
         if not keep.all():
             return None
+        self.retrieved[rows] += 1.0  # a race between readers loses a count, never an item
         return Block(self.ids[rows], self.members[rows], self.scores_of(dists.astype(np.float64)))
 
     def _valid(self, labels: np.ndarray, excl_rows: set[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -379,6 +400,7 @@ class Store:
 
     def _columns(self, rows: np.ndarray, dists: np.ndarray) -> tuple[list, list, list, list]:
         """Ids, scores, versions and categories of ``rows`` (one query's, or a block's: nested lists)."""
+        self.retrieved[rows] += 1.0
         return (self.ids[rows].tolist(), self.scores_of(dists.astype(np.float64)).tolist(),
                 self.model_version[rows].tolist(), self.categories[rows].tolist())
 

@@ -302,11 +302,54 @@ class ItemIndex:
             return self._s.all_at(version)
 
     def version_counts(self) -> dict[int, int]:
-        """Live items per model version."""
+        """Live items per model version (O(versions held), not O(items))."""
+        with self._rw.read():
+            return {v: n for v, n in self._s.at_version.items() if n > 0}
+
+    # -------------------------------------------------------------------- drift
+    def add_drift(self, ids: Sequence[str], amounts: np.ndarray, *, below_version: int | None = None) -> None:
+        """Add ``amounts`` — how far the model may have moved each vector since it was written
+        (absolute; :meth:`TowerReplica.items_drift`) — to the drift of ``ids``, kept relative to each
+        vector's norm; with ``below_version``, only to vectors encoded by an older version (one written
+        since by that version already holds the move). Writing an item resets its drift; unknown ids
+        are ignored."""
+        amounts = np.asarray(amounts, dtype=np.float32)
+        if len(amounts) != len(ids):
+            raise InvalidInputError(f"{len(amounts)} drift amounts for {len(ids)} ids")
+        with self._writer:
+            self._s.add_drift(ids, amounts, below_version)
+
+    def drifted(self, bound: float, limit: int) -> list[str]:
+        """Up to ``limit`` ids whose drift exceeds ``bound``: the most retrieved first, then the most drifted."""
         with self._rw.read():
             s = self._s
-            versions, counts = np.unique(s.model_version[s.live_rows()], return_counts=True)
-            return dict(zip(versions.tolist(), counts.tolist()))
+            rows = s.live_rows()
+            rows = rows[s.drift[rows] > bound]
+            if len(rows) > limit:  # the first ``limit`` by retrievals; ties (most items: never) by drift
+                retrieved = s.retrieved[rows]
+                cut = retrieved[np.argpartition(-retrieved, limit - 1)[limit - 1]]
+                above, ties = rows[retrieved > cut], rows[retrieved == cut]
+                take = limit - len(above)
+                if len(ties) > take:
+                    ties = ties[np.argpartition(-s.drift[ties], take - 1)[:take]]
+                rows = np.concatenate([above, ties])
+            order = np.lexsort((-s.drift[rows], -s.retrieved[rows]))
+            return s.ids[rows[order]].tolist()
+
+    def drift_stats(self, bound: float) -> tuple[float, float]:
+        """(mean drift, share of items whose drift exceeds ``bound``) over the live items."""
+        with self._rw.read():
+            s = self._s
+            drift = s.drift[s.live_rows()]
+            if len(drift) == 0:
+                return 0.0, 0.0
+            return float(drift.mean()), float(np.count_nonzero(drift > bound)) / len(drift)
+
+    def decay_retrieved(self, factor: float) -> None:
+        """Multiply every retrieval count by ``factor`` (so "most retrieved" means lately)."""
+        with self._rw.read():
+            s = self._s
+            s.retrieved[: s.nrows] *= np.float32(factor)
 
     def stale_ids(self, current_version: int, limit: int) -> list[str]:
         """Up to ``limit`` ids encoded by an older version, oldest version (then oldest encoding) first."""
@@ -440,6 +483,7 @@ class ItemIndex:
                 gens = s.gen[rows].copy()
                 stale = s.model_version[rows] < version
                 metas = [s.meta(r) for r in rows.tolist()]
+                drift, retrieved = s.drift[rows].copy(), s.retrieved[rows].copy()
             fresh = self._fresh_store(len(ids))
             encoded = 0
             for start in range(0, len(ids), batch_size):
@@ -464,7 +508,13 @@ class ItemIndex:
                         vecs[idx_same] = live.vectors(b_rows[idx_same])
                     present[idx[~same]] = False
                 keep = np.flatnonzero(present).tolist()
-                fresh.upsert([b_ids[j] for j in keep], vecs[keep], [b_meta[j] for j in keep])
+                kept_ids = [b_ids[j] for j in keep]
+                fresh.upsert(kept_ids, vecs[keep], [b_meta[j] for j in keep])
+                # what the items carry besides their vectors: retrieval counts, and the drift of copied ones
+                f_rows = np.fromiter((fresh.row_of[i] for i in kept_ids), dtype=np.intp, count=len(kept_ids))
+                src = start + np.asarray(keep, dtype=np.intp)
+                fresh.retrieved[f_rows] = retrieved[src]
+                fresh.drift[f_rows] = np.where(stale[src], np.float32(0.0), drift[src])
             self._swap_in(fresh)
         return encoded
 

@@ -46,6 +46,7 @@ _SNAP_RE = re.compile(r"^snap-(\d{12})$")
 INDEX_FILE = "index.hnsw"
 ITEMS_FILE = "items.msgpack"
 MANIFEST_FILE = "manifest.json"
+NORM_CHUNK = 8192
 
 
 class Manifest(msgspec.Struct, frozen=True):
@@ -76,6 +77,10 @@ class ItemsFile(msgspec.Struct, frozen=True):
     event_ts_ms: bytes  # int64[live]
     category_sets: list[tuple[str, ...]]
     category_idx: bytes  # int32[live], index into category_sets
+    # float32[live] each; absent in snapshots written before drift existed (norms are then recomputed)
+    norm: bytes = b""
+    drift: bytes = b""
+    retrieved: bytes = b""
 
 
 # ------------------------------------------------------------------- writing
@@ -125,6 +130,9 @@ def _items_file(store: Store) -> ItemsFile:
         event_ts_ms=store.event_ts_ms[rows].astype("<i8").tobytes(),
         category_sets=list(cat_index),
         category_idx=idx.tobytes(),
+        norm=store.norm[rows].astype("<f4").tobytes(),
+        drift=store.drift[rows].astype("<f4").tobytes(),
+        retrieved=store.retrieved[rows].astype("<f4").tobytes(),
     )
 
 
@@ -236,3 +244,13 @@ def _fill_tables(store: Store, items: ItemsFile) -> None:
     store.row_of = dict(zip(items.ids, rows.tolist()))
     store.free = np.flatnonzero(~store.live[:n]).tolist()[::-1]
     store.recount()
+    for name in ("norm", "drift", "retrieved"):
+        column = np.frombuffer(getattr(items, name), dtype="<f4")
+        if len(column) == len(rows):
+            getattr(store, name)[rows] = column
+        elif len(column):
+            raise SnapshotError(f"items file: {len(column)} {name} values for {len(rows)} items")
+    if not len(items.norm) and len(rows):  # written before norms were kept
+        for start in range(0, len(rows), NORM_CHUNK):
+            part = rows[start:start + NORM_CHUNK]
+            store.norm[part] = np.linalg.norm(store.vectors(part), axis=1)

@@ -41,13 +41,20 @@ from streamrecall.model.update import ChangedRows, ModelUpdate
 
 @dataclass(frozen=True)
 class Applied:
-    """What :meth:`TowerReplica.apply` did. ``reencode_all``: every vector is stale (a full
-    update or a dense change); otherwise only the rows in the update changed."""
+    """What :meth:`TowerReplica.apply` did. ``reencode_all``: every vector is stale (the dense
+    layers moved); otherwise ``changed`` holds the sparse rows whose values moved and how far —
+    for a delta its rows, for a full update the rows that differ from what the replica held (a
+    full update on a replica that followed the deltas before it moves only the last step's rows)."""
 
     status: Literal["applied", "duplicate", "gap"]
     version: int
     kind: Literal["full", "delta"]
     reencode_all: bool
+    changed: ChangedRows | None = None
+
+
+#: Rows compared per step when a full update is diffed against the replica (bounds the temporary copy).
+DIFF_CHUNK = 65_536
 
 
 #: Default bound on how far above the current version an update may be (see the module docstring):
@@ -88,34 +95,64 @@ class TowerReplica:
         if update.kind == "delta" and update.base_version != self.version:
             return Applied("gap", self.version, update.kind, False)
         with torch.no_grad():
-            tables = self.model.tables()
             if update.kind == "full":
-                self._restore_initial(update)
-            for name, part in update.sparse.items():
-                tables[name][part.rows] = part.values
-                self._written[name][part.rows] = True
-            if update.dense_changed:
-                for name, p in self.model.dense().items():
-                    p.copy_(update.dense[name])
+                changed, dense_moved = self._apply_full(update)
+            else:
+                changed, dense_moved = self._apply_delta(update), update.dense_changed
+                if dense_moved:
+                    for name, p in self.model.dense().items():
+                        p.copy_(update.dense[name])
         self.version = update.version
         self.trainer_epoch = update.trainer_epoch
         self.trained_through_ms = max(self.trained_through_ms, update.trained_through_ms)
         self.trending = list(update.trending)
-        return Applied("applied", self.version, update.kind, update.kind == "full" or update.dense_changed)
+        return Applied("applied", self.version, update.kind, dense_moved, None if dense_moved else changed)
 
-    def _restore_initial(self, update: ModelUpdate) -> None:
-        """What ``model.reset()`` would do before applying ``update``, at the cost of the rows
-        written since the last full update that ``update`` does not overwrite."""
-        self.model.reset_dense()
+    def _apply_delta(self, update: ModelUpdate) -> ChangedRows:
         tables = self.model.tables()
+        rows, shift = {}, {}
+        for name, part in update.sparse.items():
+            table = tables[name]
+            shift[name] = (part.values - table[part.rows]).norm(dim=1)
+            rows[name] = part.rows
+            table[part.rows] = part.values
+            self._written[name][part.rows] = True
+        return ChangedRows(rows, shift)
+
+    def _apply_full(self, update: ModelUpdate) -> tuple[ChangedRows, bool]:
+        """Reset to the initial weights and apply ``update`` (only the rows written since the last
+        full update are restored: the others still hold their initial values, and regenerating
+        every seeded token row took ~1 s on one core), noting which rows and dense layers end up
+        different from what the replica held before."""
+        dense_moved = False
+        for name, p in self.model.dense().items():
+            dense_moved |= not torch.equal(p, update.dense[name])
+            p.copy_(update.dense[name])
+        tables = self.model.tables()
+        rows_by, shift_by = {}, {}
         for name, written in self._written.items():
             part = update.sparse.get(name)
+            revert = written.clone()
             if part is not None:
-                written[part.rows] = False  # overwritten by the update anyway
-            rows = written.nonzero().flatten()
-            if rows.numel():
-                tables[name][rows] = self.model.initial_rows(name, rows)
+                revert[part.rows] = False  # overwritten by the update anyway
+            targets = [(r, None) for r in revert.nonzero().flatten().split(DIFF_CHUNK)]
+            if part is not None:
+                targets += list(zip(part.rows.split(DIFF_CHUNK), part.values.split(DIFF_CHUNK)))
+            moved_rows, moved_shift = [], []
+            for rows, values in targets:
+                if values is None:
+                    values = self.model.initial_rows(name, rows)
+                shift = (values - tables[name][rows]).norm(dim=1)
+                tables[name][rows] = values
+                moved = shift > 0
+                moved_rows.append(rows[moved])
+                moved_shift.append(shift[moved])
             written.zero_()
+            if part is not None:
+                written[part.rows] = True
+            if moved_rows:
+                rows_by[name], shift_by[name] = torch.cat(moved_rows), torch.cat(moved_shift)
+        return ChangedRows(rows_by, shift_by), dense_moved
 
     @torch.no_grad()
     def encode_items(self, items: Sequence[ItemLike]) -> np.ndarray:
@@ -150,6 +187,22 @@ class TowerReplica:
             hit |= torch.zeros(len(items), dtype=torch.bool).index_put_((bag,), tok_mask[feats.token_rows],
                                                                         accumulate=True)
         return [items[i].item_id for i in hit.nonzero().flatten().tolist()]
+
+    def items_drift(self, changed: ChangedRows, items: Sequence[ItemLike]) -> np.ndarray:
+        """(len(items),) float32: how far ``changed`` may have moved each item's tower input — its id
+        row's shift plus its token rows' shifts weighted as the tower pools them. For the FM that
+        bounds the move of the factor part of the item vector (triangle inequality); for the two
+        towers it is the move of the input to the item MLP. 0: the item is not touched."""
+        if not items:
+            return np.zeros(0, dtype=np.float32)
+        id_shift = changed.row_shift("item_id", self.config.id_buckets)
+        tok_shift = changed.row_shift("token", self.config.token_buckets)
+        feats = self.featurizer.encode_items(items)
+        drift = id_shift[feats.id_rows]
+        if feats.token_rows.numel():
+            bag = bag_index(feats.token_offsets, feats.token_rows.numel())
+            drift = drift.index_add(0, bag, tok_shift[feats.token_rows] * feats.token_weights)
+        return drift.numpy()
 
     def users_touched(self, update: ModelUpdate | ChangedRows, user_ids: Sequence[str],
                       histories: Sequence[Sequence[str]]) -> list[str]:

@@ -82,32 +82,57 @@ class ModelUpdate:
 
 @dataclass(frozen=True)
 class ChangedRows:
-    """The sparse rows one or several delta updates carried, by table, without their values: what
-    decides which items and users they touched (``TowerReplica.items_touched``) once the replica
-    holds the values. A queued re-encode keeps this, not the update: at a million items a rebuild
-    takes minutes, and the deltas queued meanwhile held every changed row's values (MBs each)."""
+    """The sparse rows one or several updates moved, by table, without their values: what decides
+    which items and users they touched (``TowerReplica.items_touched``) and how far each item's
+    vector may have moved (``TowerReplica.items_drift``). A queued re-encode keeps this, not the
+    update: at a million items a rebuild takes minutes, and the deltas queued meanwhile held every
+    changed row's values (MBs each).
+
+    ``shift[table]`` (float32, aligned with ``rows[table]``) is how far each row moved: the L2 norm
+    of its change, summed over merged updates (so an upper bound on the net move). A table without
+    ``shift`` moved by an unknown amount (read as infinitely far)."""
 
     rows: dict[str, torch.Tensor]
+    shift: dict[str, torch.Tensor] = field(default_factory=dict)
     kind: Literal["delta"] = "delta"
     dense_changed: bool = False
 
     @classmethod
     def of(cls, *updates: "ModelUpdate | ChangedRows") -> "ChangedRows":
-        """The union of the rows ``updates`` changed (delta updates without a dense change)."""
-        tables: dict[str, list[torch.Tensor]] = {}
+        """The union of the rows ``updates`` changed (delta updates without a dense change, or
+        ``ChangedRows``); shifts add up, and a row of a table without shifts moved unknowably far."""
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for update in updates:
             if update.kind != "delta" or update.dense_changed:
                 raise ValueError(f"{update.kind} update with dense_changed={update.dense_changed}: "
                                  "it touches everything, not rows")
             names = update.rows if isinstance(update, ChangedRows) else update.sparse
             for name in names:
-                tables.setdefault(name, []).append(update.changed_rows(name))
-        return cls({name: torch.unique(torch.cat(parts)) for name, parts in tables.items()})
+                rows = update.changed_rows(name)
+                shift = update.shift.get(name) if isinstance(update, ChangedRows) else None
+                if shift is None:
+                    shift = torch.full((rows.numel(),), math.inf)
+                parts.setdefault(name, []).append((rows, shift))
+        rows_by, shift_by = {}, {}
+        for name, pieces in parts.items():
+            rows, inverse = torch.unique(torch.cat([r for r, _ in pieces]), return_inverse=True)
+            rows_by[name] = rows
+            shift_by[name] = torch.zeros(rows.numel()).index_add_(0, inverse, torch.cat([s for _, s in pieces]))
+        return cls(rows_by, shift_by)
 
     def changed_rows(self, table: str) -> torch.Tensor:
         """(n,) int64 rows of ``table`` changed (empty if none)."""
         rows = self.rows.get(table)
         return rows if rows is not None else torch.zeros(0, dtype=torch.int64)
+
+    def row_shift(self, table: str, size: int) -> torch.Tensor:
+        """(size,) float32: each row's shift in ``table`` (0 for rows not changed)."""
+        out = torch.zeros(size)
+        rows = self.changed_rows(table)
+        if rows.numel():
+            shift = self.shift.get(table)
+            out[rows] = shift if shift is not None else math.inf
+        return out
 
 
 def dense_shapes(model: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -225,8 +225,17 @@ class LocalSystem:
 
     def get(self, path: str, name: str = "indexer", timeout_s: float = 5.0, admin: bool = False) -> tuple[int, Any]:
         """GET the role's HTTP API (``admin``: the indexer's admin port); returns (status, decoded JSON or text)."""
+        return self._request(urllib.request.Request(self.api(name, admin) + path), timeout_s)
+
+    def post(self, path: str, payload: Any, name: str = "indexer", timeout_s: float = 5.0) -> tuple[int, Any]:
+        """POST ``payload`` as JSON to the role's HTTP API; returns (status, decoded JSON or text)."""
+        return self._request(urllib.request.Request(self.api(name) + path, data=json.dumps(payload).encode(),
+                                                    headers={"Content-Type": "application/json"}), timeout_s)
+
+    @staticmethod
+    def _request(req: urllib.request.Request, timeout_s: float) -> tuple[int, Any]:
         try:
-            with urllib.request.urlopen(self.api(name, admin) + path, timeout=timeout_s) as r:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             body = e.read()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.offsets import Offsets
@@ -41,13 +44,14 @@ def trained(items: list[Item], steps: int = 3) -> OnlineTrainer:
     return trainer
 
 
-def indexed_at_a_full_update(items: list[Item]) -> tuple[OnlineTrainer, IndexerState, ModelUpdate]:
-    """A trainer, and an indexer state holding ``items`` encoded at the trainer's full update."""
+def indexed_at_a_full_update(items: list[Item], **options: Any) -> tuple[OnlineTrainer, IndexerState, ModelUpdate]:
+    """A trainer, and an indexer state (``options`` over a re-encode batch of 8) holding ``items``
+    encoded at the trainer's full update."""
     trainer = trained(items)
-    state = make_state(reencode_batch=8)
+    state = make_state(**({"reencode_batch": 8} | options))
     full = decode_update(trainer.export_update(full=True))
-    state.replica.apply(full)
-    state.start_epoch(full.version)
+    if state.replica.apply(full).reencode_all:
+        state.start_epoch(full.version)
     state.upsert_items(items)
     return trainer, state, full
 
@@ -75,13 +79,18 @@ def test_upsert_delete_and_catalog_stay_in_step():
     assert [it.item_id for it in state.recent_items(2)] == ["i19", "i18"]
 
 
-def test_full_update_rebuilds_every_item_at_the_new_version():
+def test_a_dense_change_rebuilds_every_item_at_the_new_version():
+    two_tower = ModelConfig(id_buckets=4096, token_buckets=4096, estimator_buckets=4096, tower="two_tower")
     items = make_items(40)
-    state = make_state(reencode_batch=16)
+    state = IndexerState(IndexerOptions(reencode_batch=16), two_tower, IndexerMetrics(CollectorRegistry()))
     state.upsert_items(items)
-    update = decode_update(trained(items).export_update(full=True))
+    trainer = OnlineTrainer(two_tower)
+    catalog = {it.item_id: it for it in items}
+    clicks = [Click(user_id=f"u{j}", item_id=items[j].item_id, ts=j) for j in range(32)]
+    trainer.step(trainer.make_batch(clicks, catalog, [[] for _ in clicks]))
+    update = decode_update(trainer.export_update(full=True))
     applied = state.replica.apply(update)
-    assert applied.reencode_all
+    assert applied.reencode_all  # the dense layers moved: every vector is stale
     state.start_epoch(applied.version)
     worker = run_jobs(state, Job(applied.version))
     assert state.index.version_counts() == {applied.version: 40}
@@ -91,7 +100,14 @@ def test_full_update_rebuilds_every_item_at_the_new_version():
     assert state.compatible(applied.version) and not state.compatible(0)
 
 
-def test_delta_reencodes_only_touched_items():
+def over_bound(state: IndexerState, changed, items: list[Item]) -> set[str]:
+    """The items whose estimated drift from ``changed`` exceeds the bound (the index holds their norms)."""
+    drift = state.replica.items_drift(changed, items)
+    return {it.item_id for it, d in zip(items, drift)
+            if d / max(np.linalg.norm(state.index.get(it.item_id).vector), 1e-6) > state.config.reencode_drift_bound}
+
+
+def test_a_delta_reencodes_the_items_it_moved_past_the_bound_and_only_those():
     # two disjoint groups of content tokens: a click in group a touches group a's rows only
     items = [Item(item_id=f"i{i}", created_at=i, categories=("a" if i < 10 else "b",)) for i in range(40)]
     trainer, state, full = indexed_at_a_full_update(items)
@@ -103,12 +119,73 @@ def test_delta_reencodes_only_touched_items():
     touched = set(state.replica.items_touched(delta, items))  # before apply: the rule does not depend on it
     applied = state.replica.apply(delta)
     assert applied.status == "applied" and not applied.reencode_all
-    worker = run_jobs(state, Job(applied.version, delta))
+    expected = over_bound(state, applied.changed, items)
+    worker = run_jobs(state, Job(applied.version, applied.changed))
     at_new = {i for i in catalog if state.index.meta(i).model_version == delta.version}
-    assert at_new == touched and {"i1", "i2"} <= touched
+    assert at_new == expected and {"i1", "i2"} <= at_new <= touched
     assert not touched & {f"i{i}" for i in range(10, 40)}
     assert worker.settled_version == delta.version
     assert state.metrics.upserts.labels("rebuild")._value.get() == 0  # a quarter touched: in place
+    for i in at_new:  # re-encoded: exactly the current towers' vectors, drift back to 0
+        assert np.allclose(state.index.get(i).vector, state.replica.encode_items([catalog[i]])[0], atol=1e-6)
+    assert state.staleness()["over_drift_bound"] == 0
+
+
+def test_drift_below_the_bound_accumulates_until_it_crosses():
+    """Small moves re-encode nothing; they add up, and the item is re-encoded once past the bound."""
+    from streamrecall.model.update import ChangedRows
+
+    items = [Item(item_id=f"i{i}", created_at=i, categories=("a" if i < 3 else "b",)) for i in range(10)]
+    state = make_state(reencode_drift_bound=0.1)
+    state.upsert_items(items)
+    row = int(state.replica.featurizer.encode_items(items[:1]).token_rows[0])  # category "a"'s token row
+    norm = float(np.linalg.norm(state.index.get("i0").vector))
+    weight = float(state.replica.featurizer.encode_items(items[:1]).token_weights[0])
+    step = 0.06 * norm / weight  # moves each "a" item by 6% of its norm
+    worker = Reencoder(state, QualityMonitor(state.index))
+    worker.submit(Job(1, ChangedRows({"token": torch.tensor([row])}, {"token": torch.tensor([step])})))
+    worker.run_queued()
+    assert state.metrics.upserts.labels("reencode")._value.get() == 0
+    assert state.staleness()["drift_mean"] == pytest.approx(0.06 * 3 / 10, rel=1e-3)
+    worker.submit(Job(1, ChangedRows({"token": torch.tensor([row])}, {"token": torch.tensor([step])})))
+    worker.run_queued()
+    # 12% > 10%: the three "a" items (fewer than half: in place)
+    assert state.metrics.upserts.labels("reencode")._value.get() == 3
+    assert state.staleness() == {"behind_versions": 0.0, "behind_seconds": 0.0, "drift_mean": 0.0,
+                                 "over_drift_bound": 0.0}
+
+
+def test_the_reencode_budget_bounds_items_per_second_most_retrieved_first(monkeypatch):
+    from streamrecall.consumers.roles.indexer import reencoder as module
+    from streamrecall.model.update import ChangedRows
+
+    items = [Item(item_id=f"i{i}", created_at=i, categories=("a",)) for i in range(300)]
+    state = make_state(reencode_items_per_s=100, reencode_batch=256)
+    state.upsert_items(items)
+    popular = state.index.get("i7").vector
+    for _ in range(3):
+        state.index.query(popular[None, :], k=10)  # the ten nearest to i7 are retrieved, three times
+    retrieved = {h.item_id for h in state.index.query(popular[None, :], k=10)[0]}
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    worker = Reencoder(state, QualityMonitor(state.index))
+    worker._last_rebuild = clock[0]  # just rebuilt: the next rebuild may not start yet, so in place
+    row = int(state.replica.featurizer.encode_items(items[:1]).token_rows[0])
+    worker.submit(Job(1, ChangedRows({"token": torch.tensor([row])}, {"token": torch.tensor([100.0])})))
+    worker.run_queued(drain=False)
+    assert state.staleness()["over_drift_bound"] == 1.0
+    assert not worker._drain()  # no time has passed: no budget yet
+    clock[0] += 0.5
+    assert not worker._drain()  # half a second: 50 items, less than a batch of 100
+    clock[0] += 0.5
+    assert worker._drain() and not worker._drain()
+    assert state.metrics.upserts.labels("reencode")._value.get() == 100
+    assert state.staleness()["over_drift_bound"] == pytest.approx(200 / 300)
+    left = set(state.index.drifted(state.config.reencode_drift_bound, 1000))
+    assert len(left) == 200 and not retrieved & left  # the retrieved ones went first
+    clock[0] += 10  # the bucket holds at most one second of budget
+    assert worker._drain() and not worker._drain()
+    assert state.metrics.upserts.labels("reencode")._value.get() == 200
 
 
 def test_newer_epoch_supersedes_queued_work():
@@ -256,23 +333,24 @@ def test_deltas_queued_behind_a_job_are_merged_into_one_pass_of_their_rows():
 
     # eight groups of content tokens: each delta's click touches its group's rows
     items = [Item(item_id=f"i{i}", created_at=i, categories=(f"g{i % 8}",)) for i in range(80)]
-    trainer, state, full = indexed_at_a_full_update(items)
+    trainer, state, full = indexed_at_a_full_update(items, reencode_drift_bound=1e-9)
     deltas = _deltas(trainer, items, 3)
     touched = set().union(*(state.replica.items_touched(d, items) for d in deltas))
-    for d in deltas:
-        assert not state.replica.apply(d).reencode_all
-    jobs = [Job(d.version, ChangedRows.of(d)) for d in deltas]
-    assert all(not hasattr(j.update, "sparse") for j in jobs)  # rows only
+    applied = [state.replica.apply(d) for d in deltas]
+    assert not any(a.reencode_all for a in applied)
+    jobs = [Job(d.version, a.changed) for d, a in zip(deltas, applied)]
+    assert all(not j.everything and not hasattr(j.update, "sparse") for j in jobs)  # rows and shifts only
+    moved = over_bound(state, ChangedRows.of(*(j.update for j in jobs)), items)
     worker = Reencoder(state, QualityMonitor(state.index))
     passes = []
-    real = worker._touched
-    worker._touched = lambda version, update: passes.append(version) or real(version, update)
+    real = worker._drift_pass
+    worker._drift_pass = lambda version, update: passes.append(version) or real(version, update)
     for job in jobs:
         worker.submit(job)
     worker.run_queued()
     assert passes == [deltas[-1].version] and worker.pending == 0
-    assert {i for i in (it.item_id for it in items) if state.index.meta(i).model_version == deltas[-1].version} == touched
-    assert 0 < len(touched) < len(items) / 2 and worker.settled_version == deltas[-1].version
+    assert {i for i in (it.item_id for it in items) if state.index.meta(i).model_version == deltas[-1].version} == moved
+    assert moved <= touched and 0 < len(touched) < len(items) / 2 and worker.settled_version == deltas[-1].version
     with pytest.raises(ValueError, match="touches everything"):
         ChangedRows.of(full)
 
@@ -283,16 +361,18 @@ def test_a_delta_that_touches_most_items_rebuilds_the_graph():
     from streamrecall.model.update import ChangedRows
 
     items = [Item(item_id=f"i{i}", created_at=i, categories=("shared",)) for i in range(60)]
-    trainer, state, full = indexed_at_a_full_update(items)
+    trainer, state, full = indexed_at_a_full_update(items, reencode_drift_bound=1e-9)
     first, second = _deltas(trainer, items, 2)
+    row = state.replica.featurizer.encode_items(items[:1]).token_rows[:1]
+    moved = ChangedRows({"token": row}, {"token": torch.tensor([1.0])})  # the shared token row, far
     state.replica.apply(first)
-    worker = run_jobs(state, Job(first.version, ChangedRows.of(first)))
+    worker = run_jobs(state, Job(first.version, moved))
     assert state.metrics.upserts.labels("rebuild")._value.get() == 60
     assert state.metrics.upserts.labels("reencode")._value.get() == 0
     assert state.index.version_counts() == {first.version: 60}
     # within rebuild_interval_s of that rebuild: rewritten in place now, not left waiting
     state.replica.apply(second)
-    worker.submit(Job(second.version, ChangedRows.of(second)))
+    worker.submit(Job(second.version, moved))
     worker.run_queued()
     assert state.metrics.upserts.labels("rebuild")._value.get() == 60
     assert state.metrics.upserts.labels("reencode")._value.get() == 60

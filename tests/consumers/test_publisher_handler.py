@@ -11,13 +11,15 @@ from streamrecall.consumers.roles.publisher.handler import PublisherHandler
 from streamrecall.consumers.roles.publisher.options import PublisherOptions
 from streamrecall.consumers.handler import Record
 from streamrecall.errors import ConfigError, TransientError
-from streamrecall.events import Click, UserVector
+from streamrecall.events import Click, Item, UserVector
 from streamrecall.metrics import ModelVersionMetrics
 from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
 from streamrecall.model import ModelConfig, OnlineTrainer, TowerReplica, decode_update
 from streamrecall.settings import Settings
 
 CONFIG = ModelConfig(dim=8, hidden=16, id_buckets=4096, token_buckets=4096, estimator_buckets=4096)
+TWO_TOWER = ModelConfig(dim=8, hidden=16, id_buckets=4096, token_buckets=4096, estimator_buckets=4096,
+                        tower="two_tower")
 TOPIC = "clicks"
 TS = 1_700_000_000_000
 
@@ -131,11 +133,35 @@ def _updates(n_deltas: int):
     return out
 
 
-def test_a_full_update_republishes_active_users_in_bounded_chunks(make_handler):
+def _moving_full(config: ModelConfig):
+    """A full update of the two towers whose dense layers moved (every user vector changes)."""
+    trainer = OnlineTrainer(config)
+    catalog = {i: Item(item_id=i, created_at=TS, categories=(c,)) for i, c in (("x", "a"), ("y", "b"))}
+    clicks = [Click(user_id="t", item_id="x", ts=TS), Click(user_id="s", item_id="y", ts=TS)]
+    trainer.step(trainer.make_batch(clicks, catalog, [[], []]))
+    update = decode_update(trainer.export_update())
+    assert TowerReplica(config).apply(update).reencode_all
+    return update
+
+
+def test_a_full_update_that_moves_nothing_republishes_nobody(make_handler):
     replica = TowerReplica(CONFIG)
     handler, sink, _ = make_handler(replica=replica, refresh_per_tick=2)
     handler.handle([click(u, "i1", TS) for u in "abcde"])
-    full = _updates(0)[0]
+    full = _updates(0)[0]  # an untrained trainer's: the seeded weights the replica already holds
+    applied = replica.apply(full)
+    assert not applied.reencode_all
+    handler.on_model_update(full, applied)
+    for _ in range(5):
+        handler.tick()
+    assert handler.metrics.published.labels("model_update")._value.get() == 0
+
+
+def test_a_full_update_republishes_active_users_in_bounded_chunks(make_handler):
+    replica = TowerReplica(TWO_TOWER)
+    handler, sink, _ = make_handler(replica=replica, refresh_per_tick=2)
+    handler.handle([click(u, "i1", TS) for u in "abcde"])
+    full = _moving_full(TWO_TOWER)
     handler.on_model_update(full, replica.apply(full))
     assert handler.metrics.pending_refresh._value.get() == 5
     # Right after fresh clicks, re-publication waits for its rate budget (none has accrued
@@ -151,13 +177,13 @@ def test_while_clicks_flow_republication_keeps_to_its_rate(make_handler):
     """Fresh clicks first: re-publication after an update is held to refresh_per_s while clicks
     keep coming (bursts of it after each round doubled the click → vector p99), most recently
     active users first."""
-    replica = TowerReplica(CONFIG)
+    replica = TowerReplica(TWO_TOWER)
     handler, sink, clock = make_handler(replica=replica, refresh_per_tick=1000, refresh_per_s=100)
     users = [f"u{i}" for i in range(500)]
     for i, u in enumerate(users):
         clock.t += 0.001
         handler.handle([click(u, "i1", TS + i)])
-    full = _updates(0)[0]
+    full = _moving_full(TWO_TOWER)
     handler.on_model_update(full, replica.apply(full))
     refreshed = []
     for step in range(100):  # 2 s of a busy loop: a click and a tick every 20 ms

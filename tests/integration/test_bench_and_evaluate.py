@@ -47,6 +47,11 @@ def test_bench_prints_the_json_array_design_md_specifies(name):
     if name not in ("model-eval", "scale"):  # scale reports the system at a size, against no raw library
         assert ratios, f"{name}: throughputs must carry a ratio to the raw library"
         assert all(math.isfinite(r["ratio_to_raw"]) and r["ratio_to_raw"] > 0 for r in ratios)
+    if name == "scale":  # the acceptance's end state, at the tiny size: every record bounded, all answered
+        by_name = {r["name"]: r["value"] for r in rows}
+        assert by_name["largest record on model-updates"] <= 1 << 20
+        assert by_name["sampled items in the index"] == 1.0
+        assert by_name["sampled clicked users answered from their own vector"] == 1.0
 
 
 def test_evaluate_json_has_the_design_md_keys_for_the_system_and_each_peer(tmp_path):

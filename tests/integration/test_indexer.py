@@ -43,9 +43,10 @@ MODEL = {"id_buckets": 4096, "token_buckets": 4096, "estimator_buckets": 4096}
 WAIT_S = 60.0
 
 
-def indexer_settings(settings_factory: Callable[..., Settings], **indexer: Any) -> Settings:
+def indexer_settings(settings_factory: Callable[..., Settings], model: dict[str, Any] | None = None,
+                     **indexer: Any) -> Settings:
     return settings_factory(http_port=0, flush_interval_ms=100, max_poll_records=200,
-                            extra={"model": MODEL, "indexer": {"snapshot_interval_s": 1, "quality_interval_s": 1,
+                            extra={"model": model or MODEL, "indexer": {"snapshot_interval_s": 1, "quality_interval_s": 1,
                                                                "encode_batch": 16, "reencode_batch": 16, **indexer}})
 
 
@@ -147,10 +148,14 @@ def test_items_become_queryable_update_and_delete(settings_factory):
 
 
 def test_model_update_reencodes_every_item_while_queries_answer(settings_factory):
-    s = indexer_settings(settings_factory)
+    # Two towers: a full update moves the dense layers, so it is a new epoch (every item re-encoded).
+    # A drift bound near zero re-encodes every item a delta's rows move at all, in place (the long
+    # rebuild interval keeps the delta pass from rebuilding).
+    model = {**MODEL, "tower": "two_tower"}
+    s = indexer_settings(settings_factory, model=model, reencode_drift_bound=1e-9, rebuild_interval_s=3600)
     catalog = items(60)
     produce_items(s, catalog)
-    config = ModelConfig(**MODEL)
+    config = ModelConfig(**model)
     trainer = OnlineTrainer(config)
     by_id = {it.item_id: it for it in catalog}
     for step in range(4):
@@ -210,10 +215,18 @@ def test_model_update_reencodes_every_item_while_queries_answer(settings_factory
         trending = [i for i, _ in update.trending]
         assert body["route"] == "trending" and [r["item_id"] for r in body["results"]] == trending[:3]
 
-        # a delta re-encodes exactly the items whose rows it changes
-        trainer.step(trainer.make_batch([Click(user_id="u9", item_id="i1", ts=5)], by_id, [[]]))
+        # a delta re-encodes exactly the items whose vectors its rows may move (all past the bound)
+        # (two clicks: a batch of one has a zero loss, so it moves no row)
+        clicks = [Click(user_id="u9", item_id="i1", ts=5), Click(user_id="u8", item_id="i16", ts=6)]
+        trainer.step(trainer.make_batch(clicks, by_id, [[], []]))
         delta = trainer.export_update()
-        touched = set(role.state.replica.items_touched(decode_update(delta), catalog + more))
+        replica = TowerReplica(config)
+        replica.apply(update)
+        changed = replica.apply(decode_update(delta)).changed
+        assert changed is not None
+        drift = replica.items_drift(changed, catalog + more)
+        touched = {it.item_id for it, d in zip(catalog + more, drift) if d > 0}
+        assert "i1" in touched
         produce(s, s.topics.model_updates, [(None, delta)])
         wait_for("touched items at v2", lambda: all(item_version(url, i) == 2 for i in touched))
         wait_for("re-encode settled", lambda: get(url, "/healthz")[1]["settled_version"] == 2)

@@ -43,6 +43,18 @@ def stream() -> Callable[..., tuple[ItemCatalog, list[Click]]]:
     return make
 
 
+def _train(trainer: OnlineTrainer, catalog: ItemCatalog, clicks: list[Click], history: RecentHistory) -> None:
+    for i in range(0, len(clicks), 256):
+        chunk = clicks[i:i + 256]
+        trainer.step(trainer.make_batch(chunk, catalog, history.before_each(chunk)))
+
+
+@pytest.fixture
+def train() -> Callable[[OnlineTrainer, ItemCatalog, list[Click], RecentHistory], None]:
+    """Train ``trainer`` on ``clicks`` in batches of 256, each click with its user's history before it."""
+    return _train
+
+
 def _held_out_hit_rates(config, catalog, clicks, *, k: int, monkeypatch=None) -> tuple[float, float]:
     """HR@k of the trained towers and of most-popular on the last 20% of ``clicks``, after one
     pass over the first 80%. With ``monkeypatch``, both optimisers' steps are no-ops."""

@@ -9,12 +9,6 @@ from streamrecall.model import ModelUpdateError, OnlineTrainer, RecentHistory, T
 from streamrecall.model.safeio import dumps
 
 
-def _train(trainer, catalog, clicks, history):
-    for i in range(0, len(clicks), 256):
-        chunk = clicks[i:i + 256]
-        trainer.step(trainer.make_batch(chunk, catalog, history.before_each(chunk)))
-
-
 def test_fresh_replica_equals_fresh_trainer_and_is_deterministic(small_config, stream):
     catalog, _ = stream()
     items = list(catalog.values())[:50]
@@ -27,16 +21,16 @@ def test_fresh_replica_equals_fresh_trainer_and_is_deterministic(small_config, s
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, rtol=1e-5)
 
 
-def test_full_then_deltas_reproduce_the_trainer(small_config, stream):
+def test_full_then_deltas_reproduce_the_trainer(small_config, stream, train):
     catalog, clicks = stream()
     config = small_config(tower="two_tower")  # dense layers travel; the FM's updates: tests/model/test_model_fm.py
     trainer, replica, history = OnlineTrainer(config), TowerReplica(config), RecentHistory(config.history_len)
     items = list(catalog.values())
-    _train(trainer, catalog, clicks[:1024], history)
+    train(trainer, catalog, clicks[:1024], history)
     full = decode_update(trainer.export_update())
     assert (full.kind, full.version, full.dense_changed) == ("full", 1, True)
     assert replica.apply(full).status == "applied"
-    _train(trainer, catalog, clicks[1024:2048], history)
+    train(trainer, catalog, clicks[1024:2048], history)
     delta = decode_update(trainer.export_update())
     assert (delta.kind, delta.base_version, delta.dense_changed) == ("delta", 1, False)
     touched = set(replica.items_touched(delta, items))
@@ -47,7 +41,7 @@ def test_full_then_deltas_reproduce_the_trainer(small_config, stream):
     changed = {i.item_id for i, a, b in zip(items, before, after) if not np.array_equal(a, b)}
     assert changed <= touched and changed  # only touched items moved
     # Dense layers travel on request; then the replica matches the trainer exactly.
-    _train(trainer, catalog, clicks[2048:3072], history)
+    train(trainer, catalog, clicks[2048:3072], history)
     with_dense = decode_update(trainer.export_update(dense=True))
     assert replica.apply(with_dense).reencode_all
     with torch.no_grad():
@@ -61,14 +55,14 @@ def test_full_then_deltas_reproduce_the_trainer(small_config, stream):
     assert set(replica.users_touched(with_dense, users, hists)) == set(users)
 
 
-def test_duplicates_and_gaps_are_flagged_not_applied(small_config, stream):
+def test_duplicates_and_gaps_are_flagged_not_applied(small_config, stream, train):
     catalog, clicks = stream()
     trainer, history = OnlineTrainer(small_config()), RecentHistory()
-    _train(trainer, catalog, clicks[:512], history)
+    train(trainer, catalog, clicks[:512], history)
     u1 = decode_update(trainer.export_update())
-    _train(trainer, catalog, clicks[512:1024], history)
+    train(trainer, catalog, clicks[512:1024], history)
     u2 = decode_update(trainer.export_update())
-    _train(trainer, catalog, clicks[1024:1536], history)
+    train(trainer, catalog, clicks[1024:1536], history)
     u3 = decode_update(trainer.export_update())
     fresh = TowerReplica(small_config())
     assert fresh.apply(u2).status == "gap" and fresh.version == 0
@@ -149,7 +143,8 @@ def test_bad_tensors_and_oversized_payloads_are_refused(small_config):
 
 
 @pytest.mark.parametrize("tower", ["two_tower", "fm"])
-def test_a_full_update_restores_exactly_the_rows_written_since_the_last_one(small_config, stream, monkeypatch, tower):
+def test_a_full_update_restores_exactly_the_rows_written_since_the_last_one(small_config, stream, monkeypatch, tower,
+                                                                            train):
     """A full update from another trainer (a restart from an older checkpoint, a replaced trainer)
     leaves the replica equal to a fresh one that applied only it; and the reset costs the rows
     written since, not a regeneration of every seeded row (which held the towers ~1 s per full
@@ -161,13 +156,13 @@ def test_a_full_update_restores_exactly_the_rows_written_since_the_last_one(smal
     config = small_config(tower=tower)
     items = list(catalog.values())
     first, history = OnlineTrainer(config), RecentHistory(config.history_len)
-    _train(first, catalog, clicks[:2048], history)
+    train(first, catalog, clicks[:2048], history)
     replica = TowerReplica(config)
     replica.apply(decode_update(first.export_update()))
-    _train(first, catalog, clicks[2048:3072], history)
+    train(first, catalog, clicks[2048:3072], history)
     replica.apply(decode_update(first.export_update()))  # a delta
     other, other_history = OnlineTrainer(config), RecentHistory(config.history_len)
-    _train(other, catalog, clicks[3072:3584], other_history)  # trained on fewer clicks: fewer rows
+    train(other, catalog, clicks[3072:3584], other_history)  # trained on fewer clicks: fewer rows
     generated = []
     real = (towers if tower == "two_tower" else fm).seeded_uniform
 

@@ -25,7 +25,6 @@ from streamrecall.consumers.updates import ModelUpdateStream
 from streamrecall.events import Item
 from streamrecall.metrics import MODEL_VERSION, RUNTIME, ModelVersionMetrics
 from streamrecall.model import ModelUpdate
-from streamrecall.model.update import ChangedRows
 from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,12 +163,13 @@ class IndexerHandler(HandlerBase):
             state.last_full = (partition, offset)
         if applied.reencode_all:
             state.start_epoch(applied.version)
+        state.version_times[applied.version] = update.created_at_ms or int(time.time() * 1000)
         self.version_metrics.version.labels(ROLE).set(applied.version)
         if applied.version <= reencode_above:
             return
         log.info("model update v%d (%s) applied: re-encoding %s", applied.version, applied.kind,
-                 "everything (new epoch)" if applied.reencode_all else "the items it touches")
-        self.reencoder.submit(Job(applied.version, None if applied.reencode_all else ChangedRows.of(update)))
+                 "everything (new epoch)" if applied.reencode_all else "the items it moves")
+        self.reencoder.submit(Job(applied.version, applied.changed))
 
     # --------------------------------------------------------------- snapshots
     def snapshot(self) -> Path:

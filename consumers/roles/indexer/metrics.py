@@ -34,6 +34,18 @@ class IndexerMetrics(QueryMetrics):
                                    buckets=FRESHNESS_BUCKETS, registry=registry)
         self.stale_share = Gauge("streamrecall_index_stale_ratio",
                                  "Share of indexed items encoded by an older model version.", registry=registry)
+        self.behind = Gauge("streamrecall_index_behind_ratio",
+                            "Share of indexed items encoded by a model version more than stale_after_versions "
+                            "versions (by=versions) or stale_after_s seconds (by=seconds) behind the current one.",
+                            ["by"], registry=registry)
+        for by in ("versions", "seconds"):
+            self.behind.labels(by)
+        self.drift_mean = Gauge("streamrecall_index_drift_mean",
+                                "Mean estimated drift of the indexed vectors since they were written "
+                                "(share of their norm the model may have moved them).", registry=registry)
+        self.over_drift_bound = Gauge("streamrecall_index_over_drift_bound_ratio",
+                                      "Share of indexed items whose estimated drift exceeds reencode_drift_bound: "
+                                      "the re-encode backlog.", registry=registry)
         self.recall_at_10 = Gauge("streamrecall_index_recall_at_10",
                                   "ANN recall@10 against exact search over the same live vectors (sampled).",
                                   registry=registry)

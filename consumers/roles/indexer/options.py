@@ -36,6 +36,10 @@ class IndexerOptions:
     rescore_factor: float = 2.0         # graph candidates per result, re-scored by the current towers (>= 1)
     rebuild_interval_s: float = 5.0     # after dense changes, rebuild the graph at most this often
     rebuild_busy_share: float = 0.5     # and rebuilding at most this share of the time (a 1M-item build takes minutes)
+    reencode_drift_bound: float = 0.05  # re-encode an item once the rows updates moved may have moved its vector this far (share of its norm)
+    reencode_items_per_s: float = 2000.0  # the re-encode budget: drifted items re-encoded in place at most this fast
+    stale_after_versions: int = 100     # staleness gauges: items encoded by a version more than this many versions behind,
+    stale_after_s: float = 60.0         # or by a model more than this many seconds older than the current one
     overlap_interval_s: float = 30.0    # serving-overlap measurement this often (background thread)
     overlap_sample_size: int = 32       # latest live queries asked again per measurement
     overlap_max_items: int = 50_000     # no overlap measurement above this many items (it encodes them all)

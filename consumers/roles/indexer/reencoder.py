@@ -13,13 +13,19 @@ keeps indexing new items while this thread works, and queries are served through
   meanwhile (the next build takes them): abandoning builds would mean never finishing one.
   Answers do not wait for it: the API re-scores graph candidates with the current towers
   (``consumers/roles/indexer/scoring.py``), so the graph's lag only decides which items are candidates.
-* **delta** (sparse rows only) — ``TowerReplica.items_touched`` picks the items whose id or
-  content-token rows changed; only those are re-encoded and upserted in place. A queued delta
-  keeps only its changed rows (``ChangedRows``), and the deltas queued behind a running job are
-  merged into one pass at the newest version: at a million items a rebuild takes minutes, and
-  deltas arrive several a second. When a pass touches at least ``REBUILD_SHARE`` of the items and
-  a rebuild may start (:meth:`Reencoder.rebuild_wait`), it rebuilds instead (an in-place update
-  costs about 8 inserts, docs/index.md).
+* **rows moved** (a delta, or a full update that left the dense layers as they were) — work in
+  proportion to effect. A *drift pass* adds to each item's drift how far the moved rows may have
+  moved its vector (``TowerReplica.items_drift``: its id row's shift plus its token rows' shifts,
+  weighted as the tower pools them, over the vector's norm); nothing is encoded. Items whose drift
+  exceeds ``reencode_drift_bound`` are then re-encoded in place, the most retrieved first, at most
+  ``reencode_items_per_s`` (:meth:`Reencoder._drain`); writing an item resets its drift. With the
+  FM every step moves content-token rows shared by most items, so re-encoding every touched item
+  meant rewriting nearly the whole index with every update. A queued job keeps only the moved rows
+  and their shifts (``ChangedRows``), jobs queued behind a running one merge into one pass (shifts
+  add up: an upper bound), and a pass reads the whole catalog (~5 µs an item), so passes keep the
+  thread busy at most ``DRIFT_BUSY_SHARE``. When a pass leaves at least ``REBUILD_SHARE`` of the
+  items over the bound and a rebuild may start (:meth:`Reencoder.rebuild_wait`), it rebuilds
+  instead (an in-place update costs about 8 inserts, docs/index.md).
 
 Each step holds the state's lock for one bounded batch (``reencode_batch`` items), so the
 poll loop waits at most one batch. Jobs run in version order; ``settled_version`` is the
@@ -31,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -42,7 +47,7 @@ from streamrecall.consumers.roles.indexer.pacing import next_start
 from streamrecall.consumers.roles.indexer.state import IndexerState, batches, now_ms
 from streamrecall.events import Item
 from streamrecall.index import EntryMeta, QualityMonitor
-from streamrecall.model.update import ChangedRows, ModelUpdate
+from streamrecall.model.update import ChangedRows
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +57,24 @@ QUALITY_BUSY_SHARE = 0.05
 #: A delta pass that touches at least this share of the items rebuilds the graph instead of
 #: rewriting them in place: an insert into a fresh graph costs about an eighth of an in-place update.
 REBUILD_SHARE = 0.5
-#: Items sampled to estimate the share a delta pass touches.
-TOUCHED_SAMPLE = 2048
+#: Drift passes keep the re-encoder thread busy at most this share of the time (a pass reads every
+#: item of the catalog: about 5 s at a million items); the jobs arriving meanwhile merge into the next.
+DRIFT_BUSY_SHARE = 0.25
+#: Items featurised per step of a drift pass.
+DRIFT_CHUNK = 8192
+#: Drifted ids taken per refresh of the re-encode queue (the most retrieved first).
+DRIFT_QUEUE = 8192
+#: Retrieval counts halve every this many seconds, so "most retrieved" means lately.
+RETRIEVED_HALF_LIFE_S = 600.0
 
 
 @dataclass(frozen=True)
 class Job:
-    """Re-encode work caused by the update of ``version``: everything (``update`` None) or the items
-    on the rows it changed (the handler queues a :class:`ChangedRows`, the rows without values)."""
+    """Re-encode work caused by the update of ``version``: everything (``update`` None) or the drift
+    of the items on the rows it moved (``Applied.changed``: the rows and their shifts, no values)."""
 
     version: int
-    update: ChangedRows | ModelUpdate | None = None
+    update: ChangedRows | None = None
 
     @property
     def everything(self) -> bool:
@@ -87,6 +99,13 @@ class Reencoder:
         self._last_quality_s = 0.0  # how long the last measurement took
         self._last_rebuild = float("-inf")  # when the last rebuild started (monotonic)
         self._last_rebuild_s = 0.0          # how long it took
+        self._last_pass = float("-inf")     # when the last drift pass started, and how long it took
+        self._last_pass_s = 0.0
+        self._queue: list[str] = []         # drifted ids to re-encode, the most retrieved first
+        self._queue_stale = True            # a pass or rebuild ran since the queue was read
+        self._allowance = 0.0               # re-encodes the budget allows now (a token bucket)
+        self._last_fill = time.monotonic()
+        self._last_decay = time.monotonic()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -115,28 +134,38 @@ class Reencoder:
     def idle(self) -> bool:
         return self.pending == 0
 
-    def run_queued(self) -> None:
-        """Run every queued job on the calling thread (for tests and tools; the role uses the thread)."""
+    def run_queued(self, drain: bool = True) -> None:
+        """Run every queued job on the calling thread, then (``drain``) re-encode every item over the
+        drift bound regardless of the budget (for tests and tools; the role uses the thread)."""
         while True:
             try:
                 first = self._jobs.get_nowait()
             except queue.Empty:
-                return
+                break
             for job in self._coalesce([first]):
                 self._run(job)
+        while drain and self._drain(budget=False):
+            pass
 
     # ----------------------------------------------------------------- loop
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                job = self._jobs.get(timeout=0.5)
+                job = self._jobs.get(timeout=0.05 if self._queue or self._queue_stale else 0.5)
             except queue.Empty:
+                while self._jobs.empty() and self._drain() and not self._stop.is_set():
+                    pass
                 self._maybe_measure()
                 continue
             jobs = self._coalesce([job])
-            wait = self.rebuild_wait(time.monotonic())
-            if jobs[0].everything and wait > 0:  # a rebuild is due later: take what arrives meanwhile too
-                if self._stop.wait(wait):
+            now = time.monotonic()
+            wait = self.rebuild_wait(now) if jobs[0].everything else self.pass_wait(now)
+            if wait > 0:  # take what arrives meanwhile too (re-encoding drifted items until then)
+                until = now + wait
+                while time.monotonic() < until and not self._stop.is_set():
+                    if not self._drain():
+                        self._stop.wait(min(0.05, max(0.0, until - time.monotonic())))
+                if self._stop.is_set():
                     return
                 jobs = self._coalesce(jobs)
             for j in jobs:
@@ -154,6 +183,10 @@ class Reencoder:
         config = self.state.config
         return next_start(self._last_rebuild, self._last_rebuild_s, config.rebuild_interval_s,
                           config.rebuild_busy_share) - now
+
+    def pass_wait(self, now: float) -> float:
+        """Seconds until the next drift pass may start (≤ 0: now); see ``DRIFT_BUSY_SHARE``."""
+        return next_start(self._last_pass, self._last_pass_s, 0.0, DRIFT_BUSY_SHARE) - now
 
     def _coalesce(self, jobs: list[Job]) -> list[Job]:
         """``jobs`` and everything queued; work before the last new-epoch job is dropped (that rebuild redoes it)."""
@@ -179,7 +212,7 @@ class Reencoder:
     def _run(self, job: Job) -> None:
         started = time.monotonic()
         try:
-            n = self._rebuild(job.version) if job.everything else self._touched(job.version, job.update)
+            n = self._rebuild(job.version) if job.everything else self._drift_pass(job.version, job.update)
         except _Superseded:
             log.info("re-encode for version %d abandoned: superseded", job.version)
             self._done(1)
@@ -193,7 +226,7 @@ class Reencoder:
         self.settled_version = max(self.settled_version, job.version)
         self._done(1)
         log.info("re-encode for version %d done: %d item(s) in %.1fs (%s)", job.version, n,
-                 time.monotonic() - started, "rebuild" if job.everything else "touched items")
+                 time.monotonic() - started, "rebuild" if job.everything or n else "drift pass")
 
     def _done(self, n: int) -> None:
         with self._pending_lock:
@@ -214,42 +247,80 @@ class Reencoder:
                 items = [state.catalog.get(i) or Item(item_id=i, created_at=0) for i in ids]
                 return state.replica.encode_items(items)
 
-        n = state.index.reencode(encode, version, batch_size=state.config.reencode_batch, rebuild_threshold=0.0)
+        try:
+            n = state.index.reencode(encode, version, batch_size=state.config.reencode_batch, rebuild_threshold=0.0)
+        finally:
+            self._queue_stale = True
         self._last_rebuild_s = time.monotonic() - self._last_rebuild
         state.metrics.upserts.labels("rebuild").inc(n)
         return n
 
-    def _touched(self, version: int, update: ChangedRows | ModelUpdate | None) -> int:
+    def _drift_pass(self, version: int, changed: ChangedRows | None) -> int:
+        """Add the drift ``changed`` causes to every item it touches; rebuild when most items are then
+        over the bound and a rebuild may start. Returns the items re-encoded (by a rebuild)."""
         state = self.state
-        if update is None or state.epoch_of(version) != state.current_epoch:
+        if changed is None or state.epoch_of(version) != state.current_epoch:
             return 0  # a later epoch re-encodes everything
-        with state.lock:
-            snapshot = list(state.catalog.values())
-            sample = random.Random(version).sample(snapshot, min(len(snapshot), TOUCHED_SAMPLE))
-            share = len(state.replica.items_touched(update, sample)) / len(sample) if sample else 0.0
-        # Most items: a fresh graph costs less than rewriting them in place. Only when a rebuild may
-        # start now: waiting for one left the graph on old vectors meanwhile (streamrecall evaluate,
-        # default stream: live HR@50 0.322 -> 0.299), so a paced pass rewrites in place as before.
-        if share >= REBUILD_SHARE and self.rebuild_wait(time.monotonic()) <= 0:
-            log.info("re-encode for version %d: about %.0f%% of the items touched, rebuilding", version, 100 * share)
-            return self._rebuild(version)
-        done = 0
-        for chunk in batches(snapshot, state.config.reencode_batch):
-            if self._stop.is_set() or state.epoch_of(version) != state.current_epoch:
-                raise _Superseded()
+        self._last_pass = time.monotonic()
+        try:
             with state.lock:
-                live = [it for it in chunk if state.catalog.get(it.item_id) is it]  # not replaced or deleted since
-                touched = set(state.replica.items_touched(update, live)) if live else set()
-                items = [it for it in live if it.item_id in touched]
-                if not items:
-                    continue
-                vectors = state.replica.encode_items(items)
-                at, current = now_ms(), state.replica.version
-                metas = [EntryMeta(current, at, it.created_at, tuple(it.categories)) for it in items]
-                state.index.upsert([it.item_id for it in items], vectors, metas)
-            done += len(items)
-            state.metrics.upserts.labels("reencode").inc(len(items))
-        return done
+                snapshot = list(state.catalog.values())
+            for chunk in batches(snapshot, DRIFT_CHUNK):
+                if self._stop.is_set() or state.epoch_of(version) != state.current_epoch:
+                    raise _Superseded()
+                drift = state.replica.items_drift(changed, chunk)  # reads the featurizer, not the towers
+                moved = np.flatnonzero(drift > 0)
+                if len(moved):
+                    state.index.add_drift([chunk[i].item_id for i in moved.tolist()], drift[moved],
+                                          below_version=version)
+        finally:
+            self._last_pass_s = time.monotonic() - self._last_pass
+            self._queue_stale = True
+        _, over = state.index.drift_stats(state.config.reencode_drift_bound)
+        # Most items over the bound: a fresh graph costs less than rewriting them in place. Only when a
+        # rebuild may start now: waiting for one left the graph on old vectors meanwhile (streamrecall
+        # evaluate, default stream: live HR@50 0.322 -> 0.299), so meanwhile the budget re-encodes in place.
+        if over >= REBUILD_SHARE and self.rebuild_wait(time.monotonic()) <= 0:
+            log.info("re-encode for version %d: %.0f%% of the items over the drift bound, rebuilding",
+                     version, 100 * over)
+            return self._rebuild(version)
+        return 0
+
+    def _drain(self, budget: bool = True) -> bool:
+        """Re-encode one batch of the items over the drift bound, the most retrieved first, within the
+        budget (``reencode_items_per_s``, a token bucket holding at most one second of it). Returns
+        whether it re-encoded anything."""
+        state, config = self.state, self.state.config
+        now = time.monotonic()
+        rate = config.reencode_items_per_s
+        self._allowance = min(rate, self._allowance + rate * (now - self._last_fill))
+        self._last_fill = now
+        n = config.reencode_batch if not budget else min(config.reencode_batch, int(self._allowance))
+        if n < 1 or (budget and n < min(config.reencode_batch, rate)):  # wait for a whole batch
+            return False
+        if self._queue_stale or not self._queue:
+            if now - self._last_decay >= RETRIEVED_HALF_LIFE_S / 10:
+                state.index.decay_retrieved(0.5 ** ((now - self._last_decay) / RETRIEVED_HALF_LIFE_S))
+                self._last_decay = now
+            self._queue = state.index.drifted(config.reencode_drift_bound, DRIFT_QUEUE)[::-1]  # pop() takes the first
+            self._queue_stale = False
+            if not self._queue:
+                return False
+        ids = [self._queue.pop() for _ in range(min(n, len(self._queue)))]
+        with state.lock:
+            if state.served_epoch != state.current_epoch:
+                self._queue_stale = True  # a rebuild is due: it re-encodes everything
+                return False
+            items = [it for it in (state.catalog.get(i) for i in ids) if it is not None]
+            if not items:
+                return bool(ids)
+            vectors = state.replica.encode_items(items)
+            at, current = now_ms(), state.replica.version
+            metas = [EntryMeta(current, at, it.created_at, tuple(it.categories)) for it in items]
+            state.index.upsert([it.item_id for it in items], vectors, metas)
+        self._allowance -= len(items)
+        state.metrics.upserts.labels("reencode").inc(len(items))
+        return True
 
     def _maybe_measure(self) -> None:
         # the exact search reads every live vector: about 5 s of one core at a million items

@@ -82,6 +82,9 @@ class IndexerState:
         self.epochs: list[int] = [0]    # versions that started an epoch (0: the seeded weights)
         self.served_epoch = 0           # the epoch whose re-encode into the index is complete
         self.last_full: tuple[int, int] | None = None  # (partition, offset) of the last full update applied
+        # When each version was made (its created_at_ms), for the staleness gauges; pruned to the
+        # versions the index holds. A version applied before this run started is unknown here.
+        self.version_times: dict[int, int] = {}
 
     # ------------------------------------------------------------------ items
     def upsert_items(self, items: Sequence[Item], fresh: Collection[str] = ()) -> None:
@@ -152,11 +155,38 @@ class IndexerState:
         return self.epoch_of(user_version) == self.served_epoch
 
     # ---------------------------------------------------------------- gauges
+    def staleness(self) -> dict[str, float]:
+        """How far the index lags the model: the share of items encoded by a version more than
+        ``stale_after_versions`` behind the current one, or made more than ``stale_after_s`` before it
+        (unknown: counted as behind when older), the mean drift and the share over the drift bound."""
+        counts = self.index.version_counts()
+        for version in [v for v in self.version_times if v not in counts and v != self.replica.version]:
+            del self.version_times[version]
+        current, total = self.replica.version, sum(counts.values())
+        now = self.version_times.get(current)
+        behind_s = self.config.stale_after_s * 1000
+        by_versions = by_seconds = 0
+        for version, n in counts.items():
+            if current - version > self.config.stale_after_versions:
+                by_versions += n
+            made = self.version_times.get(version)
+            if version < current and (made is None or now is None or now - made > behind_s):
+                by_seconds += n
+        drift_mean, over = self.index.drift_stats(self.config.reencode_drift_bound)
+        return {"behind_versions": by_versions / total if total else 0.0,
+                "behind_seconds": by_seconds / total if total else 0.0,
+                "drift_mean": drift_mean, "over_drift_bound": over}
+
     def update_gauges(self) -> None:
         m = self.metrics
         m.items.set(len(self.index))
         m.deleted_share.set(self.index.deleted_share())
         m.stale_share.set(self.index.stale_share(self.current_epoch))
+        lag = self.staleness()
+        m.behind.labels("versions").set(lag["behind_versions"])
+        m.behind.labels("seconds").set(lag["behind_seconds"])
+        m.drift_mean.set(lag["drift_mean"])
+        m.over_drift_bound.set(lag["over_drift_bound"])
         m.user_vectors.set(len(self.users))
         self.states.fill("indexer", "user_vectors", len(self.users), self.users.capacity)
         self.states.fill("indexer", "item_vector_cache", len(self.item_vectors), self.item_vectors.max_items)

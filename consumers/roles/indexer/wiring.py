@@ -222,10 +222,12 @@ class IndexerRole:
         total, reasons = lag_reasons(lag, self.config.ready_max_lag)
         # Settled: this replica has read every model update there is and its re-encode is done, so
         # its graph holds the current model's vectors (answers are version-consistent regardless).
-        settled = lag is not None and lag.get("model-updates", 0) == 0 and self.reencoder.idle
+        staleness = state.staleness()
+        settled = lag is not None and lag.get("model-updates", 0) == 0 and self.reencoder.idle \
+            and staleness["over_drift_bound"] == 0
         body = {"ready": not reasons, "reasons": reasons, "settled": settled, "items": len(state.index),
                 "model_version": state.replica.version, "served_epoch": state.served_epoch,
-                "stale_share": state.index.stale_share(state.current_epoch),
+                "stale_share": state.index.stale_share(state.current_epoch), **staleness,
                 "model_trained_through_ms": state.replica.trained_through_ms,
                 "settled_version": self.reencoder.settled_version, "reencode_pending": self.reencoder.pending,
                 "user_vectors": len(state.users), "lag": total, "lag_by_topic": lag,

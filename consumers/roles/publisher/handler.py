@@ -19,6 +19,7 @@ from streamrecall.errors import TransientError
 from streamrecall.events import UserVector
 from streamrecall.metrics import MODEL_VERSION, STATE, ModelVersionMetrics, StateMetrics, role_metrics
 from streamrecall.model import Applied, ModelUpdate, TowerReplica
+from streamrecall.model.update import ChangedRows
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class PublisherHandler(HandlerBase):
         self._fresh_published = False  # fresh clicks were published since the last tick
         self._dirty_since = 0.0
         self._refresh: dict[tuple[int, str], None] = {}    # users to re-publish at the current version
-        self._scans: deque[tuple[ModelUpdate, deque[tuple[int, str]]]] = deque()  # deltas to check users against
+        self._scans: deque[tuple[ChangedRows, deque[tuple[int, str]]]] = deque()  # deltas to check users against
         self._last_round = float("-inf")  # when the last re-publication round started (clock s)
         self._refresh_tokens = 0.0        # re-publications allowed now while clicks flow (a token bucket)
         self._last_tick = clock()
@@ -152,9 +153,9 @@ class PublisherHandler(HandlerBase):
         if self.clock() - self._last_round < self.options.refresh_interval_s:
             self._round_due = True
             return
-        self._start_round(update, applied.reencode_all)
+        self._start_round(applied.changed, applied.reencode_all)
 
-    def _start_round(self, update: ModelUpdate | None, everything: bool) -> None:
+    def _start_round(self, update: ChangedRows | None, everything: bool) -> None:
         self._last_round = self.clock()
         self._round_due = False
         since = self.clock() - self.options.refresh_active_s

@@ -13,6 +13,12 @@ meanwhile. Reported:
 - a replica's time to decode and apply that full update (``TowerReplica.apply`` in this
   process, on the payload read back);
 - index rebuild time (the indexer's own log line for each rebuild of every item);
+- re-encode work from the first click to the end: items re-encoded in place (drifted past
+  ``reencode_drift_bound``) and by rebuilds, against the items × updates a re-encode of every
+  item at every update would have cost;
+- staleness over time, from the same /healthz samples: the share of items encoded more than
+  ``stale_after_versions`` versions or ``stale_after_s`` seconds behind, the mean drift and the
+  share over the drift bound;
 - query p99 while a rebuild runs (a /healthz sample shows a stale share above 0) and otherwise;
 - click → vector p99 during the re-publication (the publisher's histogram, its delta over that
   window: the upper bound of the bucket holding the 99th percentile);
@@ -46,6 +52,8 @@ from streamrecall.metrics import FRESHNESS_BUCKETS
 from streamrecall.model import ModelConfig, TowerReplica, decode_update
 from streamrecall.ops.progress import track
 
+#: The staleness figures /healthz reports (IndexerState.staleness).
+STALENESS = ("behind_versions", "behind_seconds", "drift_mean", "over_drift_bound")
 _REBUILD_LINE = re.compile(r"re-encode for version \d+ done: (\d+) item\(s\) in ([0-9.]+)s \(rebuild\)")
 
 
@@ -64,6 +72,7 @@ class _Observer:
         self.system, self.n_users = system, n_users
         self.t0 = time.monotonic()
         self.samples: list[tuple[float, float, int]] = []      # (t, stale share, items)
+        self.staleness: list[dict[str, float]] = []            # /healthz's staleness figures, per sample
         self.queries: list[tuple[float, bool]] = []            # (latency s, during a rebuild)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=f, daemon=True) for f in (self._sample, self._query)]
@@ -87,6 +96,7 @@ class _Observer:
             try:
                 body = self.system.get("/healthz", timeout_s=5)[1]
                 self.samples.append((time.monotonic() - self.t0, float(body["stale_share"]), int(body["items"])))
+                self.staleness.append({k: float(body.get(k, 0.0)) for k in STALENESS})
             except (OSError, KeyError, TypeError, ValueError):
                 pass
 
@@ -152,6 +162,33 @@ def _model_updates(system: LocalSystem) -> tuple[int, int, int, bytes]:
     return largest, len(full), chunks, full
 
 
+def _answers(system: LocalSystem, n_items: int, users: np.ndarray, sample: int, k: int = 100) -> list[Result]:
+    """What the acceptance asks of the end state, on ``sample`` random items and clicked users: each
+    item is in the index and found by its own stored vector within the top ``k`` (the FM scores by
+    inner product, so another item can outscore an item's own vector; the share says how often);
+    each user is answered from their own published vector (route ``user-vector``)."""
+    rng = random.Random(11)
+    held = found = 0
+    for i in rng.sample(range(n_items), min(sample, n_items)):
+        status, body = system.get(f"/items/fresh-{i}?with_vector=1", admin=True, timeout_s=30)
+        if status != 200:
+            continue
+        held += 1
+        status, answer = system.post("/recall", {"vector": body["vector"], "k": k}, timeout_s=30)
+        found += status == 200 and f"fresh-{i}" in {r["item_id"] for r in answer["results"]}
+    own = 0
+    picked = [int(u) for u in np.random.default_rng(12).choice(users, min(sample, len(users)), replace=False)]
+    for u in picked:
+        status, body = system.get(f"/recall?user_id=u{u}&k=10", timeout_s=30)
+        own += status == 200 and body.get("route") == "user-vector"
+    n = min(sample, n_items)
+    return [result("sampled items in the index", "ratio", held / n, extra=f"{held} of {n}"),
+            result(f"sampled items found by their own vector in the top {k}", "ratio", found / n,
+                   extra=f"{found} of {n}"),
+            result("sampled clicked users answered from their own vector", "ratio", own / len(picked),
+                   extra=f"{own} of {len(picked)}")]
+
+
 def _rebuilds(log_path: Path, n_items: int) -> list[float]:
     """Seconds of every rebuild of (at least) every item, from the indexer's log."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
@@ -168,12 +205,14 @@ def _rebuilds(log_path: Path, n_items: int) -> list[float]:
 @click.option("--fresh-click-rate", default=20.0, show_default=True,
               help="Fresh clicks/s produced during the re-publication.")
 @click.option("--timeout-s", default=3600.0, show_default=True, help="Bound on each wait for the system.")
+@click.option("--sample", default=200, show_default=True,
+              help="Items and users checked at the end (in the index, found by own vector, own user vector).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @plot_option
 @json_option
 def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, full_every_s: float,
-            fresh_click_rate: float, timeout_s: float, work_dir: Path | None, plot_dir: Path | None,
-            as_json: bool) -> None:
+            fresh_click_rate: float, timeout_s: float, sample: int, work_dir: Path | None,
+            plot_dir: Path | None, as_json: bool) -> None:
     """Full-update size, replica apply, rebuild, staleness, latencies and peak RSS per role at scale."""
     model: dict[str, Any] = {} if id_buckets is None else {"id_buckets": id_buckets, "estimator_buckets": id_buckets}
     results: list[Result] = []
@@ -199,6 +238,9 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
             results.append(result(f"index {n_items} items from Kafka", "items/s",
                                   n_items / (time.monotonic() - started)))
 
+            upserts_before = {cause: system.metric("streamrecall_index_upserts_total", "indexer", cause=cause) or 0.0
+                              for cause in ("reencode", "rebuild")}
+            version_before = system.metric("streamrecall_model_version", "indexer", role="indexer") or 0.0
             # Clicks: users uniform, items Zipf-like (a few popular, a long tail).
             users = np.random.default_rng(7).integers(0, n_users, n_clicks)
             items = np.minimum((np.random.default_rng(8).pareto(1.2, n_clicks) * n_items / 50).astype(np.int64),
@@ -239,8 +281,12 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
                    if proc.process is not None}
             if system.broker is not None and getattr(system.broker, "process", None) is not None:
                 rss["broker"] = vm_hwm_mb(system.broker.process.pid)
+            upserts = {cause: (system.metric("streamrecall_index_upserts_total", "indexer", cause=cause) or 0.0)
+                       - before for cause, before in upserts_before.items()}
+            versions = (system.metric("streamrecall_model_version", "indexer", role="indexer") or 0.0) - version_before
             largest, full_bytes, chunks, payload = _model_updates(system)
             rebuilds = _rebuilds(system.state_dir / "logs" / "indexer.log", n_items)
+            answers = _answers(system, n_items, np.unique(users), sample)
             system.check_alive()
 
         results += [
@@ -262,13 +308,28 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
             result("GET /recall p99 during a rebuild", "s", percentiles(during)[1], extra=f"{len(during)} queries"),
             result("GET /recall p99 otherwise", "s", percentiles(other)[1], extra=f"{len(other)} queries"),
         ]
+        every = n_items * versions
+        results += [
+            result("items re-encoded in place (drifted past the bound)", "items", upserts["reencode"],
+                   extra=f"over {versions:.0f} model updates; re-encoding every item at each would be {every:,.0f}"),
+            result("items re-encoded by rebuilds", "items", upserts["rebuild"]),
+        ]
+        for key in STALENESS:
+            values = [s[key] for s in seen.staleness]
+            if values:
+                results.append(result(f"index {key.replace('_', ' ')}, mean over the run", "ratio", float(np.mean(values)),
+                                      extra=f"max {max(values):.3f}"))
         stale = [s for _, s, _ in seen.samples]
         if stale:
             results.append(result("index stale share, mean over the run", "ratio", float(np.mean(stale)),
                                   extra=f"max {max(stale):.3f}, {len(stale)} samples every 0.5 s"))
+        results += answers
         results += [result(f"peak RSS {name}", "MiB", mb) for name, mb in sorted(rss.items())]
         if plot_dir is not None and seen.samples:
             t = [s[0] for s in seen.samples]
-            plots.over_time(plot_dir / "scale_staleness.png", t, {"stale share": stale},
+            series = {"stale share": stale} | {k.replace("_", " "): [s[k] for s in seen.staleness] for k in STALENESS}
+            if len(seen.staleness) != len(t):
+                series = {"stale share": stale}
+            plots.over_time(plot_dir / "scale_staleness.png", t, series,
                             title=f"Index stale share ({n_items:,} items, {n_users:,} users)", ylabel="share")
     report(results, as_json)
