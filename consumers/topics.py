@@ -31,7 +31,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.user_vectors, n, {"cleanup.policy": "compact"}),
         # One partition: updates must be applied in version order. No size override: updates travel
         # in chunks of at most 1 MiB (consumers/update_chunks.py), within the broker's default.
-        TopicSpec(t.model_updates, 1, {}),
+        # Time-based retention, never size-based: a size bound could cut the newest full update's
+        # first chunks, and a reader from the start then waits for the next full update.
+        TopicSpec(t.model_updates, 1, {"retention.ms": str(settings.model_updates_retention_ms)}),
         TopicSpec(t.deadletter, n, {}),
     ]
 

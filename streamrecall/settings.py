@@ -98,6 +98,10 @@ class Settings:
     topic_prefix: str = ""
     partitions: int = 4
     replication_factor: int = 1  # for `topics create`; use 3 on a real cluster
+    # `topics create` sets this retention.ms on model-updates: it must keep the newest full update
+    # whole, so keep it well above the trainer's full_every_s (60 s). A full update at a million rows
+    # per id table is ~200 MB, so an hour of them is ~12 GB on the brokers' disks. -1: keep forever.
+    model_updates_retention_ms: int = 3_600_000
     group_prefix: str = "streamrecall"
     state_dir: Path = Path("state")
     http_host: str = "127.0.0.1"
@@ -187,6 +191,11 @@ class Settings:
             raise ConfigError(f"group_prefix: {self.group_prefix!r} must be non-empty letters, digits, '.', '_', '-'")
         _check_range("partitions", self.partitions, 1, 10_000)
         _check_range("replication_factor", self.replication_factor, 1, 32)
+        retention = self.model_updates_retention_ms
+        if retention != -1 and (not isinstance(retention, int) or isinstance(retention, bool)
+                                or not 600_000 <= retention <= 365 * 86_400_000):
+            raise ConfigError(f"model_updates_retention_ms: {retention!r} must be -1 (keep forever) or from 600000 "
+                              "(10 min) to a year in ms, well above the trainer's full_every_s")
         _check_range("max_value_bytes", self.max_value_bytes, 1024, 64 << 20)
         _check_range("max_poll_records", self.max_poll_records, 1, 100_000)
         _check_range("flush_interval_ms", self.flush_interval_ms, 1, 60_000)

@@ -28,6 +28,8 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--topic-prefix", "topic_prefix", str, "Prefix for every topic name."),
     ("--partitions", "partitions", int, "Partitions per topic when creating topics."),
     ("--replication-factor", "replication_factor", int, "Replicas per topic when creating topics."),
+    ("--model-updates-retention-ms", "model_updates_retention_ms", int,
+     "retention.ms of model-updates when creating topics (well above full_every_s; -1: forever)."),
     ("--group-prefix", "group_prefix", str, "Consumer group ids are PREFIX-ROLE."),
     ("--state-dir", "state_dir", click.Path(path_type=Path), "Where roles keep snapshots and checkpoints."),
     ("--http-host", "http_host", str, "Bind address for HTTP (loopback unless told otherwise)."),

@@ -33,6 +33,8 @@ def test_defaults_are_valid_and_topics_share_the_prefix():
     ({"rank": -1}, "rank"),
     ({"master_port": 0}, "master_port"),
     ({"master_addr": " "}, "master_addr"),
+    ({"model_updates_retention_ms": 60_000}, "model_updates_retention_ms"),
+    ({"model_updates_retention_ms": -2}, "model_updates_retention_ms"),
 ])
 def test_a_wrong_value_is_refused_with_the_settings_name(changes, name):
     with pytest.raises(ConfigError, match=f"^{name}:"):
