@@ -31,6 +31,7 @@ dead-lettered, and reading goes on.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from kafka import KafkaConsumer
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 #: Records read per tick() by a side reader: at most this many MiB copied, and the few updates
 #: they complete decoded (decoding a big one takes tens of ms or more).
 RECORDS_PER_TICK = 16
+#: Decoding and applying an update that takes at least this long is logged with its time.
+SLOW_APPLY_S = 0.1
 
 
 class ModelUpdateStream:
@@ -93,9 +96,14 @@ class ModelUpdateStream:
 
     def _complete(self, done: Complete, key: bytes | None) -> None:
         where = f"{self.topic}[{self.partition}]@{done.first}"
+        started = time.perf_counter()
         try:
             update = decode_value(self.decode, done.payload, where, done.headers)
             self.apply(update, done.first)
+            took = time.perf_counter() - started
+            if took >= SLOW_APPLY_S:  # the reader's loop waited this long (a full update at a million rows)
+                log.info("model update v%d at %s: %d bytes decoded and applied in %.2fs", update.version, where,
+                         len(done.payload), took)
         except StreamrecallError as exc:
             self._refuse(done.first, key, done.payload, getattr(exc, "reason", "invalid"),
                          f"{type(exc).__name__}: {exc}")

@@ -234,6 +234,25 @@ class Store:
         rows = rows[held]
         self.drift[rows] += amounts[held] / np.maximum(self.norm[rows], 1e-6)
 
+    def measure_drift(self, ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """Set the drift of ``ids`` to how far ``vectors`` (what the model encodes now) are from the stored
+        ones, relative to the stored norm (cosine: between the unit vectors hnswlib stores); returns it,
+        NaN for unknown ids (left alone)."""
+        rows = np.fromiter((self.row_of.get(i, -1) for i in ids), dtype=np.intp, count=len(ids))
+        out = np.full(len(ids), np.nan, dtype=np.float32)
+        held = np.flatnonzero(rows >= 0)
+        if len(held) == 0:
+            return out
+        r, new = rows[held], np.asarray(vectors, dtype=np.float32)[held]
+        if self.params.space == "cosine":
+            new = new / np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
+            scale = np.ones(len(r), dtype=np.float32)
+        else:
+            scale = np.maximum(self.norm[r], 1e-6)
+        out[held] = np.linalg.norm(self.vectors(r) - new, axis=1) / scale
+        self.drift[r] = out[held]
+        return out
+
     def _free_row(self, row: int) -> None:
         if self.live[row]:
             self._uncount(np.asarray([row]))

@@ -319,6 +319,17 @@ class ItemIndex:
         with self._writer:
             self._s.add_drift(ids, amounts, below_version)
 
+    def measure_drift(self, ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """The exact drift of ``ids``: how far ``vectors`` — what the model encodes for them now — are
+        from their stored vectors, relative to the stored norm; it replaces their estimated drift (which
+        sums the rows' shifts, an upper bound: measured on synthetic streams 4-12x the true move).
+        Returns it per id, NaN for ids not in the index. Reads the stored vectors (~5 µs an item)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(ids), self.dim):
+            raise InvalidInputError(f"vectors must have shape ({len(ids)}, {self.dim}), got {vectors.shape}")
+        with self._writer:
+            return self._s.measure_drift(ids, vectors)
+
     def drifted(self, bound: float, limit: int) -> list[str]:
         """Up to ``limit`` ids whose drift exceeds ``bound``: the most retrieved first, then the most drifted."""
         with self._rw.read():

@@ -107,6 +107,16 @@ def over_bound(state: IndexerState, changed, items: list[Item]) -> set[str]:
             if d / max(np.linalg.norm(state.index.get(it.item_id).vector), 1e-6) > state.config.reencode_drift_bound}
 
 
+def moved_row(state: IndexerState, row: int, amount: float):
+    """Really move the replica's content-token ``row`` by ``amount`` (along its first axis); the rows
+    and shifts an update that did so would report."""
+    from streamrecall.model.update import ChangedRows
+
+    with torch.no_grad():
+        state.replica.model.tables()["token"][row, 0] += amount
+    return ChangedRows({"token": torch.tensor([row])}, {"token": torch.tensor([amount])})
+
+
 def test_a_delta_reencodes_the_items_it_moved_past_the_bound_and_only_those():
     # two disjoint groups of content tokens: a click in group a touches group a's rows only
     items = [Item(item_id=f"i{i}", created_at=i, categories=("a" if i < 10 else "b",)) for i in range(40)]
@@ -133,8 +143,6 @@ def test_a_delta_reencodes_the_items_it_moved_past_the_bound_and_only_those():
 
 def test_drift_below_the_bound_accumulates_until_it_crosses():
     """Small moves re-encode nothing; they add up, and the item is re-encoded once past the bound."""
-    from streamrecall.model.update import ChangedRows
-
     items = [Item(item_id=f"i{i}", created_at=i, categories=("a" if i < 3 else "b",)) for i in range(10)]
     state = make_state(reencode_drift_bound=0.1)
     state.upsert_items(items)
@@ -143,11 +151,11 @@ def test_drift_below_the_bound_accumulates_until_it_crosses():
     weight = float(state.replica.featurizer.encode_items(items[:1]).token_weights[0])
     step = 0.06 * norm / weight  # moves each "a" item by 6% of its norm
     worker = Reencoder(state, QualityMonitor(state.index))
-    worker.submit(Job(1, ChangedRows({"token": torch.tensor([row])}, {"token": torch.tensor([step])})))
+    worker.submit(Job(1, moved_row(state, row, step)))
     worker.run_queued()
     assert state.metrics.upserts.labels("reencode")._value.get() == 0
     assert state.staleness()["drift_mean"] == pytest.approx(0.06 * 3 / 10, rel=1e-3)
-    worker.submit(Job(1, ChangedRows({"token": torch.tensor([row])}, {"token": torch.tensor([step])})))
+    worker.submit(Job(1, moved_row(state, row, step)))
     worker.run_queued()
     # 12% > 10%: the three "a" items (fewer than half: in place)
     assert state.metrics.upserts.labels("reencode")._value.get() == 3
@@ -157,7 +165,6 @@ def test_drift_below_the_bound_accumulates_until_it_crosses():
 
 def test_the_reencode_budget_bounds_items_per_second_most_retrieved_first(monkeypatch):
     from streamrecall.consumers.roles.indexer import reencoder as module
-    from streamrecall.model.update import ChangedRows
 
     items = [Item(item_id=f"i{i}", created_at=i, categories=("a",)) for i in range(300)]
     state = make_state(reencode_items_per_s=100, reencode_batch=256)
@@ -171,7 +178,7 @@ def test_the_reencode_budget_bounds_items_per_second_most_retrieved_first(monkey
     worker = Reencoder(state, QualityMonitor(state.index))
     worker._last_rebuild = clock[0]  # just rebuilt: the next rebuild may not start yet, so in place
     row = int(state.replica.featurizer.encode_items(items[:1]).token_rows[0])
-    worker.submit(Job(1, ChangedRows({"token": torch.tensor([row])}, {"token": torch.tensor([100.0])})))
+    worker.submit(Job(1, moved_row(state, row, 100.0)))
     worker.run_queued(drain=False)
     assert state.staleness()["over_drift_bound"] == 1.0
     assert not worker._drain()  # no time has passed: no budget yet
@@ -358,22 +365,54 @@ def test_deltas_queued_behind_a_job_are_merged_into_one_pass_of_their_rows():
 def test_a_delta_that_touches_most_items_rebuilds_the_graph():
     """Rewriting most items in place costs more than a fresh graph (an update is ~8 inserts); but
     a pass does not wait for a paced rebuild (the graph would stay on old vectors meanwhile)."""
-    from streamrecall.model.update import ChangedRows
-
     items = [Item(item_id=f"i{i}", created_at=i, categories=("shared",)) for i in range(60)]
     trainer, state, full = indexed_at_a_full_update(items, reencode_drift_bound=1e-9)
     first, second = _deltas(trainer, items, 2)
-    row = state.replica.featurizer.encode_items(items[:1]).token_rows[:1]
-    moved = ChangedRows({"token": row}, {"token": torch.tensor([1.0])})  # the shared token row, far
+    row = int(state.replica.featurizer.encode_items(items[:1]).token_rows[0])  # the shared token row
     state.replica.apply(first)
-    worker = run_jobs(state, Job(first.version, moved))
+    worker = run_jobs(state, Job(first.version, moved_row(state, row, 1.0)))  # moved far
     assert state.metrics.upserts.labels("rebuild")._value.get() == 60
     assert state.metrics.upserts.labels("reencode")._value.get() == 0
     assert state.index.version_counts() == {first.version: 60}
     # within rebuild_interval_s of that rebuild: rewritten in place now, not left waiting
-    state.replica.apply(second)
-    worker.submit(Job(second.version, moved))
+    state.replica.apply(second)  # carries the row as the trainer has it: the first move is undone
+    worker.submit(Job(second.version, moved_row(state, row, 3.0)))
     worker.run_queued()
     assert state.metrics.upserts.labels("rebuild")._value.get() == 60
     assert state.metrics.upserts.labels("reencode")._value.get() == 60
     assert state.index.version_counts() == {second.version: 60}
+
+
+def test_an_estimate_past_the_bound_is_checked_against_the_exact_drift_before_rewriting():
+    """The estimate sums row shifts (an upper bound): moves that cancel out leave the vectors where
+    they were. Encoding finds that, and neither a rewrite nor a rebuild follows."""
+    items = [Item(item_id=f"i{i}", created_at=i, categories=("a" if i < 40 else "b",)) for i in range(60)]
+    state = make_state(reencode_drift_bound=0.1, reencode_batch=16)
+    state.upsert_items(items)
+    before = {it.item_id: state.index.get(it.item_id).vector.copy() for it in items}
+    a_row, b_row = (int(state.replica.featurizer.encode_items([items[i]]).token_rows[0]) for i in (0, 59))
+    worker = Reencoder(state, QualityMonitor(state.index))
+    there, back = moved_row(state, a_row, 5.0), moved_row(state, a_row, -5.0)  # and back: no net move
+    from streamrecall.model.update import ChangedRows
+
+    worker.submit(Job(1, ChangedRows.of(there, ChangedRows(back.rows, {"token": back.shift["token"].abs()}))))
+    worker.submit(Job(1, moved_row(state, b_row, 50.0)))  # the "b" items really move
+    worker.run_queued()
+    assert state.metrics.upserts.labels("rebuild")._value.get() == 0  # 2/3 estimated over, the sample says 1/3
+    assert state.metrics.upserts.labels("reencode")._value.get() == 20
+    for it in items:  # the "b" items hold their new vectors; the "a" items are where they were
+        assert np.allclose(state.index.get(it.item_id).vector, state.replica.encode_items([it])[0], atol=1e-5)
+        assert np.array_equal(state.index.get(it.item_id).vector, before[it.item_id]) == (it.categories == ("a",))
+    assert state.staleness()["over_drift_bound"] == 0  # the kept ones carry their exact drift now: 0
+
+
+def test_a_rebuild_says_it_is_running_while_it_runs():
+    items = make_items(20)
+    trainer, state, full = indexed_at_a_full_update(items)
+    worker = Reencoder(state, QualityMonitor(state.index))
+    seen = []
+    real = state.index.reencode
+    state.index.reencode = lambda *a, **k: seen.append(worker.rebuilding) or real(*a, **k)  # type: ignore[method-assign]
+    worker.submit(Job(full.version))
+    worker.run_queued()
+    assert seen == [True] and not worker.rebuilding

@@ -76,3 +76,21 @@ def test_drift_skips_vectors_already_encoded_by_the_version_that_moved(make_inde
     index.upsert(["old", "new"], make_vectors(2), [meta(3), meta(5)])
     index.add_drift(["old", "new"], np.array([1.0, 1.0]), below_version=5)
     assert index.drifted(0.5, 10) == ["old"]
+
+
+@pytest.mark.parametrize("space", ["ip", "cosine"])
+def test_measured_drift_replaces_the_estimate_and_leaves_the_vector(make_index, make_vectors, space):
+    index = make_index(space=space)
+    vecs = make_vectors(2) * 3.0  # norm 3 (make_vectors gives unit vectors)
+    index.upsert(["a", "b"], vecs, meta(1))
+    stored = index.get("a").vector.copy()
+    index.add_drift(["a", "b"], np.array([9.0, 9.0]))  # the estimate: 3x the norm
+    now = np.vstack([vecs, vecs[:1]])  # the last for "gone", not in the index
+    now[1] = -vecs[1]  # "b" turned round; "a" did not move
+    drift = index.measure_drift(["a", "b", "gone"], now)
+    assert drift[0] == pytest.approx(0.0, abs=1e-6) and drift[1] == pytest.approx(2.0, rel=1e-5)
+    assert np.isnan(drift[2])
+    assert index.drifted(0.1, 10) == ["b"] and index.drift_stats(0.1) == pytest.approx((1.0, 0.5), rel=1e-5)
+    assert np.array_equal(index.get("a").vector, stored)  # measuring writes nothing to the graph
+    with pytest.raises(InvalidInputError):
+        index.measure_drift(["a"], vecs)

@@ -24,6 +24,12 @@ class IndexerMetrics(QueryMetrics):
         for cause in UPSERT_CAUSES:
             self.upserts.labels(cause)
         self.deletes = Counter("streamrecall_index_deletes_total", "Items deleted.", registry=registry)
+        self.drift_checks = Counter("streamrecall_index_drift_checks_total",
+                                    "Items whose estimated drift passed reencode_drift_bound, by what encoding them "
+                                    "found: rewritten (truly past it) or kept (within it: the estimate overshot).",
+                                    ["outcome"], registry=registry)
+        for outcome in ("rewritten", "kept"):
+            self.drift_checks.labels(outcome)
         self.encode_seconds = Histogram("streamrecall_index_encode_seconds", "Item tower time per micro-batch.",
                                         buckets=LATENCY_BUCKETS, registry=registry)
         self.upsert_seconds = Histogram("streamrecall_index_upsert_seconds", "HNSW upsert time per micro-batch.",

@@ -230,6 +230,7 @@ class IndexerRole:
                 "stale_share": state.index.stale_share(state.current_epoch), **staleness,
                 "model_trained_through_ms": state.replica.trained_through_ms,
                 "settled_version": self.reencoder.settled_version, "reencode_pending": self.reencoder.pending,
+                "rebuilding": self.reencoder.rebuilding,
                 "user_vectors": len(state.users), "lag": total, "lag_by_topic": lag,
                 "snapshot_loaded": self.handler.snapshot_loaded}
         if self.shard is not None:

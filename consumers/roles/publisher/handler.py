@@ -156,6 +156,7 @@ class PublisherHandler(HandlerBase):
         self._start_round(applied.changed, applied.reencode_all)
 
     def _start_round(self, update: ChangedRows | None, everything: bool) -> None:
+        started = time.perf_counter()
         self._last_round = self.clock()
         self._round_due = False
         since = self.clock() - self.options.refresh_active_s
@@ -166,6 +167,9 @@ class PublisherHandler(HandlerBase):
         elif active:
             self._scans.append((update, deque(active)))
         self._gauges()
+        took = time.perf_counter() - started
+        if took >= 0.1:  # the loop, fresh clicks included, waited this long
+            log.info("re-publication round: %d active users queued in %.2fs", len(active), took)
 
     def _refresh_some(self, budget: int) -> int:
         """Check and re-publish up to ``budget`` users; returns how many were re-published."""

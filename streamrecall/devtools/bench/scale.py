@@ -74,6 +74,7 @@ class _Observer:
         self.samples: list[tuple[float, float, int]] = []      # (t, stale share, items)
         self.staleness: list[dict[str, float]] = []            # /healthz's staleness figures, per sample
         self.queries: list[tuple[float, bool]] = []            # (latency s, during a rebuild)
+        self._rebuilding = False                               # as the latest /healthz said
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=f, daemon=True) for f in (self._sample, self._query)]
 
@@ -89,7 +90,7 @@ class _Observer:
 
     @property
     def rebuilding(self) -> bool:
-        return bool(self.samples) and self.samples[-1][1] > 0
+        return self._rebuilding
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
@@ -97,6 +98,7 @@ class _Observer:
                 body = self.system.get("/healthz", timeout_s=5)[1]
                 self.samples.append((time.monotonic() - self.t0, float(body["stale_share"]), int(body["items"])))
                 self.staleness.append({k: float(body.get(k, 0.0)) for k in STALENESS})
+                self._rebuilding = bool(body.get("rebuilding")) or float(body["stale_share"]) > 0
             except (OSError, KeyError, TypeError, ValueError):
                 pass
 
@@ -284,6 +286,7 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
             upserts = {cause: (system.metric("streamrecall_index_upserts_total", "indexer", cause=cause) or 0.0)
                        - before for cause, before in upserts_before.items()}
             versions = (system.metric("streamrecall_model_version", "indexer", role="indexer") or 0.0) - version_before
+            kept = system.metric("streamrecall_index_drift_checks_total", "indexer", outcome="kept") or 0.0
             largest, full_bytes, chunks, payload = _model_updates(system)
             rebuilds = _rebuilds(system.state_dir / "logs" / "indexer.log", n_items)
             answers = _answers(system, n_items, np.unique(users), sample)
@@ -313,6 +316,7 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
             result("items re-encoded in place (drifted past the bound)", "items", upserts["reencode"],
                    extra=f"over {versions:.0f} model updates; re-encoding every item at each would be {every:,.0f}"),
             result("items re-encoded by rebuilds", "items", upserts["rebuild"]),
+            result("items past the drift bound by the estimate, kept by their exact drift", "items", kept),
         ]
         for key in STALENESS:
             values = [s[key] for s in seen.staleness]
