@@ -53,6 +53,19 @@ class Applied:
     changed: ChangedRows | None = None
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """A full update read against the replica at ``generation`` (:meth:`TowerReplica.prepare`):
+    per table the rows that move, their new values and how far they move; which rows are written
+    afterwards."""
+
+    update: ModelUpdate
+    generation: int
+    dense_moved: bool
+    moves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    written: dict[str, torch.Tensor]
+
+
 #: Rows compared per step when a full update is diffed against the replica (bounds the temporary copy).
 DIFF_CHUNK = 65_536
 
@@ -78,9 +91,53 @@ class TowerReplica:
         # their initial values, so a full update restores only them: regenerating every seeded
         # token row took ~1 s on one core (2^18 x 64 values), with the towers held for writing.
         self._written = {name: torch.zeros(t.shape[0], dtype=torch.bool) for name, t in self.model.tables().items()}
+        self._generation = 0  # counts applied updates: a staged full update is only good for the one it was read at
+        self._staged: _Staged | None = None  # prepare()'s result, waiting for apply()
+
+    def prepare(self, update: ModelUpdate) -> None:
+        """Do the costly part of applying a full ``update`` now, without changing what this replica
+        serves: the next :meth:`apply` of the same update only writes the rows that move.
+
+        For a reader thread other than the one that applies (the model-update stream stages a big
+        full update off the role's loop): it only reads the tables, so it may run while the loop
+        encodes with them, but no other update may be applied meanwhile (the stream holds the
+        records behind it). If one is, :meth:`apply` notices and stages again. A refused, duplicate
+        or gapped update, and a delta, are left to :meth:`apply`."""
+        if update.kind != "full":
+            return
+        try:
+            if self._verdict(update) is not None:
+                return
+        except (ModelUpdateError, ModelUpdateRefused):
+            return  # apply() raises it
+        with torch.no_grad():
+            self._staged = self._stage_full(update)
 
     def apply(self, update: ModelUpdate) -> Applied:
         """Apply one decoded update (see the module docstring for the rules)."""
+        verdict = self._verdict(update)
+        if verdict is not None:
+            return verdict
+        with torch.no_grad():
+            if update.kind == "full":
+                staged, self._staged = self._staged, None
+                if staged is None or staged.update is not update or staged.generation != self._generation:
+                    staged = self._stage_full(update)
+                changed, dense_moved = self._commit_full(staged)
+            else:
+                changed, dense_moved = self._apply_delta(update), update.dense_changed
+                if dense_moved:
+                    for name, p in self.model.dense().items():
+                        p.copy_(update.dense[name])
+        self._generation += 1
+        self.version = update.version
+        self.trainer_epoch = update.trainer_epoch
+        self.trained_through_ms = max(self.trained_through_ms, update.trained_through_ms)
+        self.trending = list(update.trending)
+        return Applied("applied", self.version, update.kind, dense_moved, None if dense_moved else changed)
+
+    def _verdict(self, update: ModelUpdate) -> Applied | None:
+        """Why ``update`` is not applied (raised, or a duplicate or gap), or None: apply it."""
         if update.model != self.config.structural():
             raise ModelUpdateError(f"update was made for model {update.model}, this replica is "
                                    f"{self.config.structural()}")
@@ -94,19 +151,7 @@ class TowerReplica:
             return Applied("duplicate", self.version, update.kind, False)
         if update.kind == "delta" and update.base_version != self.version:
             return Applied("gap", self.version, update.kind, False)
-        with torch.no_grad():
-            if update.kind == "full":
-                changed, dense_moved = self._apply_full(update)
-            else:
-                changed, dense_moved = self._apply_delta(update), update.dense_changed
-                if dense_moved:
-                    for name, p in self.model.dense().items():
-                        p.copy_(update.dense[name])
-        self.version = update.version
-        self.trainer_epoch = update.trainer_epoch
-        self.trained_through_ms = max(self.trained_through_ms, update.trained_through_ms)
-        self.trending = list(update.trending)
-        return Applied("applied", self.version, update.kind, dense_moved, None if dense_moved else changed)
+        return None
 
     def _apply_delta(self, update: ModelUpdate) -> ChangedRows:
         tables = self.model.tables()
@@ -119,17 +164,16 @@ class TowerReplica:
             self._written[name][part.rows] = True
         return ChangedRows(rows, shift)
 
-    def _apply_full(self, update: ModelUpdate) -> tuple[ChangedRows, bool]:
-        """Reset to the initial weights and apply ``update`` (only the rows written since the last
-        full update are restored: the others still hold their initial values, and regenerating
-        every seeded token row took ~1 s on one core), noting which rows and dense layers end up
-        different from what the replica held before."""
-        dense_moved = False
-        for name, p in self.model.dense().items():
-            dense_moved |= not torch.equal(p, update.dense[name])
-            p.copy_(update.dense[name])
+    def _stage_full(self, update: ModelUpdate) -> "_Staged":
+        """What applying full ``update`` changes, read without writing: reset to the initial weights
+        and apply ``update`` (only the rows written since the last full update are restored: the
+        others still hold their initial values, and regenerating every seeded token row took ~1 s
+        on one core). Only rows whose values differ from the replica's are kept: a replica that
+        followed the deltas before the update moves only the last step's rows."""
+        dense_moved = any(not torch.equal(p, update.dense[name]) for name, p in self.model.dense().items())
         tables = self.model.tables()
-        rows_by, shift_by = {}, {}
+        moves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        written_after: dict[str, torch.Tensor] = {}
         for name, written in self._written.items():
             part = update.sparse.get(name)
             revert = written.clone()
@@ -138,21 +182,34 @@ class TowerReplica:
             targets = [(r, None) for r in revert.nonzero().flatten().split(DIFF_CHUNK)]
             if part is not None:
                 targets += list(zip(part.rows.split(DIFF_CHUNK), part.values.split(DIFF_CHUNK)))
-            moved_rows, moved_shift = [], []
+            moved_rows, moved_values, moved_shift = [], [], []
             for rows, values in targets:
                 if values is None:
                     values = self.model.initial_rows(name, rows)
                 shift = (values - tables[name][rows]).norm(dim=1)
-                tables[name][rows] = values
                 moved = shift > 0
                 moved_rows.append(rows[moved])
+                moved_values.append(values[moved])
                 moved_shift.append(shift[moved])
-            written.zero_()
+            after = torch.zeros_like(written)
             if part is not None:
-                written[part.rows] = True
+                after[part.rows] = True
+            written_after[name] = after
             if moved_rows:
-                rows_by[name], shift_by[name] = torch.cat(moved_rows), torch.cat(moved_shift)
-        return ChangedRows(rows_by, shift_by), dense_moved
+                moves[name] = (torch.cat(moved_rows), torch.cat(moved_values), torch.cat(moved_shift))
+        return _Staged(update, self._generation, dense_moved, moves, written_after)
+
+    def _commit_full(self, staged: "_Staged") -> tuple[ChangedRows, bool]:
+        """Write what :meth:`_stage_full` found (the moved rows and the dense layers): the only part
+        of a full update that changes what the replica serves."""
+        for name, p in self.model.dense().items():
+            p.copy_(staged.update.dense[name])
+        tables = self.model.tables()
+        for name, (rows, values, _) in staged.moves.items():
+            tables[name][rows] = values
+        self._written.update(staged.written)
+        return (ChangedRows({name: m[0] for name, m in staged.moves.items()},
+                            {name: m[2] for name, m in staged.moves.items()}), staged.dense_moved)
 
     @torch.no_grad()
     def encode_items(self, items: Sequence[ItemLike]) -> np.ndarray:

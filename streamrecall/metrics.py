@@ -92,6 +92,11 @@ class ModelVersionMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.version = Gauge("streamrecall_model_version", "Model version published (trainer) or in use.",
                              ["role"], registry=registry)
+        self.apply_seconds = Histogram(
+            "streamrecall_model_update_apply_seconds",
+            "Time a model-update reader spent on one update: part=loop, what its poll loop waited (decode and "
+            "apply, or only the write of a staged full update); part=off_loop, decoding and staging a big full "
+            "update in the worker thread meanwhile.", ["role", "part"], buckets=LATENCY_BUCKETS, registry=registry)
 
 
 #: The bounded in-memory states of each role (docs/operations.md#bounded-memory): the label values

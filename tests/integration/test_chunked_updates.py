@@ -1,7 +1,9 @@
 """Model updates above 1 MiB on the real broker: the trainer's sink cuts them into chunks, no record
 on model-updates exceeds 1 MiB, and real indexer and publisher processes assemble and apply them;
 a trainer process started afterwards scans past them. A kill -9 in the middle of a sequence loses
-nothing: the snapshot points at the sequence's first record and the whole version is re-read."""
+nothing: the snapshot points at the sequence's first record and the whole version is re-read.
+The first test's update is above ``STAGE_MIN_BYTES``, so both replicas decode and stage it off
+their loops (consumers/updates.py) before applying it."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from streamrecall.consumers.deadletter import HEADER_TOPIC, headers_dict
 from streamrecall.consumers.roles.trainer.sink import KafkaUpdateSink
 from streamrecall.consumers.update_chunks import MAX_RECORD_BYTES, split_update
 from streamrecall.consumers.update_codec import sign_update
+from streamrecall.consumers.updates import STAGE_MIN_BYTES
 from streamrecall.events import Click
 from streamrecall.devtools.harness import LocalSystem
 from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
@@ -25,7 +28,8 @@ from streamrecall.model import ModelConfig, OnlineTrainer
 from streamrecall.settings import Secret
 
 pytestmark = pytest.mark.integration
-# 520 B a row (dim 128): the ~6,000 rows trained below make a full update of about 3 MiB.
+# 520 B a row (dim 128): the ~6,000 rows trained below make a full update of about 3 MiB; the
+# the 12,000 of the first test make one above STAGE_MIN_BYTES (4 MiB).
 MODEL = {"dim": 128, "hidden": 32, "id_buckets": 16384, "token_buckets": 4096, "estimator_buckets": 4096}
 KEY = Secret("chunked-updates-signing-key-0123456789")
 WAIT_S = 120.0
@@ -95,8 +99,13 @@ def test_a_full_update_above_one_mebibyte_travels_in_chunks_and_every_replica_ap
                      options={"trainer": {"batch_size": 16, "max_batch_wait_ms": 50}}) as system:
         assert system.settings is not None
         assert system.wait_healthy(WAIT_S), "indexer never became healthy"
-        v = publish(system, trained())
+        trainer = trained(6000)
+        assert len(trainer.export_update(full=True)) >= STAGE_MIN_BYTES
+        v = publish(system, trainer)
         wait_for(f"v{v} at the indexer and the publisher", system, lambda: versions(system) == (v, float(v)))
+        for role in ("indexer", "publisher"):  # decoded and staged off the loop, then applied
+            assert system.metric("streamrecall_model_update_apply_seconds_count", role, role=role,
+                                 part="off_loop") == 1.0, role
 
         records = system.read_topic(system.settings.topics.model_updates)
         assert len(records) > 2, "a 3 MiB update is several chunks"

@@ -60,8 +60,9 @@ class IndexerHandler(HandlerBase):
         self.started_ms = int(time.time() * 1000)  # records appended earlier are re-reads (freshness)
         self._last_gauges = 0.0
         self.started = threading.Event()
+        # the poll loop's stream stages a big full update off the loop (tick() applies it when ready)
         self.updates = self.update_stream(lambda update, offset: self.apply_update(update, 0, offset),
-                                          self._deadletter)
+                                          self._deadletter, prepare=state.replica.prepare)
 
     # ---------------------------------------------------------- Handler protocol
     def start_offsets(self) -> Offsets:
@@ -102,18 +103,19 @@ class IndexerHandler(HandlerBase):
             self.snapshot()
 
     def tick(self) -> None:
+        self.updates.pump()
         now = time.monotonic()
         if now - self._last_gauges >= 1.0:
             self._last_gauges = now
             self.state.update_gauges()
 
     # ------------------------------------------------------------------- steps
-    def update_stream(self, apply: Callable[[ModelUpdate, int], None],
-                      deadletter: Callable[[DeadLetter], None]) -> ModelUpdateStream:
+    def update_stream(self, apply: Callable[[ModelUpdate, int], None], deadletter: Callable[[DeadLetter], None], *,
+                      prepare: Callable[[ModelUpdate], None] | None = None) -> ModelUpdateStream:
         """A model-update stream with this indexer's limits and key (the poll loop's, the replay's)."""
         return ModelUpdateStream(self.topics.model_updates, apply, deadletter,
                                  max_bytes=update_max_bytes(self.settings, self.state.replica.config),
-                                 signing_key=self.settings.model_signing_key)
+                                 signing_key=self.settings.model_signing_key, prepare=prepare, role=ROLE)
 
     def _deadletter(self, letter: DeadLetter) -> None:
         if self.deadletters is not None:

@@ -211,6 +211,7 @@ class IndexerRole:
         """Stop the background threads, then write the final snapshot."""
         self.serving_monitor.stop()
         self.reencoder.stop()
+        self.handler.updates.close()  # a full update still staging is re-read after a restart
         try:
             self.handler.snapshot()
         except Exception:

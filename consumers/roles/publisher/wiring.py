@@ -39,7 +39,9 @@ def run(settings: Settings, start: StartPosition) -> None:
                               "user-vectors partition)")
 
         feed = ModelUpdateFeed(process.consumer(), topics.model_updates, replica, process.deadletters,
-                               max_bytes=update_max_bytes(settings, config), signing_key=settings.model_signing_key)
+                               max_bytes=update_max_bytes(settings, config), signing_key=settings.model_signing_key,
+                               role=ROLE)
+        stack.callback(feed.stream.close)  # its staging worker; the consumer closes with the process
         feed.start(options.startup_timeout_s)
         handler = PublisherHandler(replica, KafkaVectorSink(process.producer(), topics.user_vectors), vectors.load,
                                    topics.clicks, options, poll_updates=feed.poll)
