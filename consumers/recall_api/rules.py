@@ -7,6 +7,13 @@ from typing import Any, Callable, Sequence
 #: How far a ``max_per_category`` query over-fetches, at most (multiples of k, and an absolute floor).
 MAX_OVERFETCH_FACTOR = 64
 MIN_OVERFETCH = 4096
+#: The popular answer's over-fetch under a category cap (multiples of k, at least MIN_OVERFETCH).
+POPULAR_OVERFETCH_FACTOR = 8
+
+
+def popular_overfetch(k: int) -> int:
+    """How many newest items the popular answer of ``k`` under a category cap looks at."""
+    return max(MIN_OVERFETCH, POPULAR_OVERFETCH_FACTOR * k)
 
 
 class ApiError(Exception):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from streamrecall.consumers.recall_api.requests import RecallRequest, ShardRecall, UserRecall
-from streamrecall.consumers.recall_api.rules import MIN_OVERFETCH, ApiError, cap_per_category, overfetch_limit
+from streamrecall.consumers.recall_api.rules import ApiError, cap_per_category, overfetch_limit, popular_overfetch
 from streamrecall.consumers.recall_api.users import UserEntry
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.scoring import (
@@ -259,7 +259,7 @@ class RecallService:
             rows = [(i, s, m) for i, s, m in candidates if m is not None]
             route = "trending"
         else:
-            n = k if max_per_category is None else min(len(index), max(MIN_OVERFETCH, 8 * k))
+            n = k if max_per_category is None else min(len(index), popular_overfetch(k))
             rows = [(it.item_id, None, index.meta(it.item_id)) for it in self.state.recent_items(n)]
             rows = [r for r in rows if r[2] is not None]
             route = "recent"

@@ -297,9 +297,7 @@ class Reencoder:
             return 0
         sample = random.Random(version).sample(snapshot, min(DRIFT_SAMPLE, len(snapshot)))
         with state.lock:  # the estimate is an upper bound: ask the sample what really moved
-            live = [it for it in sample if state.catalog.get(it.item_id) is it]
-            exact = state.index.measure_drift([it.item_id for it in live], state.replica.encode_items(live)) \
-                if live else np.zeros(0, dtype=np.float32)
+            _, exact = state.exact_drift([it for it in sample if state.catalog.get(it.item_id) is it])
         true_over = float(np.mean(~(exact <= bound))) if len(exact) else 0.0  # NaN (not indexed yet) counts as over
         if true_over < REBUILD_SHARE:
             log.info("re-encode for version %d: %.0f%% of the items over the drift bound by the estimate, "
@@ -338,8 +336,7 @@ class Reencoder:
             items = [it for it in (state.catalog.get(i) for i in ids) if it is not None]
             if not items:
                 return bool(ids)
-            vectors = state.replica.encode_items(items)
-            exact = state.index.measure_drift([it.item_id for it in items], vectors)
+            vectors, exact = state.exact_drift(items)
             write = np.flatnonzero(~(exact <= config.reencode_drift_bound))  # NaN: not in the index, write it
             at, current = now_ms(), state.replica.version
             if len(write):

@@ -31,15 +31,18 @@ computed in that epoch.
 from __future__ import annotations
 
 import bisect
-import heapq
 import logging
 import threading
 import time
 from typing import Any, Collection, Iterable, Sequence
 
+import numpy as np
+
 from streamrecall.bounded import LRUMap
 from streamrecall.consumers.recall_api.users import UserEntry
+from streamrecall.consumers.recall_api.rules import popular_overfetch
 from streamrecall.consumers.roles.indexer.metrics import IndexerMetrics
+from streamrecall.consumers.roles.indexer.newest import NewestItems
 from streamrecall.consumers.roles.indexer.options import IndexerOptions
 from streamrecall.consumers.roles.indexer.scoring import ItemVectorCache
 from streamrecall.events import Item, event_time
@@ -72,7 +75,9 @@ class IndexerState:
         self.replica = TowerReplica(model, max_version_jump)
         self.index = index if index is not None else ItemIndex(
             model.dim, space="ip", M=config.M, ef_construction=config.ef_construction, ef=config.ef)
-        self.catalog: dict[str, Item] = {}
+        self.catalog: dict[str, Item] = {}  # written with self.newest alongside (upsert/delete/replace_catalog)
+        # as many as the recent route asks for at most: k, or its over-fetch with a category cap
+        self.newest = NewestItems(popular_overfetch(config.max_k))
         self.users: LRUMap[str, UserEntry] = LRUMap(config.max_user_vectors)
         self.lock = threading.RLock()
         # The towers: applying an update writes them, query-time encodes read them (queries never
@@ -102,7 +107,9 @@ class IndexerState:
                 metas = [EntryMeta(version, at, it.created_at, tuple(it.categories)) for it in chunk]
                 self.index.upsert([it.item_id for it in chunk], vectors, metas)
                 for it in chunk:
+                    old = self.catalog.get(it.item_id)
                     self.catalog[it.item_id] = it
+                    self.newest.upserted(it, old, len(self.catalog))
             done = time.perf_counter()
             m.encode_seconds.observe(encoded - started)
             m.upsert_seconds.observe(done - encoded)
@@ -111,6 +118,14 @@ class IndexerState:
             for it in chunk:
                 if it.item_id in fresh:
                     m.freshness.observe(max(0.0, (searchable_ms - event_time(it)) / 1000.0))
+
+    def exact_drift(self, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray]:
+        """``items`` encoded at the current version, and how far each vector moved from the one the
+        index holds (NaN: not indexed). Call with :attr:`lock` held, so neither moves meanwhile."""
+        if not items:
+            return np.zeros((0, self.replica.config.dim), dtype=np.float32), np.zeros(0, dtype=np.float32)
+        vectors = self.replica.encode_items(items)
+        return vectors, self.index.measure_drift([it.item_id for it in items], vectors)
 
     def is_new(self, item: Item) -> bool:
         """Whether ``item``'s event is a change this indexer has not applied: an id it does not hold,
@@ -122,15 +137,24 @@ class IndexerState:
     def delete_items(self, item_ids: Sequence[str]) -> int:
         with self.lock:
             for item_id in item_ids:
-                self.catalog.pop(item_id, None)
+                old = self.catalog.pop(item_id, None)
+                if old is not None:
+                    self.newest.deleted(old)
             removed = self.index.delete(item_ids)
         self.metrics.deletes.inc(removed)
         return removed
 
     def recent_items(self, n: int) -> list[Item]:
-        """The ``n`` most recently created live items, newest first (O(catalog); the fallback route)."""
+        """The ``n`` most recently created live items, newest first (the fallback route; kept as items
+        come and go, see newest.py)."""
         with self.lock:
-            return heapq.nlargest(n, self.catalog.values(), key=lambda it: (it.created_at, it.item_id))
+            return self.newest.newest(n, self.catalog)
+
+    def replace_catalog(self, catalog: dict[str, Item]) -> None:
+        """Take ``catalog`` as the live items (a snapshot's, at start)."""
+        with self.lock:
+            self.catalog = catalog
+            self.newest.clear()
 
     # ----------------------------------------------------------------- epochs
     def start_epoch(self, version: int) -> None:

@@ -62,7 +62,7 @@ class IndexerRole:
                                   max_version_jump=settings.model_max_version_jump)
         resume = loaded.resume if loaded else None
         if loaded:
-            self.state.catalog = loaded.catalog
+            self.state.replace_catalog(loaded.catalog)
             self.state.served_epoch = resume.served_epoch
             self.state.epochs = sorted(set(resume.epochs) | {0})
             log.info("indexer: snapshot loaded: %d items, model v%d (settled v%d)", len(loaded.catalog),
