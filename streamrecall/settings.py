@@ -99,8 +99,9 @@ class Settings:
     partitions: int = 4
     replication_factor: int = 1  # for `topics create`; use 3 on a real cluster
     # `topics create` sets this retention.ms on model-updates: it must keep the newest full update
-    # whole, so keep it well above the trainer's full_every_s (60 s). A full update at a million rows
-    # per id table is ~200 MB, so an hour of them is ~12 GB on the brokers' disks. -1: keep forever.
+    # whole, so keep it well above the trainer's interval between full updates (full_every_s, 60 s;
+    # at most 30 min for a big model, full_bytes_per_s). A full update at a million rows per id table
+    # is ~200 MB, one every ~7 min: an hour of them is ~1.8 GB on the brokers' disks. -1: keep forever.
     model_updates_retention_ms: int = 3_600_000
     group_prefix: str = "streamrecall"
     state_dir: Path = Path("state")

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.roles.trainer.handler import TrainerHandler
-from streamrecall.consumers.roles.trainer.options import TrainerOptions
+from streamrecall.consumers.roles.trainer.options import FULL_INTERVAL_MAX_S, TrainerOptions, full_interval_s
 from streamrecall.consumers.handler import Record
 from streamrecall.errors import ConfigError, TransientError
 from streamrecall.events import Click, Item
@@ -113,6 +113,30 @@ def test_updates_every_n_steps_first_full_then_deltas_with_a_full_every_t_second
     assert [kind for _, kind, _ in sink.sent] == [u.kind for u in updates]
     assert [v for _, _, v in sink.sent] == [1, 2, 3, 4, 5, 6]
     assert all(u.base_version == u.version - 1 for u in updates)
+
+
+def test_a_big_model_s_full_updates_are_spaced_to_stay_within_full_bytes_per_s(make_handler):
+    handler, sink, clock = make_handler(batch_size=4, publish_every_steps=2, full_every_s=10.0, full_bytes_per_s=1.0)
+    handler.handle(clicks(4 * 2))  # v1: the first export, full, at start: N bytes, so the next is due N s later
+    first = len(sink.sent[0][0])
+    assert sink.sent[0][1] == "full" and first > 10.0
+    assert handler.metrics.full_interval._value.get() == first
+    clock.t += 10.0  # full_every_s has passed, but not first / full_bytes_per_s
+    handler.handle(clicks(4 * 2, start=8))
+    clock.t += first - 10.0
+    handler.handle(clicks(4 * 2, start=16))
+    assert [kind for _, kind, _ in sink.sent] == ["full", "delta", "full"]
+    clock.t += 10 ** 6  # however big the model, one within FULL_INTERVAL_MAX_S
+    handler.handle(clicks(4 * 2, start=24))
+    assert sink.sent[-1][1] == "full" and handler.metrics.full_interval._value.get() == FULL_INTERVAL_MAX_S
+
+
+def test_full_interval_is_full_every_s_for_a_small_model_or_without_a_byte_bound():
+    options = TrainerOptions()
+    assert full_interval_s(options, 16_870_072) == 60.0, "the 50k-item full update: one a minute"
+    assert 400 < full_interval_s(options, 213_702_408) < 410, "the million-row one: ~7 minutes"
+    assert full_interval_s(TrainerOptions(full_bytes_per_s=0), 213_702_408) == 60.0
+    assert full_interval_s(TrainerOptions(full_every_s=7200), 10 ** 12) == 7200, "full_every_s is a floor"
 
 
 def test_dense_layers_travel_in_every_delta_by_default_else_at_most_every_dense_every_s(make_handler):

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 
 from streamrecall.consumers.roles.trainer.metrics import TrainerMetrics
-from streamrecall.consumers.roles.trainer.options import ROLE, TrainerOptions
+from streamrecall.consumers.roles.trainer.options import ROLE, TrainerOptions, full_interval_s
 from streamrecall.consumers.roles.trainer.sink import UpdateSink
 from streamrecall.consumers.offsets import Offsets
 from streamrecall.consumers.handler import HandlerBase, Record
@@ -69,6 +69,7 @@ class TrainerHandler(HandlerBase):
         self._checkpointed: tuple[int, Offsets] | None = None  # (clicks trained, offsets) last stored
         now = clock()
         self._last_full = now
+        self._last_full_bytes = 0  # the last full update's size: a big model's are spaced out (full_bytes_per_s)
         self._last_dense = now
         self._last_checkpoint = now
 
@@ -220,14 +221,15 @@ class TrainerHandler(HandlerBase):
     def publish(self) -> int:
         """Export and send the next model update; returns its version."""
         now = self.clock()
-        full = self._force_full or now - self._last_full >= self.options.full_every_s
+        full = self._force_full or now - self._last_full >= full_interval_s(self.options, self._last_full_bytes)
         dense = now - self._last_dense >= self.options.dense_every_s
         data = self.trainer.export_update(full=full, dense=dense, trained_through_ms=self.trained_through_ms,
                                           trainer_epoch=self.trainer_epoch)
         kind = _kind_of(data)  # the trainer may decide full itself (first export after start/restore)
         self.sink.send(data, kind, self.trainer.version)
         if kind == "full":
-            self._last_full = now
+            self._last_full, self._last_full_bytes = now, len(data)
+            self.metrics.full_interval.set(full_interval_s(self.options, len(data)))
         if kind == "full" or dense:
             self._last_dense = now
         self._force_full = False

@@ -37,6 +37,9 @@ class TrainerMetrics:
                                 "Unix time the broker last acknowledged a model update.", registry=registry)
         self.update_bytes = Histogram("streamrecall_trainer_update_bytes", "Size of published model updates.",
                                       buckets=(1e4, 1e5, 1e6, 4e6, 16e6, 64e6, 256e6, 1e9), registry=registry)
+        self.full_interval = Gauge("streamrecall_trainer_full_update_interval_seconds",
+                                   "Seconds the next full update is due after the last: full_every_s, or longer for a "
+                                   "big model (full_bytes_per_s).", registry=registry)
         self.update_chunks = Histogram("streamrecall_trainer_update_chunks",
                                        "Records (chunks of at most 1 MiB) per published model update.",
                                        buckets=(1, 2, 4, 16, 64, 256, 1024), registry=registry)

@@ -11,6 +11,23 @@ from streamrecall.settings import Settings
 ROLE = "trainer"
 
 
+#: However big the model, a full update is due at least this often (unless ``full_every_s`` says
+#: longer): a fresh replica starts from the last one, so the topic's retention (1 h by default) must
+#: keep it whole, and a replica that missed a delta waits for it.
+FULL_INTERVAL_MAX_S = 1800.0
+
+
+def full_interval_s(options: "TrainerOptions", last_full_bytes: int) -> float:
+    """Seconds from one full update to the next: ``full_every_s``, or longer for a big model, so that
+    full updates use at most ``full_bytes_per_s`` of ``model-updates`` on average (up to
+    :data:`FULL_INTERVAL_MAX_S`). A full update's bytes grow with the rows trained (~264 B a row at
+    dim 64: ~200 MB at a million): at one a minute that was 3.5 MB/s written and decoded by every
+    replica, and the embedded broker, which keeps every record in memory, grew 500 MB a minute."""
+    if options.full_bytes_per_s <= 0:
+        return options.full_every_s
+    return max(options.full_every_s, min(last_full_bytes / options.full_bytes_per_s, FULL_INTERVAL_MAX_S))
+
+
 @dataclass(frozen=True)
 class TrainerOptions:
     """The ``[trainer]`` table of the settings file."""
@@ -19,7 +36,9 @@ class TrainerOptions:
     max_batch_wait_ms: int = 200       # a partial batch is trained after its oldest click waited this long
     publish_every_steps: int = 20      # while a backlog is trained, publish after this many steps (and at every flush)
     dense_every_s: float = 0.0         # dense layers travel at most this often (0: in every update)
-    full_every_s: float = 60.0         # a full update (dense layers + every trained row) at most this often
+    full_every_s: float = 60.0         # a full update (dense layers + every trained row) at most this often...
+    full_bytes_per_s: float = 524_288.0  # ...and, on average, full updates at most this many bytes a second
+                                       # (0: no bound; see full_interval_s)
     checkpoint_every_s: float = 30.0   # checkpoint at the first flush this long after the last one
     history_users: int = 500_000       # users whose recent clicks are kept (LRU beyond)
     catalog_items: int = DEFAULT_MAX_ITEMS  # items of the items table kept (least recently upserted forgotten beyond)
@@ -35,4 +54,4 @@ class TrainerOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TrainerOptions":
-        return role_options(cls, settings, ROLE, may_be_zero=("dense_every_s", "replay_capacity"))
+        return role_options(cls, settings, ROLE, may_be_zero=("dense_every_s", "replay_capacity", "full_bytes_per_s"))

@@ -203,7 +203,9 @@ def _rebuilds(log_path: Path, n_items: int) -> list[float]:
 @click.option("--clicks", "n_clicks", default=2_000_000, show_default=True, help="Clicks produced.")
 @click.option("--id-buckets", type=int, default=None,
               help="[model] id_buckets and estimator_buckets (default: the model's own, 1,000,000).")
-@click.option("--full-every-s", default=60.0, show_default=True, help="[trainer] full_every_s.")
+@click.option("--full-every-s", type=float, default=None,
+              help="[trainer] full_every_s (default: the trainer's, 60 s, spaced out for a big model by "
+                   "full_bytes_per_s).")
 @click.option("--fresh-click-rate", default=20.0, show_default=True,
               help="Fresh clicks/s produced during the re-publication.")
 @click.option("--timeout-s", default=3600.0, show_default=True, help="Bound on each wait for the system.")
@@ -212,7 +214,7 @@ def _rebuilds(log_path: Path, n_items: int) -> list[float]:
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @plot_option
 @json_option
-def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, full_every_s: float,
+def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, full_every_s: float | None,
             fresh_click_rate: float, timeout_s: float, sample: int, work_dir: Path | None,
             plot_dir: Path | None, as_json: bool) -> None:
     """Full-update size, replica apply, rebuild, staleness, latencies and peak RSS per role at scale."""
@@ -220,8 +222,9 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="streamrecall-bench-") as tmp:
         root = Path(work_dir or tmp) / "scale"
-        with LocalSystem(root, model=model, name="bench-scale", options={"trainer": {"full_every_s": full_every_s}}) \
-                as system, _Observer(system, n_users) as seen:
+        options = {"trainer": {"full_every_s": full_every_s}} if full_every_s is not None else {}
+        with LocalSystem(root, model=model, name="bench-scale", options=options) as system, \
+                _Observer(system, n_users) as seen:
             if not system.wait_healthy(timeout_s):
                 raise click.ClickException("the indexer did not become healthy")
             items_topic, clicks_topic = system.settings.topics.items, system.settings.topics.clicks  # type: ignore[union-attr]
@@ -256,8 +259,10 @@ def command(n_items: int, n_users: int, n_clicks: int, id_buckets: int | None, f
             results.append(result(f"train and publish {n_clicks} clicks of {n_users} users", "clicks/s",
                                   n_clicks / (time.monotonic() - started)))
 
-            # The next full update re-publishes every active user: fresh clicks meanwhile.
-            deadline = time.monotonic() + full_every_s + 60
+            # The next full update re-publishes every active user: fresh clicks meanwhile. It is due
+            # the trainer's full-update interval after the last (longer for a big model).
+            interval = system.metric("streamrecall_trainer_full_update_interval_seconds", "trainer") or 60.0
+            deadline = time.monotonic() + interval + 60
             while (system.metric("streamrecall_publisher_pending_refresh_users", "publisher") or 0) == 0:
                 system.check_alive()
                 if time.monotonic() > deadline:
