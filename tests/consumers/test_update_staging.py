@@ -2,7 +2,7 @@
 
 Without a broker: ModelUpdateStream with a real TowerReplica's ``prepare``, ``stage_min_bytes`` 1 so
 that every full update of the small model is staged. The integration side (the publisher and the
-indexer on a real broker) is in tests/integration/test_update_staging.py."""
+indexer on a real broker) is in tests/integration/test_chunked_updates.py."""
 
 from __future__ import annotations
 
