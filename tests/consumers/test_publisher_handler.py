@@ -257,3 +257,27 @@ def test_a_round_while_one_is_in_progress_queues_only_the_users_published_since(
     handler.on_model_update(full, replica.apply(full))
     assert len(scans) == 2  # one per clicks partition
     assert handler.metrics.pending_refresh._value.get() == 20
+
+
+def test_click_stages_split_click_to_vector_at_the_record_timestamp_and_the_poll():
+    """produce: event ts → record timestamp; deliver: → the publisher's poll; hold: → vector sent.
+    flush_ms holds the batch, so the hold is the time until the tick that publishes it."""
+    registry, wall = CollectorRegistry(), [TS + 3_000]
+    handler = PublisherHandler(TowerReplica(CONFIG), ListSink(), lambda ps: {}, TOPIC, PublisherOptions(flush_ms=100),
+                               PublisherMetrics(registry), ModelVersionMetrics(registry), clock=Clock(),
+                               wall_ms=lambda: wall[0])
+    handler.assigned({TopicPartition(TOPIC, 0)})
+    handler.handle([Record("clicks", 0, 0, b"a", Click(user_id="a", item_id="i1", ts=TS), TS + 1_000)])
+    handler.clock.t += 0.15
+    wall[0] += 150
+    handler.tick()
+
+    def observed(stage: str) -> tuple[float, float]:
+        labels = {"stage": stage}
+        return (registry.get_sample_value("streamrecall_publisher_click_stage_seconds_sum", labels),
+                registry.get_sample_value("streamrecall_publisher_click_stage_seconds_count", labels))
+
+    assert observed("produce") == (1.0, 1.0)
+    assert observed("deliver") == (2.0, 1.0)
+    assert observed("hold") == pytest.approx((0.15, 1.0))
+    assert registry.get_sample_value("streamrecall_publisher_click_to_vector_seconds_sum") == pytest.approx(3.15)

@@ -55,7 +55,9 @@ class PublisherHandler(HandlerBase):
         self.wall_ms = wall_ms
         self.states: dict[int, PartitionState] = {}
         self.loading: set[int] = set()
-        self._dirty: dict[tuple[int, str], None] = {}      # users with clicks not yet published (ordered)
+        # Users with clicks not yet published (ordered), with their newest click's record timestamp
+        # and poll time (wall ms) for the click-stage histogram; None after a failed send.
+        self._dirty: dict[tuple[int, str], tuple[int, int] | None] = {}
         self._fresh_published = False  # fresh clicks were published since the last tick
         self._dirty_since = 0.0
         self._refresh: dict[tuple[int, str], None] = {}    # users to re-publish at the current version
@@ -80,7 +82,7 @@ class PublisherHandler(HandlerBase):
         for p in gone:
             self.states.pop(p, None)
         self.loading -= gone
-        self._dirty = {k: None for k in self._dirty if k[0] not in gone}
+        self._dirty = {k: t for k, t in self._dirty.items() if k[0] not in gone}
         self._refresh = {k: None for k in self._refresh if k[0] not in gone}
         self._since_round = {k: None for k in self._since_round if k[0] not in gone}
         self._gauges()
@@ -101,7 +103,7 @@ class PublisherHandler(HandlerBase):
     def handle(self, records: list[Record]) -> None:
         if self.loading:
             self._load_pending()
-        now = self.clock()
+        now, polled = self.clock(), self.wall_ms()
         for r in records:
             state = self.states.get(r.partition)
             if state is None:  # records without an assignment callback (assign_all): start empty
@@ -110,7 +112,9 @@ class PublisherHandler(HandlerBase):
             if state.click(r.value, now):
                 if not self._dirty:
                     self._dirty_since = now
-                self._dirty[(r.partition, r.value.user_id)] = None
+                key = (r.partition, r.value.user_id)
+                if key not in self._dirty or state.users[r.value.user_id][0] == r.value.ts:
+                    self._dirty[key] = (r.timestamp_ms, polled)  # the newest click times the stages
         if self._dirty and (self.options.flush_ms == 0 or len(self._dirty) >= self.options.flush_users
                             or now - self._dirty_since >= self.options.flush_ms / 1000):
             self._publish_dirty()
@@ -224,17 +228,19 @@ class PublisherHandler(HandlerBase):
     def _publish_dirty(self) -> None:
         if not self._dirty:
             return
-        keys, self._dirty = list(self._dirty), {}
+        pending, self._dirty = self._dirty, {}
+        keys = list(pending)
         self._fresh_published = True
         for k in keys:
             self._refresh.pop(k, None)  # published at the current version now
         size = self.options.flush_users
         for i in range(0, len(keys), size):
-            self._publish(keys[i:i + size], "click")
+            self._publish(keys[i:i + size], "click", pending)
         self._round_done()
         self._gauges()
 
-    def _publish(self, keys: list[tuple[int, str]], cause: str) -> int:
+    def _publish(self, keys: list[tuple[int, str]], cause: str,
+                 polled: Mapping[tuple[int, str], tuple[int, int] | None] | None = None) -> int:
         keys = [(p, u) for p, u in keys if p in self.states and u in self.states[p].users]
         if not keys:
             return 0
@@ -248,10 +254,19 @@ class PublisherHandler(HandlerBase):
                                       event_ts=event_ts, published_at=published_at, recent_items=history), p)
             if cause == "click":
                 self.metrics.click_to_vector.observe(max(0, published_at - event_ts) / 1000)
+                timing = polled.get((p, user_id)) if polled else None
+                if timing is not None:
+                    self._observe_stages(event_ts, *timing, published_at)
         self.metrics.published.labels(cause).inc(len(keys))
         if self._covering:
             self._since_round.update(dict.fromkeys(keys))
         return len(keys)
+
+    def _observe_stages(self, event_ts: int, record_ts: int, polled_ms: int, published_ms: int) -> None:
+        stage = self.metrics.click_stage
+        stage.labels("produce").observe(max(0, record_ts - event_ts) / 1000)
+        stage.labels("deliver").observe(max(0, polled_ms - record_ts) / 1000)
+        stage.labels("hold").observe(max(0, published_ms - polled_ms) / 1000)
 
     def _gauges(self) -> None:
         users = sum(len(st.users) for st in self.states.values())
