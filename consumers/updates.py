@@ -196,8 +196,7 @@ class ModelUpdateStream:
             log.info("model update v%d at %s: %d bytes decoded and staged off the loop in %.2fs, applied in %.3fs",
                      update.version, self._where(done), done.size, staged, took)
         except StreamrecallError as exc:
-            self._refuse(done.first, staging.key, done.payload, getattr(exc, "reason", "invalid"),
-                         f"{type(exc).__name__}: {exc}")
+            self._refuse_update(done, staging.key, exc)
 
     def _complete(self, done: Complete, key: bytes | None) -> None:
         started = time.perf_counter()
@@ -210,12 +209,15 @@ class ModelUpdateStream:
                 log.info("model update v%d at %s: %d bytes decoded and applied in %.2fs", update.version,
                          self._where(done), done.size, took)
         except StreamrecallError as exc:
-            self._refuse(done.first, key, done.payload, getattr(exc, "reason", "invalid"),
-                         f"{type(exc).__name__}: {exc}")
+            self._refuse_update(done, key, exc)
 
     def _observe(self, part: str, seconds: float) -> None:
         if self.role is not None:
             self.metrics.apply_seconds.labels(self.role, part).observe(seconds)
+
+    def _refuse_update(self, done: Complete, key: bytes | None, exc: StreamrecallError) -> None:
+        """Dead-letter a whole update that did not decode, verify or apply, at its first record."""
+        self._refuse(done.first, key, done.payload, getattr(exc, "reason", "invalid"), f"{type(exc).__name__}: {exc}")
 
     def _refuse(self, offset: int, key: bytes | None, value: bytes, reason: str, error: str) -> None:
         self.deadletter(DeadLetter(self.topic, self.partition, offset, key, value, reason, error))

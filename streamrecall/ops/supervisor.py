@@ -23,6 +23,10 @@ from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: SIGTERM → SIGKILL grace, the same the deploy manifests give a role (terminationGracePeriodSeconds,
+#: stop_grace_period): the indexer's final snapshot of a million items took longer than 20 s.
+STOP_GRACE_S = 60.0
+
 RESTART_BACKOFF_S = 2.0
 MAX_RESTART_BACKOFF_S = 60.0
 #: A child that ran this long before exiting was healthy: its next restart waits the base delay.
@@ -84,7 +88,7 @@ class RoleProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = STOP_GRACE_S) -> None:
         """SIGTERM and wait for the exit; SIGKILL after ``timeout_s``."""
         self.terminate()
         if self.process is None or self.process.poll() is not None:

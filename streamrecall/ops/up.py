@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from streamrecall.atomicfile import atomic_write
-from streamrecall.ops.supervisor import RoleProcess
+from streamrecall.ops.supervisor import STOP_GRACE_S, RoleProcess
 from streamrecall.settings import ROLES, Settings
 from streamrecall.consumers.topics import create_topics
 
@@ -84,7 +84,7 @@ def run_up(settings: Settings, roles: list[str], rate: float, duration: float | 
         click.echo("stopping: roles flush, snapshot and commit")
 
 
-def _stop_all(children: list[RoleProcess], timeout_s: float = 20.0) -> None:
+def _stop_all(children: list[RoleProcess], timeout_s: float = STOP_GRACE_S) -> None:
     for child in children:
         child.terminate()
     deadline = time.monotonic() + timeout_s

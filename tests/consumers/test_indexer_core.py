@@ -416,3 +416,40 @@ def test_a_rebuild_says_it_is_running_while_it_runs():
     worker.submit(Job(full.version))
     worker.run_queued()
     assert seen == [True] and not worker.rebuilding
+
+
+def test_an_update_that_waited_for_the_towers_readers_says_which_lock_held_it(tmp_path, caplog):
+    """Item ingest waits on the poll loop while an update waits for its locks: the log names the lock."""
+    import logging
+    import threading
+
+    from streamrecall.consumers.roles.indexer.handler import LOCK_WAIT_LOG_S, IndexerHandler
+
+    items = make_items(20)
+    trainer, state, _ = indexed_at_a_full_update(items)
+    handler = IndexerHandler(Settings(state_dir=tmp_path), state, Reencoder(state, QualityMonitor(state.index)))
+    delta = decode_update(trainer.export_update(full=False))
+    reading, release = threading.Event(), threading.Event()
+
+    def query() -> None:  # a query encoding at the current version holds the towers for reading
+        with state.model_lock.read():
+            reading.set()
+            release.wait(5)
+
+    reader = threading.Thread(target=query)
+    reader.start()
+    reading.wait(5)
+    threading.Timer(2 * LOCK_WAIT_LOG_S, release.set).start()
+    with caplog.at_level(logging.INFO, logger="streamrecall.consumers.roles.indexer.handler"):
+        handler.apply_update(delta, 0, 7)
+    reader.join(5)
+    waits = [r.getMessage() for r in caplog.records if "waited" in r.getMessage()]
+    assert len(waits) == 1 and f"model update v{delta.version} waited 0.0" in waits[0], waits
+    towers = float(waits[0].split("and ")[1].split("s for")[0])
+    assert towers >= 2 * LOCK_WAIT_LOG_S * 0.9
+    assert state.replica.version == delta.version
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="streamrecall.consumers.roles.indexer.handler"):
+        handler.apply_update(decode_update(trainer.export_update(full=False)), 0, 8)
+    assert not [r for r in caplog.records if "waited" in r.getMessage()], "no wait, no line"

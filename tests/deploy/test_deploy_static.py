@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from streamrecall.ops.supervisor import STOP_GRACE_S
 from streamrecall.settings import ADMIN_PORT_OFFSET, DEFAULT_PORTS, ROLES
 
 if sys.version_info >= (3, 11):
@@ -382,6 +383,8 @@ def test_k8s_role(k8s, role: str) -> None:
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["terminationGracePeriodSeconds"] >= 30, "roles checkpoint on SIGTERM"
+    if role != "router":  # the roles with state: `streamrecall up` gives them the same grace
+        assert pod["terminationGracePeriodSeconds"] == STOP_GRACE_S
     container = _container(sts)
     assert container["args"] == ["run", role]
     assert {"configMapRef": {"name": "streamrecall-settings"}} in container["envFrom"]

@@ -29,6 +29,9 @@ from streamrecall.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: An update that waited this long for its locks is logged (with which lock held it).
+LOCK_WAIT_LOG_S = 0.1
+
 #: Snapshots keep the poll loop busy at most this share of the time (they hold the interpreter lock
 #: while the graph is copied and the catalog encoded: seconds at a million items).
 SNAPSHOT_BUSY_SHARE = 0.05
@@ -150,8 +153,15 @@ class IndexerHandler(HandlerBase):
         the snapshot's index already holds their vectors).
         """
         state = self.state
-        with state.lock, state.model_lock.write():
-            applied = state.replica.apply(update)  # ModelUpdateError (wrong model) → dead letter
+        asked = time.perf_counter()
+        with state.lock:
+            locked = time.perf_counter()
+            with state.model_lock.write():  # waits for the queries and re-encodes reading the towers
+                writing = time.perf_counter()
+                applied = state.replica.apply(update)  # ModelUpdateError (wrong model) → dead letter
+        if writing - asked >= LOCK_WAIT_LOG_S:  # item ingest waited as long (the poll loop is here)
+            log.info("model update v%d waited %.2fs for the state lock and %.2fs for the towers' readers",
+                     update.version, locked - asked, writing - locked)
         if applied.status == "gap":
             log.warning("model update v%d (base v%d) at model-updates[%d]@%d does not follow v%d: skipped; "
                         "vectors stay at v%d until the next full update", update.version, update.base_version,

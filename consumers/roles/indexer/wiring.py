@@ -213,7 +213,9 @@ class IndexerRole:
         self.reencoder.stop()
         self.handler.updates.close()  # a full update still staging is re-read after a restart
         try:
-            self.handler.snapshot()
+            path = self.handler.snapshot()
+            log.info("indexer: final snapshot %s: %d items in %.1fs", path.name, len(self.state.index),
+                     self.handler.last_snapshot_s)
         except Exception:
             log.exception("indexer: final snapshot failed; the previous one stays current")
 
