@@ -54,7 +54,7 @@ def test_bench_prints_the_json_array_design_md_specifies(name):
         assert by_name["sampled clicked users answered from their own vector"] == 1.0
         # (a tiny re-publication can be over before the first fresh click: that row may be NaN)
         assert "click -> vector p99 during a re-publication" in by_name
-        assert 0 < by_name["click -> vector p99 outside a re-publication"] < math.inf
+        assert 0 < by_name["click -> vector p99 after the re-publication"] < math.inf
 
 
 def test_evaluate_json_has_the_design_md_keys_for_the_system_and_each_peer(tmp_path):

@@ -13,7 +13,7 @@ from kafka import TopicPartition
 from streamrecall.consumers.roles.publisher.metrics import PublisherMetrics
 from streamrecall.consumers.roles.publisher.options import ROLE, PublisherOptions
 from streamrecall.consumers.roles.publisher.sink import VectorSink
-from streamrecall.consumers.roles.publisher.state import PartitionState
+from streamrecall.consumers.roles.publisher.state import ActiveUsers, PartitionState
 from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.errors import TransientError
 from streamrecall.events import UserVector
@@ -66,7 +66,8 @@ class PublisherHandler(HandlerBase):
         # version once the next one starts), so that next round queues only them.
         self._covering = False
         self._since_round: dict[tuple[int, str], None] = {}
-        self._scans: deque[tuple[ChangedRows, deque[tuple[int, str]]]] = deque()  # deltas to check users against
+        # Users to check against a delta's rows (None: every one of them is re-published), oldest round first.
+        self._scans: deque[tuple[ChangedRows | None, ActiveUsers]] = deque()
         self._last_round = float("-inf")  # when the last re-publication round started (clock s)
         self._refresh_tokens = 0.0        # re-publications allowed now while clicks flow (a token bucket)
         self._last_tick = clock()
@@ -178,15 +179,14 @@ class PublisherHandler(HandlerBase):
             queued = len(self._since_round)
             self._refresh.update(self._since_round)
         else:
-            since = self.clock() - self.options.refresh_active_s
-            active = [(p, u) for p, st in self.states.items() for u in st.active_since(since)]
+            active = ActiveUsers(self.states, self.clock() - self.options.refresh_active_s)
             queued = len(active)
             if everything or update is None:
                 self._scans.clear()
-                self._refresh.update(dict.fromkeys(active))
-                self._covering = bool(self._refresh)
-            elif active:
-                self._scans.append((update, deque(active)))
+                self._covering = bool(active) or bool(self._refresh)
+                update = None
+            if active:
+                self._scans.append((update, active))
         self._since_round = {}
         self._gauges()
         took = time.perf_counter() - started
@@ -199,11 +199,14 @@ class PublisherHandler(HandlerBase):
         limit = budget
         while self._scans and budget > 0:
             update, candidates = self._scans[0]
-            chunk = [candidates.popleft() for _ in range(min(budget, len(candidates)))]
-            chunk = [(p, u) for p, u in chunk if p in self.states and u in self.states[p].users]
-            histories = [self.states[p].history.get(u) for p, u in chunk]
-            touched = set(self.replica.users_touched(update, [u for _, u in chunk], histories))
-            self._refresh.update(dict.fromkeys((p, u) for p, u in chunk if u in touched))
+            chunk = [(p, u) for p, u in candidates.take(budget) if p in self.states]
+            if update is None:  # every user: but not again those published at this round's version or queued
+                self._refresh.update(dict.fromkeys(k for k in chunk if k not in self._since_round
+                                                   and k not in self._refresh))
+            else:
+                histories = [self.states[p].history.get(u) for p, u in chunk]
+                touched = set(self.replica.users_touched(update, [u for _, u in chunk], histories))
+                self._refresh.update(dict.fromkeys((p, u) for p, u in chunk if u in touched))
             budget -= max(1, len(chunk))
             if not candidates:
                 self._scans.popleft()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections import deque
+from typing import Iterable, Mapping
 
 from streamrecall.bounded import LRUMap
 from streamrecall.events import Click, UserVector
@@ -46,11 +47,45 @@ class PartitionState:
             if evicted is not None:  # forgotten: its replayed clicks count as new (bounded like users)
                 self.replay_floor.pop(evicted, None)
 
-    def active_since(self, since: float) -> list[str]:
-        """Users active at or after ``since``, most recent first."""
-        out = []
-        for user_id in reversed(self.users):
-            if self.users[user_id][1] < since:
-                break
-            out.append(user_id)
+
+class ActiveUsers:
+    """The users of ``states`` active at or after ``since``, most recent first, partition by
+    partition, read lazily: a partition's keys are copied when its turn comes (37 ms at 200,000
+    users) and :meth:`take` checks each user as it comes to it. Filtering every user at the start
+    held the loop 0.21 s at 220,000 users and 0.99 s at 800,000 (idle machine; 0.67-0.92 s under
+    load at 220,000 in bench scale). A user who clicks after the copy is published for that click."""
+
+    def __init__(self, states: Mapping[int, PartitionState], since: float) -> None:
+        self.since = since
+        # (partition, its state, its keys once copied, else how many it held at the start)
+        self._parts: deque[tuple[int, PartitionState, list[str] | int]] = deque(
+            (p, st, len(st.users)) for p, st in states.items())
+        self._left = sum(len(st.users) for st in states.values())
+
+    def __len__(self) -> int:
+        """Users not checked yet (an upper bound on those still to come)."""
+        return self._left
+
+    def take(self, n: int) -> list[tuple[int, str]]:
+        """Up to ``n`` more (partition, user) still held and active since ``since``."""
+        out: list[tuple[int, str]] = []
+        while self._parts and len(out) < n:
+            p, state, keys = self._parts[0]
+            if isinstance(keys, int):  # its turn: copy the keys now, in LRU order (pop() = the most recent)
+                counted, keys = keys, list(state.users)
+                self._left += len(keys) - counted
+                self._parts[0] = (p, state, keys)
+            while keys and len(out) < n:
+                user = keys.pop()
+                self._left -= 1
+                entry = state.users.get(user)
+                if entry is None:  # forgotten since
+                    continue
+                if entry[1] < self.since:  # the rest of this partition is older still
+                    self._left -= len(keys)
+                    keys.clear()
+                    break
+                out.append((p, user))
+            if not keys:
+                self._parts.popleft()
         return out
