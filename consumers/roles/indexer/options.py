@@ -17,7 +17,7 @@ class IndexerOptions:
 
     snapshot_interval_s: float = 30.0   # a snapshot at most this often (and one at shutdown)
     encode_batch: int = 512             # items encoded and upserted per locked step of the poll loop
-    reencode_batch: int = 256           # items re-encoded per locked step of the background re-encoder
+    reencode_batch: int = 256           # items encoded per step of the background re-encoder (outside the state lock)
     quality_interval_s: float = 30.0    # recall@10 measured this often (background thread)
     ready_max_lag: int = 1000           # /healthz is ready when total lag is at most this many records
     max_k: int = 1000                   # largest k a query may ask for

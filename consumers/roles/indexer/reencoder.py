@@ -32,8 +32,9 @@ keeps indexing new items while this thread works, and queries are served through
   and a rebuild may start (:meth:`Reencoder.rebuild_wait`), it rebuilds instead (an in-place update
   costs about 8 inserts, docs/index.md).
 
-Each step holds the state's lock for one bounded batch (``reencode_batch`` items), so the
-poll loop waits at most one batch. Jobs run in version order; ``settled_version`` is the
+A step encodes one bounded batch (``reencode_batch`` items) without the state's lock and
+takes the lock only to write, ``REWRITE_CHUNK`` items at a time, so the poll loop waits at most
+that many in-place writes. Jobs run in version order; ``settled_version`` is the
 latest version whose re-encode is complete — snapshots record it so a restart re-encodes
 only what was not finished (see ``consumers/roles/indexer/``).
 """
@@ -72,6 +73,10 @@ DRIFT_CHUNK = 8192
 DRIFT_QUEUE = 8192
 #: Retrieval counts halve every this many seconds, so "most retrieved" means lately.
 RETRIEVED_HALF_LIFE_S = 600.0
+#: In-place rewrites per hold of the state lock, which the poll loop waits for. An in-place write
+#: costs about 8 inserts (docs/index.md): a thread taking the lock every 10 ms waited p99 50 ms behind
+#: whole 256-item batches at 100k-300k items, 11-20 ms behind 64-item holds (docs/benchmarks.md).
+REWRITE_CHUNK = 64
 #: Random items whose exact drift decides whether a pass that estimates most items over the bound
 #: rebuilds (±4% at 95% on the share).
 DRIFT_SAMPLE = 512
@@ -251,11 +256,11 @@ class Reencoder:
         def encode(ids: list[str]) -> np.ndarray:
             if self._stop.is_set():
                 raise _Superseded()
-            with state.lock:
-                # An id missing from the catalog was deleted after the build began; the index
-                # replays that delete onto the fresh graph, so any finite vector will do here.
-                items = [state.catalog.get(i) or Item(item_id=i, created_at=0) for i in ids]
-                return state.replica.encode_items(items)
+            # Without the state lock: an item changed or deleted after the build began is written
+            # by the poll loop meanwhile, and the index replays that write onto the fresh graph, so
+            # any finite vector will do here.
+            items = [state.catalog.get(i) or Item(item_id=i, created_at=0) for i in ids]
+            return state.encode_current(items)[0]
 
         self.rebuilding = True
         try:
@@ -295,9 +300,12 @@ class Reencoder:
         # evaluate, default stream: live HR@50 0.322 -> 0.299), so meanwhile the budget re-encodes in place.
         if over < REBUILD_SHARE or self.rebuild_wait(time.monotonic()) > 0:
             return 0
+        # the estimate is an upper bound: ask the sample what really moved
         sample = random.Random(version).sample(snapshot, min(DRIFT_SAMPLE, len(snapshot)))
-        with state.lock:  # the estimate is an upper bound: ask the sample what really moved
-            _, exact = state.exact_drift([it for it in sample if state.catalog.get(it.item_id) is it])
+        vectors, encoded_by = state.encode_current(sample)
+        with state.lock:  # a sample an update overtook measures nothing: in place, as before a rebuild
+            held = self._still_current(sample) if state.replica.version == encoded_by else []
+            exact = state.index.measure_drift([sample[j].item_id for j in held], vectors[held])
         true_over = float(np.mean(~(exact <= bound))) if len(exact) else 0.0  # NaN (not indexed yet) counts as over
         if true_over < REBUILD_SHARE:
             log.info("re-encode for version %d: %.0f%% of the items over the drift bound by the estimate, "
@@ -329,25 +337,44 @@ class Reencoder:
             if not self._queue:
                 return False
         ids = [self._queue.pop() for _ in range(min(n, len(self._queue)))]
-        with state.lock:
-            if state.served_epoch != state.current_epoch:
-                self._queue_stale = True  # a rebuild is due: it re-encodes everything
-                return False
-            items = [it for it in (state.catalog.get(i) for i in ids) if it is not None]
-            if not items:
-                return bool(ids)
-            vectors, exact = state.exact_drift(items)
-            write = np.flatnonzero(~(exact <= config.reencode_drift_bound))  # NaN: not in the index, write it
-            at, current = now_ms(), state.replica.version
-            if len(write):
-                written = [items[j] for j in write.tolist()]
-                metas = [EntryMeta(current, at, it.created_at, tuple(it.categories)) for it in written]
-                state.index.upsert([it.item_id for it in written], vectors[write], metas)
-        self._allowance -= len(write)
-        state.metrics.upserts.labels("reencode").inc(len(write))
-        state.metrics.drift_checks.labels("rewritten").inc(len(write))
-        state.metrics.drift_checks.labels("kept").inc(len(items) - len(write))
+        if state.served_epoch != state.current_epoch:
+            self._queue_stale = True  # a rebuild is due: it re-encodes everything
+            return False
+        # Read and encoded without the state lock (a dict read is atomic); the writes below check
+        # each item is still the catalog's and no update landed meanwhile.
+        items = [it for it in (state.catalog.get(i) for i in ids) if it is not None]
+        if not items:
+            return bool(ids)
+        vectors, encoded_by = state.encode_current(items)
+        written = kept = 0
+        for start in range(0, len(items), REWRITE_CHUNK):
+            with state.lock:
+                if state.replica.version != encoded_by or state.served_epoch != state.current_epoch:
+                    self._queue_stale = True  # an update landed: the drifted items are read again
+                    break
+                held = start + np.asarray(self._still_current(items[start:start + REWRITE_CHUNK]),
+                                          dtype=np.intp)
+                exact = state.index.measure_drift([items[j].item_id for j in held], vectors[held])
+                write = held[~(exact <= config.reencode_drift_bound)]  # NaN: not in the index, write it
+                if len(write):
+                    at = now_ms()
+                    chosen = [items[j] for j in write.tolist()]
+                    metas = [EntryMeta(encoded_by, at, it.created_at, tuple(it.categories)) for it in chosen]
+                    state.index.upsert([it.item_id for it in chosen], vectors[write], metas)
+            written += len(write)
+            kept += len(held) - len(write)
+            time.sleep(0)  # let a waiting poll loop in: released and taken again at once, the lock stayed ours
+        self._allowance -= written
+        state.metrics.upserts.labels("reencode").inc(written)
+        state.metrics.drift_checks.labels("rewritten").inc(written)
+        state.metrics.drift_checks.labels("kept").inc(kept)
         return True
+
+    def _still_current(self, items: list[Item]) -> list[int]:
+        """Positions of ``items`` the catalog still holds as they are (call with the state lock held):
+        an item replaced or deleted while it was encoded is the poll loop's to write."""
+        catalog = self.state.catalog
+        return [j for j, it in enumerate(items) if catalog.get(it.item_id) is it]
 
     def _maybe_measure(self) -> None:
         # the exact search reads every live vector: about 5 s of one core at a million items

@@ -61,9 +61,10 @@ class PublisherHandler(HandlerBase):
         self._fresh_published = False  # fresh clicks were published since the last tick
         self._dirty_since = 0.0
         self._refresh: dict[tuple[int, str], None] = {}    # users to re-publish at the current version
-        # An all-users round is in progress (_covering): _refresh holds every active user it has not
-        # reached, and _since_round those published since the last round started (at an older
-        # version once the next one starts), so that next round queues only them.
+        # An all-users round is in progress (_covering): its everything-scan (a _scans entry with no
+        # rows) holds every active user it has not reached, and _since_round those published since
+        # the last round started (at an older version once the next one starts), so that next round
+        # queues only them.
         self._covering = False
         self._since_round: dict[tuple[int, str], None] = {}
         # Users to check against a delta's rows (None: every one of them is re-published), oldest round first.
@@ -191,7 +192,7 @@ class PublisherHandler(HandlerBase):
         self._gauges()
         took = time.perf_counter() - started
         if took >= 0.1:  # the loop, fresh clicks included, waited this long
-            log.info("re-publication round: %d users queued in %.2fs", queued, took)
+            log.info("re-publication round: at most %d users queued in %.2fs", queued, took)
 
     def _refresh_some(self, budget: int) -> int:
         """Check and re-publish up to ``budget`` users; returns how many were re-published."""
