@@ -217,6 +217,11 @@ class ItemIndex:
                 raise InvalidInputError(f"{len(ids)} ids but {len(metas)} metadata entries")
             if not all(isinstance(m, EntryMeta) for m in metas):
                 raise InvalidInputError("meta must be EntryMeta instances")
+        try:  # the store keeps them in int64 columns: check before anything is written
+            np.array([(m.model_version, m.encoded_at_ms, m.event_ts_ms) for m in metas], dtype=np.int64)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise InvalidInputError(f"meta: model_version, encoded_at_ms and event_ts_ms must be 64-bit integers "
+                                    f"({exc})") from None
         if not all(type(i) is str for i in ids):
             if not all(isinstance(i, str) for i in ids):
                 raise InvalidInputError("item ids must be str")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, get_args
 
 from streamrecall.errors import ConfigError
+from streamrecall.events import DEFAULT_MAX_AHEAD_MS
 from streamrecall.kafka_security import check_security, security_config
 
 if sys.version_info >= (3, 11):
@@ -111,6 +112,9 @@ class Settings:
     admin_port: int | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_value_bytes: int = 1 << 20
+    # Event times (click ts, item created_at/updated_at, user-vector times) further ahead of the
+    # reading role's clock than this are dead-lettered as "future" (streamrecall/events.py).
+    max_event_ahead_ms: int = DEFAULT_MAX_AHEAD_MS
     # Batching of the poll loop: a flush + commit happens at least this often.
     max_poll_records: int = 2000
     flush_interval_ms: int = 200
@@ -198,6 +202,7 @@ class Settings:
             raise ConfigError(f"model_updates_retention_ms: {retention!r} must be -1 (keep forever) or from 600000 "
                               "(10 min) to a year in ms, well above the trainer's full_every_s")
         _check_range("max_value_bytes", self.max_value_bytes, 1024, 64 << 20)
+        _check_range("max_event_ahead_ms", self.max_event_ahead_ms, 1_000, 10 * 365 * 86_400_000)
         _check_range("max_poll_records", self.max_poll_records, 1, 100_000)
         _check_range("flush_interval_ms", self.flush_interval_ms, 1, 60_000)
         _check_range("torch_threads", self.torch_threads, 1, 1024)

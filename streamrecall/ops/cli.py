@@ -38,6 +38,8 @@ SETTING_OPTIONS: list[tuple[str, str, Any, str]] = [
      "The indexer's admin port: /metrics and item vectors (default: the HTTP port + 1000)."),
     ("--log-level", "log_level", click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), "Log level."),
     ("--max-value-bytes", "max_value_bytes", int, "Larger values are dead-lettered as oversized."),
+    ("--max-event-ahead-ms", "max_event_ahead_ms", int,
+     "Event times further ahead of the clock are dead-lettered as future (default 1 h)."),
     ("--flush-interval-ms", "flush_interval_ms", int, "Flush side effects and commit at least this often."),
     ("--torch-threads", "torch_threads", int, "Intra-op torch threads per role process (raise on dedicated cores)."),
     ("--world-size", "world_size", int, "Trainer processes of one data-parallel job (default 1: no torch.distributed)."),

@@ -29,7 +29,7 @@ from streamrecall.model.safeio import META_KEY, SafeIOError, read_layout
 from streamrecall.model.update import FORMAT, FORMAT_VERSION, ModelUpdate, dense_shapes, encode_update
 
 MODEL = {"dim": 4, "hidden": 4, "id_buckets": 8, "token_buckets": 8, "max_tokens": 4, "seed": 0}
-REASONS = {"undecodable", "invalid", "oversized", "null"}
+REASONS = {"undecodable", "invalid", "oversized", "null", "future"}
 DEEP = 100_000
 HUGE_INT = "9" * 5000  # over json's 4,300-digit limit for int()
 

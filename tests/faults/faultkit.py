@@ -28,6 +28,7 @@ from streamrecall.consumers.deadletter import (HEADER_OFFSET, HEADER_PARTITION, 
                                                HEADER_TOPIC, headers_dict)
 from streamrecall.consumers.update_chunks import HEADER_KIND, HEADER_VERSION
 from streamrecall.devtools.harness import LocalSystem
+from streamrecall.events import MAX_MILLIS
 from streamrecall.model.safeio import read_layout
 from streamrecall.devtools.synthetic import SyntheticConfig, generate
 
@@ -182,11 +183,20 @@ def expectation(topic: str, value: bytes | None) -> tuple[str | None, frozenset[
         reason = "oversized"
     else:
         try:
-            json.loads(value, parse_constant=_refuse)
-            reason = "invalid"
+            doc = json.loads(value, parse_constant=_refuse)
+            reason = "future" if _stamped_ahead(doc) else "invalid"
         except (ValueError, UnicodeDecodeError):
             reason = "undecodable"
     return reason, frozenset(must), frozenset(may)
+
+
+def _stamped_ahead(doc: Any) -> bool:
+    """Whether an otherwise valid event names a time days ahead of now (and within the contract's range)."""
+    if not isinstance(doc, dict):
+        return False
+    soon = time.time() * 1000 + 86_400_000
+    return any(type(doc.get(f)) is int and soon < doc[f] <= MAX_MILLIS
+               for f in ("ts", "created_at", "updated_at", "event_ts", "published_at"))
 
 
 def _refuse(name: str) -> float:
@@ -214,6 +224,7 @@ def hostile_bad(rng: random.Random, n: int, other_model_update: Callable[[], byt
         return json.dumps(v).encode()
 
     big = "x" * ((1 << 20) + 100)
+    ahead = int(time.time() * 1000) + 30 * 86_400_000  # a month ahead: refused as "future"
     makers: list[tuple[str, Callable[[int], bytes | None]]] = [
         ("items", lambda i: b"{not json"),
         ("items", lambda i: b"\xff\xfe\x00garbage"),
@@ -227,6 +238,9 @@ def hostile_bad(rng: random.Random, n: int, other_model_update: Callable[[], byt
         ("items", lambda i: j([f"bad-{i}", TS0])),
         ("items", lambda i: j({"item_id": "y" * 300, "created_at": TS0})),                  # over-long id
         ("items", lambda i: None),                                                           # tombstone
+        ("items", lambda i: j({"item_id": f"bad-{i}", "created_at": ahead})),
+        ("items", lambda i: j({"item_id": f"bad-{i}", "created_at": TS0, "updated_at": ahead})),
+        ("items", lambda i: j({"item_id": f"bad-{i}", "created_at": 2**63})),               # past year 9999
         ("clicks", lambda i: b"\x00\x01\x02"),
         ("clicks", lambda i: b'{"user_id": "bad-%d", "item_id": "i1", "ts": Infinity}' % i),
         ("clicks", lambda i: j({"user_id": f"bad-{i}", "item_id": "i1"})),                  # missing ts
@@ -236,6 +250,8 @@ def hostile_bad(rng: random.Random, n: int, other_model_update: Callable[[], byt
         ("clicks", lambda i: j({"user_id": None, "item_id": "i1", "ts": TS0})),
         ("clicks", lambda i: j("just a string")),
         ("clicks", lambda i: None),
+        ("clicks", lambda i: j({"user_id": f"bad-{i}", "item_id": "i1", "ts": ahead})),
+        ("clicks", lambda i: j({"user_id": f"bad-{i}", "item_id": "i1", "ts": 2**64 - 1})),
         ("user-vectors", lambda i: b'{"user_id": "bad-%d", "vector": [NaN, 1.0], "model_version": 1, '
                                    b'"event_ts": 1, "published_at": 1}' % i),
         ("user-vectors", lambda i: b'{"user_id": "bad-%d", "vector": [1e999, 1.0], "model_version": 1, '
@@ -243,6 +259,8 @@ def hostile_bad(rng: random.Random, n: int, other_model_update: Callable[[], byt
         ("user-vectors", lambda i: j({"user_id": f"bad-{i}", "vector": [], "model_version": 1, "event_ts": 1,
                                       "published_at": 1})),
         ("user-vectors", lambda i: j({"user_id": f"bad-{i}", "vector": "abc", "model_version": 1})),
+        ("user-vectors", lambda i: j({"user_id": f"bad-{i}", "vector": [1.0], "model_version": 1, "event_ts": ahead,
+                                      "published_at": 1})),
         ("model-updates", lambda i: b"\x80\x04\x95not-a-safetensors-payload"),
         ("model-updates", lambda i: struct.pack("<Q", 10**9) + b"{}"),
         ("model-updates", lambda i: struct.pack("<Q", 2) + b"{}"),

@@ -138,6 +138,20 @@ def test_invalid_input_is_refused_and_nothing_written(make_index, make_vectors, 
     assert len(index) == 10 and index.stats()["slots"] == 10
 
 
+@pytest.mark.parametrize("bad", [EntryMeta(1, 0, 2**63), EntryMeta(2**63, 0, 0), EntryMeta(1, -2**63 - 1, 0)])
+def test_metadata_past_int64_is_refused_before_anything_is_written(make_index, make_vectors, bad):
+    # The store keeps these in int64 columns. It used to write the nodes first and fail on the
+    # column: the row stayed live with no metadata, and an update lost the id's old node.
+    index = make_index(10)
+    before = index.get("i3")
+    with pytest.raises(InvalidInputError, match="64-bit"):
+        index.upsert(["i3", "x"], make_vectors(2), [meta(), bad])
+    assert "x" not in index and len(index) == 10
+    after = index.get("i3")
+    assert after is not None and after.meta == before.meta and np.array_equal(after.vector, before.vector)
+    assert {h.item_id for h in index.query(before.vector, k=10)[0]} == {f"i{j}" for j in range(10)}
+
+
 def test_invalid_query_and_constructor():
     index = ItemIndex(4, num_threads=1)
     with pytest.raises(InvalidInputError):

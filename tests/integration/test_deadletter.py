@@ -36,6 +36,9 @@ def malformed_corpus(rng: random.Random, n: int) -> list[tuple[str, bytes | None
         ("array", lambda i: b"[1,2,3]"),
         ("empty-id", lambda i: b'{"user_id":"","item_id":"x","ts":1}'),
         ("tombstone", lambda i: None),
+        ("future", lambda i: msgspec.json.encode({"user_id": "u", "item_id": "x",
+                                                  "ts": int(time.time() * 1000) + 30 * 86_400_000})),
+        ("year-10000", lambda i: b'{"user_id":"u","item_id":"x","ts":253402300800000}'),
     ]
     out = [makers[i % len(makers)][0:1] + (makers[i % len(makers)][1](i),) for i in range(n)]
     out += [("oversized", b'{"user_id":"u","item_id":"x","ts":1,"pad":"' + b"x" * (10 << 20) + b'"}')
@@ -71,7 +74,7 @@ def test_malformed_records_are_deadlettered_and_valid_ones_all_handled(settings_
     handler = Collect()
     rt = Runtime(role="test", consumer=make_consumer(s, s.group_id("dl")),
                  deadletters=DeadLetterSink(make_producer(s), s.topics.deadletter, "test", metrics), handler=handler,
-                 topics={s.topics.clicks: ("clicks", Decoder(Click, max_value_bytes=s.max_value_bytes).decode)},
+                 topics={s.topics.clicks: ("clicks", Decoder(Click, s.max_value_bytes, s.max_event_ahead_ms).decode)},
                  metrics=metrics)
     rt.run(max_seconds=90, until=rt.caught_up)
 
@@ -83,7 +86,7 @@ def test_malformed_records_are_deadlettered_and_valid_ones_all_handled(settings_
     reasons = {}
     for m in letters:
         h = headers_dict(m.headers)
-        assert h[HEADER_REASON] in ("undecodable", "invalid", "oversized", "null")
+        assert h[HEADER_REASON] in ("undecodable", "invalid", "oversized", "null", "future")
         assert int(h[HEADER_OFFSET]) >= 0
         reasons[m.key.decode()] = h[HEADER_REASON]
         if h[HEADER_REASON] == "oversized":
@@ -93,8 +96,9 @@ def test_malformed_records_are_deadlettered_and_valid_ones_all_handled(settings_
     assert by_kind["tombstone"] == "null"
     assert by_kind["truncated"] == "undecodable"
     assert by_kind["missing"] == "invalid"
+    assert by_kind["future"] == "future" and by_kind["year-10000"] == "invalid"
     counted = sum(metrics.deadlettered.labels("test", "clicks", r)._value.get()
-                  for r in ("undecodable", "invalid", "oversized", "null"))
+                  for r in ("undecodable", "invalid", "oversized", "null", "future"))
     assert counted == sent_bad
 
 

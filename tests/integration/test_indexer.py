@@ -128,9 +128,9 @@ def test_items_become_queryable_update_and_delete(settings_factory):
         assert get(url, "/healthz")[1]["items"] == 40
 
         before = role.state.index.get("i7").vector.copy()
-        produce_items(s, [Item(item_id="i7", created_at=1_800_000_000_000, title="entirely different",
+        produce_items(s, [Item(item_id="i7", created_at=1_750_000_000_000, title="entirely different",
                                categories=("zz",))])
-        wait_for("i7 updated", lambda: get(url, "/items/i7")[1]["event_ts"] == 1_800_000_000_000)
+        wait_for("i7 updated", lambda: get(url, "/items/i7")[1]["event_ts"] == 1_750_000_000_000)
         assert get(url, "/items/i7")[1]["categories"] == ["zz"]
         assert abs(role.state.index.get("i7").vector - before).max() > 1e-3
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import jsonschema
@@ -69,3 +70,47 @@ def test_json_schema_accepts_a_valid_click_and_rejects_a_missing_field():
     jsonschema.validate({"user_id": "u", "item_id": "i", "ts": 1}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"user_id": "u", "ts": 1}, schema)
+
+
+@pytest.mark.parametrize("event_type,value", [
+    (Click, b'{"user_id":"u","item_id":"i","ts":18446744073709551615}'),
+    (Item, b'{"item_id":"i","created_at":9223372036854775808}'),
+    (Item, b'{"item_id":"i","created_at":1,"updated_at":253402300800000}'),
+    (UserVector, b'{"user_id":"u","vector":[1.0],"model_version":9223372036854775808,"event_ts":1,"published_at":1}'),
+])
+def test_times_past_the_year_9999_and_versions_past_int64_are_invalid(event_type, value):
+    # The index keeps times and versions in int64 columns: 2**63 there once left a half-written row.
+    with pytest.raises(InvalidEvent) as err:
+        Decoder(event_type).decode(value)
+    assert err.value.reason == "invalid"
+
+
+NOW_MS = 1_800_000_000_000
+
+
+def at(now_ms: int, event_type: type) -> Decoder:
+    """A decoder allowing a minute ahead of a clock that reads ``now_ms``."""
+    return Decoder(event_type, max_ahead_ms=60_000, clock=lambda: now_ms / 1000)
+
+
+@pytest.mark.parametrize("event_type,value", [
+    (Click, b'{"user_id":"u","item_id":"i","ts":%d}' % (NOW_MS + 60_001)),
+    (Item, b'{"item_id":"i","created_at":%d}' % (NOW_MS + 86_400_000)),
+    (Item, b'{"item_id":"i","created_at":1,"updated_at":%d}' % (NOW_MS + 60_001)),
+    (UserVector, b'{"user_id":"u","vector":[1.0],"model_version":1,"event_ts":%d,"published_at":1}' % (NOW_MS + 10**9)),
+    (UserVector, b'{"user_id":"u","vector":[1.0],"model_version":1,"event_ts":1,"published_at":%d}' % (NOW_MS + 10**9)),
+])
+def test_event_times_too_far_ahead_of_the_clock_are_refused_as_future(event_type, value):
+    with pytest.raises(InvalidEvent) as err:
+        at(NOW_MS, event_type).decode(value)
+    assert err.value.reason == "future"
+    assert "ahead of this reader's clock" in str(err.value) and "max_event_ahead_ms" in str(err.value)
+
+
+def test_event_times_within_the_allowance_are_accepted():
+    click = at(NOW_MS, Click).decode(b'{"user_id":"u","item_id":"i","ts":%d}' % (NOW_MS + 60_000))
+    assert click.ts == NOW_MS + 60_000
+    item = at(NOW_MS, Item).decode(b'{"item_id":"i","created_at":1,"updated_at":%d}' % NOW_MS)
+    assert item.updated_at == NOW_MS
+    # the default allows an hour, against the real clock
+    Decoder(Click).decode(b'{"user_id":"u","item_id":"i","ts":%d}' % (time.time() * 1000 + 3_000_000))

@@ -185,11 +185,11 @@ class IndexerRole:
     # ----------------------------------------------------------------- wiring
     def topics(self) -> dict[str, tuple[str, Callable[[bytes | None], Any]]]:
         t = self.settings.topics
-        limit = self.settings.max_value_bytes
+        limit, ahead = self.settings.max_value_bytes, self.settings.max_event_ahead_ms
         topics: dict[str, tuple[str, Callable[[bytes | None], Any]]] = {
-            t.items: ("items", Decoder(Item, limit).decode), t.model_updates: ("model-updates", ChunkReader())}
+            t.items: ("items", Decoder(Item, limit, ahead).decode), t.model_updates: ("model-updates", ChunkReader())}
         if self.shard is None:  # a shard holds no user vectors: the router does
-            topics[t.user_vectors] = ("user-vectors", user_vector_decoder(limit))
+            topics[t.user_vectors] = ("user-vectors", user_vector_decoder(limit, ahead))
         return topics
 
     def serve_http(self, stack: ExitStack, heartbeat: Heartbeat) -> None:

@@ -15,11 +15,11 @@ class VectorTable:
     """Reads partitions of the compacted user-vectors topic: the latest vector per user in each."""
 
     def __init__(self, consumer: KafkaConsumer, topic: str, deadletters: DeadLetterSink, max_value_bytes: int,
-                 timeout_s: float) -> None:
+                 max_ahead_ms: int, timeout_s: float) -> None:
         self.consumer = consumer
         self.topic = topic
         self.deadletters = deadletters
-        self.decode = user_vector_decoder(max_value_bytes)  # None: a tombstone deletes the user
+        self.decode = user_vector_decoder(max_value_bytes, max_ahead_ms)  # None: a tombstone deletes the user
         self.timeout_s = timeout_s
 
     def load(self, partitions: list[int]) -> dict[int, list[UserVector]]:

@@ -30,7 +30,7 @@ def run(settings: Settings, start: StartPosition) -> None:
     with ExitStack() as stack:
         process = RoleAssembly(ROLE, settings, stack)
         vectors = VectorTable(process.consumer(), topics.user_vectors, process.deadletters,
-                              settings.max_value_bytes, options.rebuild_timeout_s)
+                              settings.max_value_bytes, settings.max_event_ahead_ms, options.rebuild_timeout_s)
         n_clicks = len(vectors.consumer.partitions_for_topic(topics.clicks) or ())
         n_vectors = len(vectors.consumer.partitions_for_topic(topics.user_vectors) or ())
         if n_clicks == 0 or n_clicks != n_vectors:
@@ -47,4 +47,5 @@ def run(settings: Settings, start: StartPosition) -> None:
                                    topics.clicks, options, poll_updates=feed.poll)
         handler.version_metrics.version.labels(ROLE).set(replica.version)
         log.info("publisher at model v%d", replica.version)
-        process.run(start, handler, {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)})
+        clicks = Decoder(Click, settings.max_value_bytes, settings.max_event_ahead_ms).decode
+        process.run(start, handler, {topics.clicks: ("clicks", clicks)})

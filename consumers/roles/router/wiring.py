@@ -81,7 +81,8 @@ class RouterRole:
         log.info("router over %d shard(s): %s", len(shards), "; ".join(", ".join(r) for r in shards))
 
     def topics(self) -> dict[str, tuple[str, Callable[[bytes | None], Any]]]:
-        return {self.settings.topics.user_vectors: ("user-vectors", user_vector_decoder(self.settings.max_value_bytes))}
+        decode = user_vector_decoder(self.settings.max_value_bytes, self.settings.max_event_ahead_ms)
+        return {self.settings.topics.user_vectors: ("user-vectors", decode)}
 
     def serve_http(self, stack: ExitStack, heartbeat: Heartbeat) -> None:
         self.api = RecallApi(self.service, self.settings.http_host, self.settings.port_for(ROLE),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
+from typing import Callable
 
 from streamrecall.consumers.assembly import RoleAssembly, model_config
 from streamrecall.consumers.roles.trainer.handler import CHECKPOINT_FILE, TrainerHandler
@@ -57,7 +58,7 @@ def run(settings: Settings, start: StartPosition) -> None:
         try:
             # A failing flush (a publish not acknowledged) does not pause the clicks: training goes on
             # while the commit waits for the next acknowledged (full) update.
-            process.run(start, handler, {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)},
+            process.run(start, handler, {topics.clicks: ("clicks", _clicks_decoder(settings))},
                         pause_on_flush_failure=False)
         finally:
             handler.shutdown()
@@ -102,19 +103,23 @@ def run_rank(settings: Settings, start: StartPosition) -> None:
         if rank == 0 and handler.restored:  # consumers may hold deltas past the checkpoint: reset them now
             handler.publish()
         try:
-            process.run(start, handler, {topics.clicks: ("clicks", Decoder(Click, settings.max_value_bytes).decode)},
+            process.run(start, handler, {topics.clicks: ("clicks", _clicks_decoder(settings))},
                         until=lambda: handler.finished, pause_on_flush_failure=False, assign_all=True,
                         partitions=lambda _topic, p: p in own, poll_timeout_ms=options.rank_poll_ms)
         finally:
             handler.shutdown()
 
 
+def _clicks_decoder(settings: Settings) -> Callable[[bytes | None], Click]:
+    return Decoder(Click, settings.max_value_bytes, settings.max_event_ahead_ms).decode
+
+
 def _inputs(process: RoleAssembly, options: TrainerOptions) -> tuple[ItemTable, TopicReader, list[int]]:
     """The items table and its side reader (not started yet), and the clicks partitions."""
     settings, topics = process.settings, process.settings.topics
     table = ItemTable(options.catalog_items)
-    items = TopicReader(process.consumer(), topics.items, "items", Decoder(Item, settings.max_value_bytes).decode,
-                        table.apply, process.deadletters)
+    decode = Decoder(Item, settings.max_value_bytes, settings.max_event_ahead_ms).decode
+    items = TopicReader(process.consumer(), topics.items, "items", decode, table.apply, process.deadletters)
     clicks_partitions = sorted(items.consumer.partitions_for_topic(topics.clicks) or ())
     if not clicks_partitions:
         raise ConfigError(f"topic {topics.clicks} does not exist; run `streamrecall topics create`")
