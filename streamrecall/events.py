@@ -136,7 +136,10 @@ class Decoder(Generic[E]):
         try:
             event = self._decoder.decode(value)
         except msgspec.ValidationError as exc:
-            raise InvalidEvent("invalid", f"{self.event_type.__name__}: {exc}") from None
+            # Times in µs or ns since the epoch (a common unit mistake) land past MAX_MILLIS: say so.
+            unit = "; times are milliseconds since the epoch (is this one in µs or ns?)" \
+                if f"<= {MAX_MILLIS}" in str(exc) else ""
+            raise InvalidEvent("invalid", f"{self.event_type.__name__}: {exc}{unit}") from None
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InvalidEvent("undecodable", f"not JSON: {exc}") from None
         except RecursionError:  # msgspec recurses on nesting inside some fields (a dict of ...)

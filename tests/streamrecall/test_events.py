@@ -107,6 +107,16 @@ def test_event_times_too_far_ahead_of_the_clock_are_refused_as_future(event_type
     assert "ahead of this reader's clock" in str(err.value) and "max_event_ahead_ms" in str(err.value)
 
 
+def test_a_time_in_microseconds_or_nanoseconds_is_named_as_such():
+    for scale in (1000, 1000_000):
+        with pytest.raises(InvalidEvent, match="milliseconds since the epoch") as err:
+            at(NOW_MS, Click).decode(b'{"user_id":"u","item_id":"i","ts":%d}' % (NOW_MS * scale))
+        assert err.value.reason == "invalid"
+    with pytest.raises(InvalidEvent) as err:  # the unit is not in question for other values
+        at(NOW_MS, Click).decode(b'{"user_id":"u","item_id":"i","ts":-1}')
+    assert "milliseconds" not in str(err.value)
+
+
 def test_event_times_within_the_allowance_are_accepted():
     click = at(NOW_MS, Click).decode(b'{"user_id":"u","item_id":"i","ts":%d}' % (NOW_MS + 60_000))
     assert click.ts == NOW_MS + 60_000
