@@ -2,7 +2,12 @@
 
 The record keeps its original key and value bytes; headers name the reason, the
 error message, and where it came from. Nothing bad is dropped silently: the
-runtime flushes this producer before it commits the offsets that cover the records.
+runtime flushes this sink before it commits the offsets that cover the records, and
+the flush fails while any dead letter is not acknowledged (the broker refused it: no
+write access to the topic, a record above its size limit), so nothing is committed past
+a record whose dead letter is not written. The refused letters are sent again at the
+next flush; one refused as too large goes again without its value (and with its key cut),
+its source coordinates in its headers as always.
 
 **Once per role.** A role re-reads records after a crash (at-least-once) and its side
 readers re-read whole topics at every start, so the same bad record would be refused
@@ -22,12 +27,16 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
 from streamrecall.bounded import LRUMap
+from streamrecall.errors import StreamrecallError
 from streamrecall.events import InvalidEvent
 from streamrecall.metrics import RUNTIME, STATE, RuntimeMetrics, StateMetrics
 from streamrecall.model.errors import ModelUpdateRefused
@@ -49,6 +58,13 @@ DEFAULT_DEDUP_MAX = 100_000
 #: Values above this are cut to this size in the dead letter (Kafka's default message limit is 1 MB),
 #: with the original size in a header.
 MAX_DEAD_LETTER_VALUE = 256 * 1024
+#: A dead letter the broker refused as too large goes again with no value and its key cut to this.
+MAX_RETRIED_KEY = 1024
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+
+
+class DeadLetterNotWritten(StreamrecallError):
+    """The broker refused dead letters: the records they refuse must not be committed yet."""
 
 
 #: Why a model update is refused beyond being malformed: the signature check (with
@@ -82,6 +98,22 @@ class DeadLetter:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """One dead-letter record as sent, and its send's future."""
+    future: Any
+    where: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    original_size: int
+
+    def shrunk(self) -> _Sent:
+        headers = [h for h in self.headers if h[0] != HEADER_ORIGINAL_SIZE]
+        return replace(self, key=None if self.key is None else self.key[:MAX_RETRIED_KEY], value=b"",
+                       headers=[*headers, (HEADER_ORIGINAL_SIZE, str(self.original_size).encode())])
+
+
 class DeadLetterSink:
     """Sends dead letters to the dead-letter topic; ``flush`` makes them durable."""
 
@@ -95,6 +127,9 @@ class DeadLetterSink:
         self.states = states
         #: (source topic, partition, offset) this role dead-lettered already; shared by a role's sinks
         self.already_sent = already_sent if already_sent is not None else LRUMap(DEFAULT_DEDUP_MAX)
+        self._lock = threading.Lock()  # side readers send from their own threads
+        self._sent: list[_Sent] = []    # since the last flush
+        self._refused: list[_Sent] = []  # refused by the broker: sent again at the next flush
         self._fill()
 
     def send(self, letter: DeadLetter, logical_topic: str | None = None) -> None:
@@ -119,7 +154,7 @@ class DeadLetterSink:
         if value is not None and len(value) > MAX_DEAD_LETTER_VALUE:
             headers.append((HEADER_ORIGINAL_SIZE, str(len(value)).encode()))
             value = value[:MAX_DEAD_LETTER_VALUE]
-        self.producer.send(self.topic, key=letter.key, value=value, headers=headers)
+        self._send(_Sent(None, letter.where, letter.key, value, headers, len(letter.value or b"")))
         self.metrics.deadlettered.labels(self.role, logical_topic or letter.topic, letter.reason).inc()
         if logical_topic == "model-updates" and letter.reason in UPDATE_REFUSALS:
             self.metrics.updates_refused.labels(self.role, letter.reason).inc()
@@ -133,8 +168,37 @@ class DeadLetterSink:
     def _fill(self) -> None:
         self.states.fill(self.role, "deadletter_dedup", len(self.already_sent), self.already_sent.capacity)
 
+    def _send(self, letter: _Sent) -> None:
+        future = self.producer.send(self.topic, key=letter.key, value=letter.value, headers=letter.headers)
+        with self._lock:
+            self._sent.append(replace(letter, future=future))
+
     def flush(self, timeout_s: float) -> None:
-        self.producer.flush(timeout=timeout_s)
+        """Make every dead letter sent so far durable; raises :class:`DeadLetterNotWritten` when
+        the broker refused some (they go again at the next flush)."""
+        with self._lock:
+            again, self._refused = self._refused, []
+        for i, letter in enumerate(again):
+            try:
+                self._send(letter)
+            except Exception:
+                with self._lock:
+                    self._refused[:0] = again[i:]
+                raise
+        self.producer.flush(timeout=timeout_s)  # raises when a send is still pending at the timeout
+        with self._lock:  # a side reader's letter sent since the flush began waits for the next one
+            done = [letter for letter in self._sent if letter.future.is_done]
+            self._sent = [letter for letter in self._sent if not letter.future.is_done]
+        refused = [letter for letter in done if letter.future.failed()]
+        if not refused:
+            return
+        errors = [letter.future.exception for letter in refused]
+        with self._lock:
+            self._refused += [letter.shrunk() if isinstance(exc, _TOO_LARGE) else letter
+                              for letter, exc in zip(refused, errors)]
+        raise DeadLetterNotWritten(f"the broker refused {len(refused)} dead letter(s) to {self.topic} "
+                                   f"(first: {refused[0].where}, {type(errors[0]).__name__}: {errors[0]}); "
+                                   "they are sent again, and what they refuse stays uncommitted until they are written")
 
     def close(self, timeout_s: float = 10.0) -> None:
         self.producer.close(timeout=timeout_s)

@@ -110,15 +110,32 @@ class FakeConsumer:
         self.closed = True
 
 
+class FakeFuture:
+    """A send's outcome, known at once: acknowledged, or refused with ``exception``."""
+
+    def __init__(self, exception: Exception | None = None) -> None:
+        self.is_done = True
+        self.exception = exception
+
+    def failed(self) -> bool:
+        return self.exception is not None
+
+
 class FakeProducer:
-    """Keeps what was sent; ``flush`` succeeds unless told to fail."""
+    """Keeps what was sent; ``flush`` succeeds unless told to fail. A send is refused (its future
+    fails, as when the broker refuses a record) with the next of ``refusals``, while any are left;
+    refused sends are not kept in ``sent``."""
 
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
         self.flush_error: Exception | None = None
+        self.refusals: list[Exception] = []
 
-    def send(self, topic: str, **kwargs: Any) -> None:
+    def send(self, topic: str, **kwargs: Any) -> FakeFuture:
+        if self.refusals:
+            return FakeFuture(self.refusals.pop(0))
         self.sent.append({"topic": topic, **kwargs})
+        return FakeFuture()
 
     def flush(self, timeout: float | None = None) -> None:
         if self.flush_error is not None:

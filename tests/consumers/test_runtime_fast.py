@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 from kafka import TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 from prometheus_client import CollectorRegistry
 
 from fakes import FakeConsumer, FakeProducer
 from streamrecall.consumers.offsets import Offsets
-from streamrecall.consumers.deadletter import HEADER_REASON, DeadLetterSink
+from streamrecall.consumers.deadletter import HEADER_ORIGINAL_SIZE, HEADER_REASON, DeadLetterSink
 from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.consumers.runtime import Runtime
 from streamrecall.errors import StreamrecallError, TransientError
@@ -94,6 +94,41 @@ def test_a_poison_record_is_isolated_and_dead_lettered_and_its_batch_goes_on(mak
     assert reasons(producer) == ["invalid", "handler-error"]  # b"x" at decode, 3 in the handler
     assert dict(producer.sent[1]["headers"])["streamrecall.source.offset"] == b"2"
     assert consumer.committed == {TP: 5}, "poison records are committed past once dead-lettered"
+
+
+def test_a_dead_letter_the_broker_refuses_holds_the_commit_until_it_is_written(make_runtime):
+    # No write access to the dead-letter topic (an ACL): the send's future fails, the flush itself
+    # returns. Committing then lost the bad record with nothing in the dead-letter topic.
+    handler = Recorder()
+    runtime, consumer, producer = make_runtime(handler, [b"1", b"x", b"3"])
+    producer.refusals = [TopicAuthorizationFailedError("dl"), TopicAuthorizationFailedError("dl")]
+    runtime._subscribe()
+    runtime.step()  # handled, the dead letter refused: paused, nothing committed
+    assert handler.handled == [1, 3] and producer.sent == []
+    assert consumer.committed == {} and consumer.paused() == {TP}
+    runtime.step()  # sent again, refused again
+    assert consumer.committed == {} and producer.sent == []
+    runtime.step()  # the access is granted: written, then committed, resumed
+    assert reasons(producer) == ["invalid"] and dict(producer.sent[0]["headers"])["streamrecall.source.offset"] == b"1"
+    assert producer.sent[0]["value"] == b"x"
+    assert consumer.committed == {TP: 3} and consumer.paused() == set()
+
+
+def test_a_dead_letter_refused_as_too_large_goes_again_without_its_value(make_runtime):
+    handler = Recorder()
+    big_key = b"k" * 5000
+    runtime, consumer, producer = make_runtime(handler, [])
+    consumer.append("t", 0, [b"y" * 3000], key=big_key)
+    producer.refusals = [MessageSizeTooLargeError("over the topic's max.message.bytes")]
+    runtime._subscribe()
+    runtime.step()
+    assert consumer.committed == {} and producer.sent == []
+    runtime.step()
+    [letter] = producer.sent
+    headers = dict(letter["headers"])
+    assert letter["value"] == b"" and letter["key"] == big_key[:1024]
+    assert headers[HEADER_ORIGINAL_SIZE] == b"3000" and headers[HEADER_REASON] == b"invalid"
+    assert consumer.committed == {TP: 1}
 
 
 def test_a_transient_error_is_retried_not_dead_lettered(make_runtime):
