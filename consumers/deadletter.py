@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from streamrecall.bounded import LRUMap
 from streamrecall.errors import StreamrecallError
@@ -51,6 +51,7 @@ HEADER_PARTITION = "streamrecall.source.partition"
 HEADER_OFFSET = "streamrecall.source.offset"
 HEADER_ROLE = "streamrecall.role"
 HEADER_ORIGINAL_SIZE = "streamrecall.original.size"
+HEADER_ORIGINAL_KEY_SIZE = "streamrecall.original.key.size"  # only on a letter whose key was cut
 #: Source coordinates (topic, partition, offset) of records a role dead-lettered, oldest first.
 SentSet = LRUMap[tuple[str, int, int], None]
 DEFAULT_DEDUP_MAX = 100_000
@@ -110,8 +111,16 @@ class _Sent:
 
     def shrunk(self) -> _Sent:
         headers = [h for h in self.headers if h[0] != HEADER_ORIGINAL_SIZE]
-        return replace(self, key=None if self.key is None else self.key[:MAX_RETRIED_KEY], value=b"",
-                       headers=[*headers, (HEADER_ORIGINAL_SIZE, str(self.original_size).encode())])
+        headers.append((HEADER_ORIGINAL_SIZE, str(self.original_size).encode()))
+        key = self.key
+        if key is not None and len(key) > MAX_RETRIED_KEY:
+            headers.append((HEADER_ORIGINAL_KEY_SIZE, str(len(key)).encode()))
+            key = key[:MAX_RETRIED_KEY]
+        return replace(self, key=key, value=b"", headers=headers)
+
+    def refused(self, exc: BaseException) -> _Sent:
+        """What to send again after ``exc``: this letter, or without its value when it was too large."""
+        return self.shrunk() if isinstance(exc, _TOO_LARGE) else self
 
 
 class DeadLetterSink:
@@ -169,7 +178,14 @@ class DeadLetterSink:
         self.states.fill(self.role, "deadletter_dedup", len(self.already_sent), self.already_sent.capacity)
 
     def _send(self, letter: _Sent) -> None:
-        future = self.producer.send(self.topic, key=letter.key, value=letter.value, headers=letter.headers)
+        try:
+            future = self.producer.send(self.topic, key=letter.key, value=letter.value, headers=letter.headers)
+        except KafkaError as exc:  # refused before it left: above max_request_size (a 9 MB key), no metadata
+            log.warning("dead letter for %s not sent (%s: %s); it goes again at the flush", letter.where,
+                        type(exc).__name__, exc)
+            with self._lock:
+                self._refused.append(letter.refused(exc))
+            return
         with self._lock:
             self._sent.append(replace(letter, future=future))
 
@@ -178,27 +194,24 @@ class DeadLetterSink:
         the broker refused some (they go again at the next flush)."""
         with self._lock:
             again, self._refused = self._refused, []
-        for i, letter in enumerate(again):
-            try:
-                self._send(letter)
-            except Exception:
-                with self._lock:
-                    self._refused[:0] = again[i:]
-                raise
+        for letter in again:
+            self._send(letter)
+        with self._lock:
+            unsent = len(self._refused)  # refused again before they left
         self.producer.flush(timeout=timeout_s)  # raises when a send is still pending at the timeout
         with self._lock:  # a side reader's letter sent since the flush began waits for the next one
             done = [letter for letter in self._sent if letter.future.is_done]
             self._sent = [letter for letter in self._sent if not letter.future.is_done]
         refused = [letter for letter in done if letter.future.failed()]
-        if not refused:
+        if not refused and not unsent:
             return
-        errors = [letter.future.exception for letter in refused]
         with self._lock:
-            self._refused += [letter.shrunk() if isinstance(exc, _TOO_LARGE) else letter
-                              for letter, exc in zip(refused, errors)]
-        raise DeadLetterNotWritten(f"the broker refused {len(refused)} dead letter(s) to {self.topic} "
-                                   f"(first: {refused[0].where}, {type(errors[0]).__name__}: {errors[0]}); "
-                                   "they are sent again, and what they refuse stays uncommitted until they are written")
+            self._refused += [letter.refused(letter.future.exception) for letter in refused]
+            first = refused[0].where if refused else self._refused[0].where
+            error = refused[0].future.exception if refused else "refused before it was sent"
+        raise DeadLetterNotWritten(f"{len(refused) + unsent} dead letter(s) to {self.topic} were not written "
+                                   f"(first: {first}, {error}); they are sent again, and what they refuse stays "
+                                   "uncommitted until they are written")
 
     def close(self, timeout_s: float = 10.0) -> None:
         self.producer.close(timeout=timeout_s)

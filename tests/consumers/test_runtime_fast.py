@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from fakes import FakeConsumer, FakeProducer
 from streamrecall.consumers.offsets import Offsets
-from streamrecall.consumers.deadletter import HEADER_ORIGINAL_SIZE, HEADER_REASON, DeadLetterSink
+from streamrecall.consumers.deadletter import (HEADER_ORIGINAL_KEY_SIZE, HEADER_ORIGINAL_SIZE, HEADER_REASON,
+                                              DeadLetterSink)
 from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.consumers.runtime import Runtime
 from streamrecall.errors import StreamrecallError, TransientError
@@ -127,7 +128,8 @@ def test_a_dead_letter_refused_as_too_large_goes_again_without_its_value(make_ru
     [letter] = producer.sent
     headers = dict(letter["headers"])
     assert letter["value"] == b"" and letter["key"] == big_key[:1024]
-    assert headers[HEADER_ORIGINAL_SIZE] == b"3000" and headers[HEADER_REASON] == b"invalid"
+    assert headers[HEADER_ORIGINAL_SIZE] == b"3000" and headers[HEADER_ORIGINAL_KEY_SIZE] == b"5000"
+    assert headers[HEADER_REASON] == b"invalid"
     assert consumer.committed == {TP: 1}
 
 

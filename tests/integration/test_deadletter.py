@@ -10,7 +10,8 @@ import pytest
 from kafka import TopicPartition
 
 from streamrecall.consumers.clients import make_consumer, make_producer
-from streamrecall.consumers.deadletter import HEADER_OFFSET, HEADER_ORIGINAL_SIZE, HEADER_REASON, DeadLetterSink, headers_dict
+from streamrecall.consumers.deadletter import (HEADER_OFFSET, HEADER_ORIGINAL_KEY_SIZE, HEADER_ORIGINAL_SIZE,
+                                              HEADER_REASON, DeadLetterSink, headers_dict)
 from streamrecall.consumers.handler import HandlerBase, Record
 from streamrecall.consumers.runtime import Runtime
 from streamrecall.events import Click, Decoder
@@ -54,6 +55,18 @@ class Collect(HandlerBase):
         self.users.extend(r.value.user_id for r in records)
 
 
+def read_clicks(s, group: str, max_seconds: float) -> tuple[Collect, RuntimeMetrics]:
+    """Run a runtime over the clicks topic (as group ``group``) until it has caught up."""
+    metrics = RuntimeMetrics(CollectorRegistry())
+    handler = Collect()
+    rt = Runtime(role="test", consumer=make_consumer(s, s.group_id(group)),
+                 deadletters=DeadLetterSink(make_producer(s), s.topics.deadletter, "test", metrics), handler=handler,
+                 topics={s.topics.clicks: ("clicks", Decoder(Click, s.max_value_bytes, s.max_event_ahead_ms).decode)},
+                 metrics=metrics)
+    rt.run(max_seconds=max_seconds, until=rt.caught_up)
+    return handler, metrics
+
+
 def test_malformed_records_are_deadlettered_and_valid_ones_all_handled(settings_factory):
     s = settings_factory()
     rng = random.Random(3)
@@ -70,13 +83,7 @@ def test_malformed_records_are_deadlettered_and_valid_ones_all_handled(settings_
             valid += 1
     producer.flush()
 
-    metrics = RuntimeMetrics(CollectorRegistry())
-    handler = Collect()
-    rt = Runtime(role="test", consumer=make_consumer(s, s.group_id("dl")),
-                 deadletters=DeadLetterSink(make_producer(s), s.topics.deadletter, "test", metrics), handler=handler,
-                 topics={s.topics.clicks: ("clicks", Decoder(Click, s.max_value_bytes, s.max_event_ahead_ms).decode)},
-                 metrics=metrics)
-    rt.run(max_seconds=90, until=rt.caught_up)
+    handler, metrics = read_clicks(s, "dl", max_seconds=90)
 
     assert sorted(handler.users) == sorted(f"v{i}" for i in range(valid))
     letters = read_all(s, s.topics.deadletter, expected=sent_bad)
@@ -100,6 +107,28 @@ def test_malformed_records_are_deadlettered_and_valid_ones_all_handled(settings_
     counted = sum(metrics.deadlettered.labels("test", "clicks", r)._value.get()
                   for r in ("undecodable", "invalid", "oversized", "null", "future"))
     assert counted == sent_bad
+
+
+def test_a_bad_record_with_a_key_too_large_to_send_is_dead_lettered_and_the_role_goes_on(settings_factory):
+    # The embedded broker takes a 9 MB key, but the dead letter carrying it is above the producer's
+    # max_request_size (8 MB): send() raised out of the poll loop, and the restarted role met the
+    # same record again.
+    s = settings_factory()
+    producer = make_producer(s, max_request_size=32 << 20)
+    producer.send(s.topics.clicks, key=b"u1", value=b'{"user_id":"u1","item_id":"i","ts":1}', partition=0)
+    producer.send(s.topics.clicks, key=b"K" * (9 << 20), value=b"not json", partition=0)
+    producer.send(s.topics.clicks, key=b"u2", value=b'{"user_id":"u2","item_id":"i","ts":1}', partition=0)
+    producer.flush()
+    handler, _ = read_clicks(s, "bigkey", max_seconds=60)
+    assert handler.users == ["u1", "u2"]
+    group = make_consumer(s, s.group_id("bigkey"))
+    assert group.committed(TopicPartition(s.topics.clicks, 0)) == 3, "committed past the bad record"
+    group.close()
+    [letter] = read_all(s, s.topics.deadletter, expected=1)
+    h = headers_dict(letter.headers)
+    assert h[HEADER_REASON] == "undecodable" and h[HEADER_OFFSET] == "1"
+    assert letter.key == b"K" * 1024 and h[HEADER_ORIGINAL_KEY_SIZE] == str(9 << 20)
+    assert letter.value == b"" and h[HEADER_ORIGINAL_SIZE] == "8"
 
 
 def read_all(s, topic: str, expected: int, timeout_s: float = 30.0) -> list:
