@@ -185,6 +185,7 @@ class DeadLetterSink:
                         type(exc).__name__, exc)
             with self._lock:
                 self._refused.append(letter.refused(exc))
+            self.metrics.deadletters_unwritten.labels(self.role).inc()
             return
         with self._lock:
             self._sent.append(replace(letter, future=future))
@@ -205,6 +206,7 @@ class DeadLetterSink:
         refused = [letter for letter in done if letter.future.failed()]
         if not refused and not unsent:
             return
+        self.metrics.deadletters_unwritten.labels(self.role).inc(len(refused))
         with self._lock:
             self._refused += [letter.refused(letter.future.exception) for letter in refused]
             first = refused[0].where if refused else self._refused[0].where

@@ -58,6 +58,10 @@ class RuntimeMetrics:
         self.transient_retries = Counter(
             "streamrecall_transient_retries_total", "Retries after transient broker errors.",
             ["role"], registry=registry)
+        self.deadletters_unwritten = Counter(
+            "streamrecall_deadletters_unwritten_total",
+            "Dead letters the producer or the broker refused; each is sent again at the next flush, and "
+            "nothing is committed until it is written.", ["role"], registry=registry)
         self.updates_refused = Counter(
             "streamrecall_model_updates_refused_total",
             "Model updates a replica refused and dead-lettered: unsigned, bad-signature (model_signing_key "
@@ -80,6 +84,7 @@ class RuntimeMetrics:
         for kind in ("assigned", "revoked"):
             self.rebalances.labels(role, kind)
         self.transient_retries.labels(role)
+        self.deadletters_unwritten.labels(role)
         self.batch_seconds.labels(role)
         self.flush_seconds.labels(role)
         for reason in refusal_reasons:

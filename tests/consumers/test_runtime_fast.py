@@ -113,6 +113,7 @@ def test_a_dead_letter_the_broker_refuses_holds_the_commit_until_it_is_written(m
     assert reasons(producer) == ["invalid"] and dict(producer.sent[0]["headers"])["streamrecall.source.offset"] == b"1"
     assert producer.sent[0]["value"] == b"x"
     assert consumer.committed == {TP: 3} and consumer.paused() == set()
+    assert runtime.metrics.deadletters_unwritten.labels("test")._value.get() == 2
 
 
 def test_a_dead_letter_refused_as_too_large_goes_again_without_its_value(make_runtime):

@@ -51,6 +51,7 @@ POLL_BUDGET_S = 85  # how long to wait for every query to have data, once Promet
 POLL_EVERY_S = 3.0
 #: Metric families that only have series after something went wrong.
 EXCUSED = {"streamrecall_transient_retries_total": "retries happen only after transient broker errors",
+           "streamrecall_deadletters_unwritten_total": "dead letters are unwritten only when refused",
            **{f"streamrecall_router_{name}": "the router runs in front of a sharded index, not under `up`"
               for name in ("shard_requests_total", "shard_seconds", "incomplete_answers_total", "user_vectors")}}
 #: Families of each metrics group, by which role emits them ("any": every role's runtime).

@@ -119,8 +119,9 @@ def test_a_bad_record_with_a_key_too_large_to_send_is_dead_lettered_and_the_role
     producer.send(s.topics.clicks, key=b"K" * (9 << 20), value=b"not json", partition=0)
     producer.send(s.topics.clicks, key=b"u2", value=b'{"user_id":"u2","item_id":"i","ts":1}', partition=0)
     producer.flush()
-    handler, _ = read_clicks(s, "bigkey", max_seconds=60)
+    handler, metrics = read_clicks(s, "bigkey", max_seconds=60)
     assert handler.users == ["u1", "u2"]
+    assert metrics.deadletters_unwritten.labels("test")._value.get() == 1
     group = make_consumer(s, s.group_id("bigkey"))
     assert group.committed(TopicPartition(s.topics.clicks, 0)) == 3, "committed past the bad record"
     group.close()
